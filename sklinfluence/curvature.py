@@ -1,0 +1,145 @@
+"""Curvature of the training objective: Gauss–Newton and Hessian products.
+
+:class:`Curvature` is the damped curvature ``C + λI`` of
+``J(θ) = (1/N) Σ_i L_i(θ) + (μ/2)‖θ‖²`` at ``θ`` over a data set, where ``C``
+is either
+
+- the Gauss–Newton matrix ``G = (1/N) Σ_i J_iᵀ H_i J_i + diag(μ)`` (always
+  PSD; SPEC §1), or
+- the Hessian ``∇²J(θ)`` (may be indefinite away from a minimum).
+
+Products with many vectors at once (``matmat``) are vectorised with
+:func:`torch.func.vmap` over the vectors and streamed over the data in chunks
+of ``batch_size`` samples, so memory stays bounded. ``dense`` builds the full
+``P × P`` matrix in float64 (for the exact solver and for tests).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad, jacrev, jvp, vjp, vmap
+
+from .functional import FunctionalModel, iterate_batches
+
+__all__ = ["Curvature", "CURVATURES"]
+
+CURVATURES = ("ggn", "hessian")
+
+
+class Curvature:
+    """Damped curvature operator ``C + λI`` of the training objective.
+
+    Parameters
+    ----------
+    model : FunctionalModel
+        The network, loss and weight decay.
+    X, T : Tensor
+        Training inputs and targets (the objective's data set), in the model's
+        dtype/device.
+    kind : {"ggn", "hessian"}, default="ggn"
+        Which curvature ``C`` to use.
+    damping : float, default=0.0
+        ``λ`` added to the diagonal.
+    theta : Tensor, optional
+        Point of linearisation; defaults to the trained ``θˢ``.
+    batch_size : int, optional
+        Number of training samples processed at once (``None``: all).
+    """
+
+    def __init__(
+        self,
+        model: FunctionalModel,
+        X: Tensor,
+        T: Tensor,
+        *,
+        kind: str = "ggn",
+        damping: float = 0.0,
+        theta: Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        if kind not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
+        self.model = model
+        self.X, self.T = X, T
+        self.kind = kind
+        self.damping = float(damping)
+        self.theta = model.params if theta is None else theta
+        self.batch_size = batch_size
+        self.n_samples = int(X.shape[0])
+
+    @property
+    def n_params(self) -> int:
+        return self.model.n_params
+
+    def _diagonal(self) -> Tensor:
+        return self.model.weight_decay + self.damping
+
+    # ------------------------------------------------------------- products
+    def matmat(self, V: Tensor) -> Tensor:
+        """``(C + λI) vᵀ`` for each row ``v`` of ``V`` (shape ``(k, P)``)."""
+        if V.shape[0] == 0:
+            return V.clone()
+        product = self._ggn_batch if self.kind == "ggn" else self._hessian_batch
+        total = torch.zeros_like(V)
+        for xb, tb in iterate_batches(self.X, self.T, self.batch_size):
+            total += product(V, xb, tb)
+        return total / self.n_samples + self._diagonal() * V
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``(C + λI) v`` for one vector ``v`` of shape ``(P,)``."""
+        return self.matmat(v.unsqueeze(0))[0]
+
+    def _ggn_batch(self, V: Tensor, xb: Tensor, tb: Tensor) -> Tensor:
+        model, theta = self.model, self.theta
+
+        def f(th: Tensor) -> Tensor:
+            return model.forward(th, xb)
+
+        out, pullback = vjp(f, theta)
+        H = model.loss.output_hessian(out.detach(), tb)
+
+        def one(v: Tensor) -> Tensor:
+            _, Jv = jvp(f, (theta,), (v,))
+            return pullback(torch.einsum("bkl,bl->bk", H, Jv))[0]
+
+        return vmap(one)(V)
+
+    def _hessian_batch(self, V: Tensor, xb: Tensor, tb: Tensor) -> Tensor:
+        model = self.model
+
+        def batch_loss_grad(th: Tensor) -> Tensor:
+            return grad(lambda p: model.losses(p, xb, tb).sum())(th)
+
+        _, pullback = vjp(batch_loss_grad, self.theta)
+        return vmap(lambda v: pullback(v)[0])(V)
+
+    # --------------------------------------------------------------- dense
+    def dense(self, chunk_size: int = 256) -> Tensor:
+        """The full damped matrix ``C + λI`` in float64, shape ``(P, P)``.
+
+        The GGN is accumulated from per-sample output Jacobians,
+        ``Σ_i J_iᵀ H_i J_i``; the Hessian from Hessian-vector products with
+        the identity's rows, ``chunk_size`` at a time.
+        """
+        P = self.n_params
+        if self.kind == "hessian":
+            eye = torch.eye(P, dtype=self.model.dtype, device=self.model.device)
+            rows = [self.matmat(eye[i:i + chunk_size]) for i in range(0, P, chunk_size)]
+            dense = torch.cat(rows).to(torch.float64)
+            return 0.5 * (dense + dense.T)
+        model, theta = self.model, self.theta
+        dense = torch.zeros(P, P, dtype=torch.float64, device=model.device)
+
+        def single_output(th: Tensor, x: Tensor) -> Tensor:
+            return model.forward(th, x.unsqueeze(0))[0]
+
+        jac = vmap(jacrev(single_output), in_dims=(None, 0))
+        for xb, tb in iterate_batches(self.X, self.T, self.batch_size or chunk_size):
+            J = jac(theta, xb)  # (B, K, P)
+            H = model.loss.output_hessian(model.forward(theta, xb).detach(), tb)
+            HJ = torch.einsum("bkl,blp->bkp", H, J)
+            dense += J.reshape(-1, P).to(torch.float64).T @ HJ.reshape(-1, P).to(torch.float64)
+        dense /= self.n_samples
+        dense += torch.diag(self._diagonal().to(torch.float64))
+        return 0.5 * (dense + dense.T)

@@ -1,0 +1,17 @@
+"""Every numerical tolerance of the test suite, in one place.
+
+float64 closed forms are checked to what the arithmetic allows: the dense
+references and the library take different but backward-stable routes, so
+agreement to ~1e-10 relative is expected; a looser bound would hide bugs.
+"""
+
+#: Library vs closed form or dense torch.func reference, float64.
+CLOSED_FORM_RTOL = 1e-9
+#: Absolute floor for entries that are exactly zero in theory, float64.
+CLOSED_FORM_ATOL = 1e-12
+#: CG run to tol=1e-12 against the exact solve, float64.
+CG_VS_EXACT_RTOL = 1e-8
+#: float32 results against float64 results of the same net.
+FLOAT32_RTOL = 1e-3
+#: Influence vs refitted leave-one-out on L2 logistic regression (correlations).
+IF_LOO_MIN_CORRELATION = 0.9
