@@ -57,7 +57,7 @@ class InfluenceEstimator(BaseResponseEstimator):
     tol : float, default=1e-10
         Relative residual at which CG stops (``solver="cg"``).
     max_iter : int, default=None
-        CG iteration cap (``None``: the number of parameters).
+        CG iteration cap (``None``: ten times the number of parameters).
     batch_size : int, default=None
         Number of samples processed at once for gradients and curvature
         products (``None``: all). Bounds memory, never changes results.

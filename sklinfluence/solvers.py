@@ -132,7 +132,8 @@ class CGSolver(_SolverBase):
     tol : float, default=1e-10
         Relative residual ``‖b − A x‖ / ‖b‖`` at which a column stops.
     max_iter : int, optional
-        Iteration cap; default ``P`` (exact termination in exact arithmetic).
+        Iteration cap; default ``10 P`` (as scipy's ``cg``: exact arithmetic
+        would terminate after ``P`` iterations, rounding needs more).
 
     Notes
     -----
@@ -146,7 +147,7 @@ class CGSolver(_SolverBase):
                  max_iter: int | None = None) -> None:
         super().__init__(curvature)
         self.tol = float(tol)
-        self.max_iter = int(max_iter) if max_iter is not None else curvature.n_params
+        self.max_iter = int(max_iter) if max_iter is not None else 10 * curvature.n_params
         self.info = {"solver": "cg", "tol": self.tol, "max_iter": self.max_iter,
                      "n_params": curvature.n_params}
 
