@@ -175,13 +175,11 @@ class BaseResponseEstimator(BaseEstimator):
         return X.astype(np_dtype), targets
 
     def _tensors(self, X: np.ndarray, encoded: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies (never views of the caller's arrays) in the model's dtype/device."""
         model = self.model_
-        Xt = torch.as_tensor(X, dtype=model.dtype, device=model.device)
-        if encoded.dtype == np.int64:
-            Tt = torch.as_tensor(encoded, device=model.device)
-        else:
-            Tt = torch.as_tensor(encoded, dtype=model.dtype, device=model.device)
-        return Xt, Tt
+        Xt = torch.tensor(X, dtype=model.dtype, device=model.device)
+        t_dtype = torch.int64 if encoded.dtype == np.int64 else model.dtype
+        return Xt, torch.tensor(encoded, dtype=t_dtype, device=model.device)
 
     def _check_loss_matches_net(self) -> None:
         """Refuse a net whose ``get_loss`` does something the model does not mirror."""

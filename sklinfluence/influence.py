@@ -62,8 +62,10 @@ class InfluenceEstimator(BaseResponseEstimator):
         Number of samples processed at once for gradients and curvature
         products (``None``: all). Bounds memory, never changes results.
     random_state : int, RandomState instance or None, default=None
-        Seeds the net's training in ``fit`` (initialisation and batch
-        order) without touching the global torch RNG.
+        Seeds what the net draws in ``fit`` — the module's initial weights
+        when ``net.module`` is a class, the batch order when it shuffles,
+        dropout masks — in a forked torch RNG, so the global RNG is left
+        untouched. A module passed as an instance keeps the weights it has.
 
     Attributes
     ----------

@@ -16,6 +16,7 @@ the same scaling as the loss itself.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -140,38 +141,33 @@ def output_loss_from_criterion(
     _check_mean_reduction(criterion)
 
     if isinstance(criterion, torch.nn.MSELoss):
-
-        def mse(y: Tensor, t: Tensor) -> Tensor:
-            return _per_sample_mean((y - t.reshape(y.shape)) ** 2)
-
-        return OutputLoss(name, mse, "float")
-
+        return OutputLoss(name, _mse, "float")
     _check_no_weight(criterion)
-
     if isinstance(criterion, torch.nn.CrossEntropyLoss):
         smoothing = float(criterion.label_smoothing)
-
-        def cross_entropy(y: Tensor, t: Tensor) -> Tensor:
-            return F.cross_entropy(y, t, reduction="none", label_smoothing=smoothing)
-
-        return OutputLoss(name, cross_entropy, "index")
-
+        return OutputLoss(name, partial(_cross_entropy, smoothing=smoothing), "index")
     if isinstance(criterion, torch.nn.NLLLoss):
+        return OutputLoss(name, partial(_nll, on_probabilities=nll_takes_probabilities), "index")
+    return OutputLoss(name, partial(_bce_with_logits, pos_weight=criterion.pos_weight), "float")
 
-        def nll(y: Tensor, t: Tensor) -> Tensor:
-            if nll_takes_probabilities:
-                y = torch.log(y + torch.finfo(y.dtype).eps)
-            return F.nll_loss(y, t, reduction="none")
 
-        return OutputLoss(name, nll, "index")
+# Module-level (not closures) so that losses, models and estimators pickle.
+def _mse(y: Tensor, t: Tensor) -> Tensor:
+    return _per_sample_mean((y - t.reshape(y.shape)) ** 2)
 
-    # BCEWithLogitsLoss
-    pos_weight = criterion.pos_weight
 
-    def bce(y: Tensor, t: Tensor) -> Tensor:
-        values = F.binary_cross_entropy_with_logits(
-            y, t.reshape(y.shape), reduction="none", pos_weight=pos_weight
-        )
-        return _per_sample_mean(values)
+def _cross_entropy(y: Tensor, t: Tensor, *, smoothing: float) -> Tensor:
+    return F.cross_entropy(y, t, reduction="none", label_smoothing=smoothing)
 
-    return OutputLoss(name, bce, "float")
+
+def _nll(y: Tensor, t: Tensor, *, on_probabilities: bool) -> Tensor:
+    if on_probabilities:  # skorch's NeuralNetClassifier.get_loss
+        y = torch.log(y + torch.finfo(y.dtype).eps)
+    return F.nll_loss(y, t, reduction="none")
+
+
+def _bce_with_logits(y: Tensor, t: Tensor, *, pos_weight: Tensor | None) -> Tensor:
+    values = F.binary_cross_entropy_with_logits(
+        y, t.reshape(y.shape), reduction="none", pos_weight=pos_weight
+    )
+    return _per_sample_mean(values)

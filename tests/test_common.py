@@ -1,0 +1,36 @@
+"""scikit-learn's common estimator checks over the public estimators."""
+
+import torch
+from skorch import NeuralNetRegressor
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from sklinfluence import InfluenceEstimator
+
+
+class AnyWidthMLP(torch.nn.Module):
+    """A float64 MLP whose input width is inferred on first use (the checks vary it)."""
+
+    def __init__(self, hidden: int = 4):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.LazyLinear(hidden, dtype=torch.float64),
+                                        torch.nn.Tanh(),
+                                        torch.nn.Linear(hidden, 1, dtype=torch.float64))
+
+    def forward(self, X):
+        return self.body(X)
+
+
+def _net():
+    return NeuralNetRegressor(AnyWidthMLP, max_epochs=2, lr=0.05, batch_size=64, verbose=0)
+
+
+#: Expected failures, each with the reason it cannot pass.
+EXPECTED_FAILED_CHECKS: dict = {}
+
+
+@parametrize_with_checks(
+    [InfluenceEstimator(_net(), random_state=0)],
+    expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS.get(type(est).__name__, {}),
+)
+def test_sklearn_compatible_estimator(estimator, check):
+    check(estimator)
