@@ -1,0 +1,38 @@
+"""The project's promises: README commands, CI script and the quickstart example."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    return re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())
+
+
+def test_readme_opens_with_two_setup_commands_and_ci_runs_the_test_one():
+    commands = _readme_commands()
+    assert len(commands) >= 2
+    run_job, run_tests = commands[:2]
+    assert 'pip install "torch==2.13.0"' in run_job and "examples/quickstart.py" in run_job
+    assert 'pip install "torch==2.13.0"' in run_tests and "pytest" in run_tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert run_tests in ci.splitlines()
+    assert "set -euo pipefail" in ci
+
+
+@pytest.mark.slow
+def test_quickstart_prints_its_three_tables():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
+                            capture_output=True, text=True, timeout=300,
+                            env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    for title in ("Most helpful training samples", "Most harmful training samples",
+                  "Highest self-influence"):
+        assert title in result.stdout
+    assert len(re.findall(r"^\s+10\s+\d+\s+\d\s+-?\d\.\d{3}e[+-]\d\d$", result.stdout,
+                          re.MULTILINE)) == 3
