@@ -22,6 +22,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .functional import FunctionalModel
 from .losses import SUPPORTED_CRITERIA
+from .response import ResponseContext, Rung
+from .retrain import get_flat_params, initialize_net, module_dtype
 
 __all__ = ["BaseResponseEstimator"]
 
@@ -67,8 +69,10 @@ def _target_kind(net: Any) -> str:
 class BaseResponseEstimator(BaseEstimator):
     """Base class: fits (or adopts) a skorch net and prepares its functional model.
 
-    Subclasses implement ``_fit_response()`` (called at the end of ``fit``)
-    and their scoring methods. Not meant to be used directly.
+    Each subclass is a view of one rung of the response ladder
+    (:mod:`sklinfluence.response`): it names the rung in ``_rung()`` and
+    builds ``responder_`` in ``fit``; ``param_change``, ``score_samples`` and
+    ``loss_change`` are shared. Not meant to be used directly.
     """
 
     _parameter_constraints: dict = {
@@ -82,7 +86,8 @@ class BaseResponseEstimator(BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     def _fit_net(self, X: Any, y: Any) -> None:
-        if self.epsilon is not None and self.epsilon == 0:
+        epsilon = getattr(self, "epsilon", None)
+        if epsilon is not None and epsilon == 0:
             raise ValueError(
                 "epsilon must be non-zero: 1/N removes one sample's share, -1/N adds "
                 "one; got 0. Leave epsilon=None for 1/N."
@@ -101,6 +106,11 @@ class BaseResponseEstimator(BaseEstimator):
             self.classes_ = self._binary_classes(y)
         encoded = self._encode(y)
 
+        # The seed of the net's own fit; retraining (cold-start LOO) reuses it.
+        if self.random_state is None:
+            self.seed_ = int(torch.randint(np.iinfo(np.int32).max, (1,)))
+        else:
+            self.seed_ = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         if frozen:
             if not getattr(net, "initialized_", False):
                 raise ValueError(
@@ -108,16 +118,15 @@ class BaseResponseEstimator(BaseEstimator):
                     "first or pass the unfitted net to let the estimator train it."
                 )
             fitted = net
+            self.initial_params_ = None
         else:
             fitted = clone(net).set_params(train_split=None)
-            seed = (None if self.random_state is None else
-                    int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max)))
             with torch.random.fork_rng(devices=[]):
-                if seed is not None:
-                    torch.manual_seed(seed)
-                fitted.initialize()
-                dtype = next(fitted.module_.parameters()).dtype
-                fitted.partial_fit(*self._net_data(X, encoded, dtype))
+                torch.manual_seed(self.seed_)
+                initialize_net(fitted, X)
+                self.initial_params_ = get_flat_params(fitted.module_).clone()
+                fitted.partial_fit(*self._net_data(X, encoded, module_dtype(fitted)))
+        self._recipe = net
         self.net_ = fitted
         self.model_ = FunctionalModel.from_net(fitted, weight_decay=self.weight_decay)
         self.X_train_, self.T_train_ = self._tensors(X, encoded)
@@ -126,7 +135,20 @@ class BaseResponseEstimator(BaseEstimator):
         for i, row in enumerate(X):
             self._row_index.setdefault(row.tobytes(), i)
         self.n_train_ = int(X.shape[0])
-        self.epsilon_ = 1.0 / self.n_train_ if self.epsilon is None else float(self.epsilon)
+        self.epsilon_ = 1.0 / self.n_train_ if epsilon is None else float(epsilon)
+
+    def _context(self, **options: Any) -> ResponseContext:
+        """The response context of the fitted net; ``options`` set solver details."""
+        dtype = self.model_.dtype
+        return ResponseContext(
+            model=self.model_, X=self.X_train_, T=self.T_train_, epsilon=self.epsilon_,
+            damping=float(getattr(self, "damping", 0.0)),
+            batch_size=self.batch_size, recipe=self._recipe,
+            recipe_data=self._net_data(self.X_train_.cpu().numpy(),
+                                       self.T_train_.cpu().numpy(), dtype),
+            theta_0=self.initial_params_, seed=self.seed_,
+            max_epochs=int(self.net_.max_epochs), **options,
+        )
 
     @staticmethod
     def _classes_for(net: Any, y: np.ndarray) -> np.ndarray:
@@ -215,13 +237,24 @@ class BaseResponseEstimator(BaseEstimator):
             )
 
     # -------------------------------------------------------------- samples
-    def _targets_for(self, X: Any, y: Any, *, what: str = "X") -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate samples and return ``(X, T)`` tensors; ``y=None`` looks rows up."""
+    def _targets_for(self, X: Any, y: Any, *, what: str = "X") -> tuple:
+        """Validate samples; return ``(X, T, index)``, ``y=None`` looking rows up.
+
+        ``index`` is each row's position among the training rows (with the
+        same target), −1 where it is not a training row.
+        """
         check_is_fitted(self, "model_")
         X = validate_data(self, X, dtype=np.float64, reset=False)
+        index = np.array([self._row_index.get(row.tobytes(), -1) for row in X], dtype=int)
         if y is None:
-            index = self._lookup(X, what)
-            return self.X_train_[index], self.T_train_[index]
+            missing = np.flatnonzero(index < 0)
+            if missing.size:
+                raise ValueError(
+                    f"{missing.size} of the {X.shape[0]} rows of {what} are not training "
+                    f"rows (first: row {missing[0]}), so their targets are unknown. Pass "
+                    "the targets explicitly (y=...) for samples that were not in fit's X."
+                )
+            return self.X_train_[index], self.T_train_[index], index
         y = np.asarray(y)
         if y.shape[0] != X.shape[0]:
             raise ValueError(
@@ -238,18 +271,101 @@ class BaseResponseEstimator(BaseEstimator):
                 f"targets for {what} have shape {y.shape}, but the net was fitted on "
                 f"targets of shape (n, {', '.join(map(str, expected_width))})."
             )
-        return self._tensors(X, encoded)
+        Xt, Tt = self._tensors(X, encoded)
+        known = index >= 0
+        same = torch.zeros(len(index), dtype=torch.bool)
+        if known.any():
+            diff = (Tt[known] != self.T_train_[index[known]]).reshape(int(known.sum()), -1)
+            same[torch.as_tensor(known)] = ~diff.any(dim=1).cpu()
+        return Xt, Tt, np.where(same.numpy(), index, -1)
 
-    def _lookup(self, X: np.ndarray, what: str) -> np.ndarray:
-        index = np.array([self._row_index.get(row.tobytes(), -1) for row in X], dtype=int)
-        missing = np.flatnonzero(index < 0)
-        if missing.size:
-            raise ValueError(
-                f"{missing.size} of the {X.shape[0]} rows of {what} are not training rows "
-                f"(first: row {missing[0]}), so their targets are unknown. Pass the "
-                "targets explicitly (y=...) for samples that were not in fit's X."
-            )
-        return index
+    # ------------------------------------------------------------- outputs
+    def _rung(self) -> Rung:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def _responses(self, X: Any, y: Any) -> tuple:
+        Xt, Tt, index = self._targets_for(X, y)
+        return Xt, Tt, self.responder_.param_change(self._rung(), Xt, Tt, index)
+
+    def param_change(self, X: Any, y: Any = None) -> np.ndarray:
+        """Parameter response ``θ_after − θˢ`` to removing each sample.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples to remove.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs), default=None
+            Their targets; ``None`` looks the rows up among the training rows.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_params)
+            One row per sample, flattened in the order of
+            ``net_.module_.parameters()`` (trainable parameters only).
+        """
+        return self._responses(X, y)[2].to(torch.float64).cpu().numpy()
+
+    def score_samples(self, X: Any, y: Any = None) -> np.ndarray:
+        """Change of each sample's own loss when it is removed.
+
+        ``L_m(θˢ + Δθ_m) − L_m(θˢ)``: large values flag samples the model had
+        to bend to fit (often mislabeled ones).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples to score.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs), default=None
+            Their targets; ``None`` looks the rows up among the training rows.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+            Positive = removing the sample increases its own loss (it helped
+            itself).
+        """
+        Xt, Tt, delta = self._responses(X, y)
+        model, theta = self.model_, self.model_.params
+        with torch.no_grad():
+            after = torch.stack([model.losses(theta + d, Xt[i:i + 1], Tt[i:i + 1])[0]
+                                 for i, d in enumerate(delta)]) if len(delta) else delta[:, 0]
+            before = model.losses(theta, Xt, Tt)
+        return (after - before).to(torch.float64).cpu().numpy()
+
+    def loss_change(self, X: Any, y: Any = None, X_eval: Any = None,
+                    y_eval: Any = None) -> np.ndarray:
+        """Change of each evaluation loss when each sample is removed.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples to remove.
+        y : array-like, default=None
+            Their targets; ``None`` looks the rows up among the training rows.
+        X_eval : array-like of shape (n_eval, n_features)
+            Evaluation inputs (e.g. test points).
+        y_eval : array-like, default=None
+            Their targets; ``None`` looks them up among the training rows.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_eval)
+            Entry ``[m, e]`` is ``L_e(θˢ + Δθ_m) − L_e(θˢ)``; positive = removing
+            sample ``m`` increases the loss on point ``e`` (``m`` helped ``e``).
+        """
+        Xe, Te = self._eval_targets(X_eval, y_eval)
+        _, _, delta = self._responses(X, y)
+        model, theta = self.model_, self.model_.params
+        with torch.no_grad():
+            before = model.losses(theta, Xe, Te)
+            rows = [model.losses(theta + d, Xe, Te) - before for d in delta]
+        result = torch.stack(rows) if rows else before.new_zeros((0, len(before)))
+        return result.to(torch.float64).cpu().numpy()
+
+    def _eval_targets(self, X_eval: Any, y_eval: Any) -> tuple:
+        if X_eval is None:
+            raise ValueError("loss_change needs X_eval, the evaluation inputs.")
+        return self._targets_for(X_eval, y_eval, what="X_eval")[:2]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

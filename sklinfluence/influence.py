@@ -11,8 +11,9 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from .base import BaseResponseEstimator
-from .curvature import CURVATURES, Curvature
-from .solvers import SOLVERS, make_solver
+from .curvature import CURVATURES
+from .response import Responder, Rung, rung
+from .solvers import SOLVERS
 
 __all__ = ["InfluenceEstimator"]
 
@@ -73,8 +74,8 @@ class InfluenceEstimator(BaseResponseEstimator):
         The trained net (the frozen one itself when ``net`` is frozen).
     model_ : FunctionalModel
         The net as a pure function of its flat parameters.
-    curvature_ : Curvature
-        The damped curvature operator at ``θˢ`` over the training rows.
+    responder_ : Responder
+        Computes the parameter responses (``param_change``).
     solver_ : ExactSolver or CGSolver
         The fitted solver; ``solver_.last_solve`` records the latest solve
         (iterations, relative residual, time).
@@ -172,42 +173,20 @@ class InfluenceEstimator(BaseResponseEstimator):
         self : InfluenceEstimator
         """
         self._fit_net(X, y)
-        self.curvature_ = Curvature(
-            self.model_, self.X_train_, self.T_train_, kind=self.curvature,
-            damping=self.damping, batch_size=self.batch_size,
-        )
-        self.solver_ = make_solver(self.solver, self.curvature_, tol=self.tol,
-                                   max_iter=self.max_iter)
+        self.responder_ = Responder(self._context(
+            curvature=self.curvature, solver=self.solver, tol=self.tol, max_iter=self.max_iter))
+        self.solver_ = self.responder_.solver()
         self.solver_info_ = dict(self.solver_.info)
         return self
 
-    # -------------------------------------------------------------- helpers
+    def _rung(self) -> Rung:
+        return rung("influence")
+
     def _grads(self, X: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
         return self.model_.per_sample_grads(self.model_.params, X, T, self.batch_size)
 
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
         return self.solver_.solve(B).to(torch.float64)
-
-    # -------------------------------------------------------------- outputs
-    def param_change(self, X: Any, y: Any = None) -> np.ndarray:
-        """Estimated parameter response ``θ_after − θˢ`` to removing each sample.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Samples to remove.
-        y : array-like of shape (n_samples,) or (n_samples, n_outputs), default=None
-            Their targets; ``None`` looks the rows up among the training rows.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_params)
-            ``ε (C + λI)⁻¹ ∇L_m(θˢ)`` per sample, flattened in the order of
-            ``net_.module_.parameters()`` (trainable parameters only).
-        """
-        Xt, Tt = self._targets_for(X, y)
-        delta = self.epsilon_ * self._solve(self._grads(Xt, Tt))
-        return delta.cpu().numpy()
 
     def score_samples(self, X: Any, y: Any = None) -> np.ndarray:
         """Estimated change of each sample's own loss when it is removed.
@@ -228,7 +207,7 @@ class InfluenceEstimator(BaseResponseEstimator):
             Positive = removing the sample increases its own loss (it was
             helpful to itself, as every training sample is with ``C`` PSD).
         """
-        Xt, Tt = self._targets_for(X, y)
+        Xt, Tt, _ = self._targets_for(X, y)
         G = self._grads(Xt, Tt)
         S = self._solve(G)
         return (self.epsilon_ * (G.to(torch.float64) * S).sum(dim=1)).cpu().numpy()
@@ -255,10 +234,8 @@ class InfluenceEstimator(BaseResponseEstimator):
             removing sample ``m`` increases the loss on point ``e`` (``m``
             helped ``e``).
         """
-        if X_eval is None:
-            raise ValueError("loss_change needs X_eval, the evaluation inputs.")
-        Xt, Tt = self._targets_for(X, y)
-        Xe, Te = self._targets_for(X_eval, y_eval, what="X_eval")
+        Xe, Te = self._eval_targets(X_eval, y_eval)
+        Xt, Tt, _ = self._targets_for(X, y)
         G_train, G_eval = self._grads(Xt, Tt), self._grads(Xe, Te)
         if G_eval.shape[0] <= G_train.shape[0]:  # solve on the side with fewer vectors
             result = G_train.to(torch.float64) @ self._solve(G_eval).T

@@ -1,0 +1,220 @@
+"""The response ladder of Bae et al. (2022), SPEC §2, as one objective with switches.
+
+Every rung answers "what are the parameters after removing ``z_m``?" by
+minimising
+
+    ``(1/N) Σ_i ℓ_i(θ) + decay − ε L_m(θ) + [proximal] (λ/2)‖θ − θˢ‖²``
+
+from a start point, where ``ℓ_i`` is the training loss or its Bregman
+divergence around ``θˢ``. A :class:`Rung` is a row of switches:
+
+=================  =========  =======  ========  ========  =====
+rung               start      Bregman  proximal  method    exact
+=================  =========  =======  ========  ========  =====
+cold_start_loo     θ⁰         no       no        retrain
+warm_start         θˢ         no       no        retrain
+proximal           θˢ         no       yes       retrain
+pbrf               θˢ         yes      yes       minimize
+exact_influence    θˢ         yes      yes       linear    yes
+influence          θˢ         yes      yes       linear    no
+=================  =========  =======  ========  ========  =====
+
+``retrain`` runs the net's own recipe on the N−1 remaining rows
+(:mod:`sklinfluence.retrain`), ``minimize`` solves the objective full batch
+to a tight tolerance (:mod:`sklinfluence.pbrf`), ``linear`` minimises its
+second-order model in closed form, ``ε (C + λI)⁻¹ ∇L_m(θˢ)``: with the exact
+Gauss–Newton solve (rung 4) or with the estimator's own curvature and solver
+(rung 5). Adding a rung is adding a row to :data:`LADDER`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .curvature import Curvature
+from .functional import FunctionalModel
+from .pbrf import ResponseObjective, minimize_response
+from .retrain import retrain
+from .solvers import make_solver
+
+__all__ = ["Rung", "LADDER", "TERMS", "ResponseContext", "Responder", "rung"]
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One configuration of the response objective (a row of SPEC §2's table)."""
+
+    name: str
+    start: str = "trained"  # "initial" (θ⁰) or "trained" (θˢ)
+    bregman: bool = False
+    proximal: bool = False
+    method: str = "retrain"  # "retrain", "minimize" or "linear"
+    exact: bool = False  # linear only: exact GGN solve instead of the configured solver
+
+
+LADDER: tuple[Rung, ...] = (
+    Rung("cold_start_loo", start="initial"),
+    Rung("warm_start"),
+    Rung("proximal", proximal=True),
+    Rung("pbrf", bregman=True, proximal=True, method="minimize"),
+    Rung("exact_influence", bregman=True, proximal=True, method="linear", exact=True),
+    Rung("influence", bregman=True, proximal=True, method="linear"),
+)
+
+#: The five terms: differences between consecutive rungs of :data:`LADDER`.
+TERMS: tuple[str, ...] = ("warm_start_gap", "proximity_gap", "non_convergence_gap",
+                          "linearization_error", "solver_error")
+
+
+def rung(name: str) -> Rung:
+    """The rung of :data:`LADDER` called ``name``."""
+    for r in LADDER:
+        if r.name == name:
+            return r
+    raise ValueError(f"unknown rung {name!r}; rungs are {[r.name for r in LADDER]}")
+
+
+@dataclass
+class ResponseContext:
+    """Everything that determines the responses of one fitted net.
+
+    Attributes
+    ----------
+    model : FunctionalModel
+        The trained net at ``θˢ``.
+    X, T : Tensor
+        Training inputs and targets (the objective's data).
+    epsilon, damping : float
+        ``ε`` and ``λ``.
+    curvature, solver, tol, max_iter, batch_size
+        Curvature and solver of the ``influence`` rung (CG ``tol``/``max_iter``).
+    pbrf_tol, pbrf_max_iter
+        Relative gradient tolerance and iteration cap of ``minimize`` rungs.
+    recipe : skorch.NeuralNet or None
+        The net whose recipe ``retrain`` rungs run (cloned).
+    recipe_data : tuple of ndarray or None
+        ``(X, y)`` as ``recipe.fit`` takes them, for all N training rows.
+    theta_0 : Tensor or None
+        Initial parameters ``θ⁰`` of the original fit (cold start).
+    seed : int or None
+        torch seed of the original fit.
+    max_epochs : int
+        Epochs of a cold-start retraining (the original recipe's).
+    warm_start_epochs : int
+        Epochs of a retraining started at ``θˢ``.
+    """
+
+    model: FunctionalModel
+    X: Tensor
+    T: Tensor
+    epsilon: float
+    damping: float
+    curvature: str = "ggn"
+    solver: str = "exact"
+    tol: float = 1e-10
+    max_iter: int | None = None
+    batch_size: int | None = None
+    pbrf_tol: float = 1e-9
+    pbrf_max_iter: int = 200
+    recipe: Any = None
+    recipe_data: tuple | None = None
+    theta_0: Tensor | None = None
+    seed: int | None = None
+    max_epochs: int = 0
+    warm_start_epochs: int = 0
+
+
+@dataclass
+class Responder:
+    """Computes (and memoises) parameter responses ``θ_after − θˢ`` for any rung.
+
+    ``last_info`` holds per-sample diagnostics of the latest call: wall time,
+    and for ``minimize`` rungs the final and initial gradient norms and the
+    iterations.
+    """
+
+    context: ResponseContext
+    last_info: dict = field(default_factory=dict)
+    _solvers: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def solver(self, exact: bool = False):
+        """The (cached) linear solver of the exact rung or of the configured one."""
+        ctx = self.context
+        key = ("ggn", "exact") if exact else (ctx.curvature, ctx.solver)
+        if key not in self._solvers:
+            curvature = Curvature(ctx.model, ctx.X, ctx.T, kind=key[0], damping=ctx.damping,
+                                  batch_size=ctx.batch_size)
+            self._solvers[key] = make_solver(key[1], curvature, tol=ctx.tol,
+                                             max_iter=ctx.max_iter)
+        return self._solvers[key]
+
+    def param_change(self, r: Rung, X: Tensor, T: Tensor, index: np.ndarray) -> Tensor:
+        """Responses ``θ_after − θˢ`` of rung ``r`` to removing each row, ``(n, P)``.
+
+        ``index`` gives each row's position among the training rows (−1 when
+        it is not one; ``retrain`` rungs need training rows).
+        """
+        ctx = self.context
+        if r.method == "linear":
+            start = time.perf_counter()
+            grads = ctx.model.per_sample_grads(ctx.model.params, X, T, ctx.batch_size)
+            delta = ctx.epsilon * self.solver(r.exact).solve(grads).to(ctx.model.dtype)
+            self.last_info = {"rung": r.name, "seconds": time.perf_counter() - start}
+            return delta
+        if r.method == "retrain" and np.any(index < 0):
+            raise ValueError(
+                f"the {r.name} rung retrains without the sample, so it can only remove "
+                f"training rows; {int(np.sum(index < 0))} of the given rows are not "
+                "training rows (with these targets)."
+            )
+        rows, infos = [], []
+        for i in range(X.shape[0]):
+            key = (r.name, X[i].cpu().numpy().tobytes(), T[i].cpu().numpy().tobytes())
+            if key not in self._memo:
+                self._memo[key] = self._one(r, X[i], T[i], int(index[i]))
+            delta, info = self._memo[key]
+            rows.append(delta)
+            infos.append(info)
+        self.last_info = {"rung": r.name,
+                          **{k: np.array([info[k] for info in infos]) for k in infos[0]}} \
+            if infos else {"rung": r.name}
+        if not rows:
+            return ctx.model.params.new_zeros((0, ctx.model.n_params))
+        return torch.stack(rows)
+
+    def _one(self, r: Rung, x: Tensor, t: Tensor, m: int) -> tuple[Tensor, dict]:
+        ctx, theta_s = self.context, self.context.model.params
+        start = time.perf_counter()
+        if r.method == "minimize":
+            objective = ResponseObjective(ctx.model, ctx.X, ctx.T, theta_s, x, t, ctx.epsilon,
+                                          ctx.damping if r.proximal else 0.0, r.bregman)
+            result = minimize_response(objective, tol=ctx.pbrf_tol, max_iter=ctx.pbrf_max_iter)
+            info = {"grad_norm": result.grad_norm, "initial_grad_norm": result.initial_grad_norm,
+                    "n_iter": result.n_iter, "converged": result.converged}
+            return result.theta - theta_s, {**info, "seconds": time.perf_counter() - start}
+        # retrain with the recipe on the N - 1 remaining rows
+        if r.start == "initial" and ctx.theta_0 is None:
+            raise ValueError(
+                "cold-start leave-one-out retrains from the original initialisation θ⁰, "
+                "which a FrozenEstimator net does not record. Pass the unfitted net so the "
+                "estimator trains it, or use warm_start=True."
+            )
+        X_np, y_np = ctx.recipe_data
+        keep = np.arange(X_np.shape[0]) != m
+        n = X_np.shape[0]
+        theta = retrain(
+            ctx.recipe, X_np[keep], y_np[keep],
+            start=ctx.theta_0 if r.start == "initial" else theta_s,
+            seed=ctx.seed,
+            max_epochs=ctx.max_epochs if r.start == "initial" else ctx.warm_start_epochs,
+            anchor=theta_s,
+            proximity=ctx.damping * n / (n - 1) if r.proximal else 0.0,
+        )
+        return theta.to(theta_s.dtype) - theta_s, {"seconds": time.perf_counter() - start}
