@@ -1,10 +1,18 @@
 """sklinfluence: influence functions, the PBRF and leave-one-out for skorch nets.
 
 Implements Bae et al. (NeurIPS 2022), "If Influence Functions are the Answer,
-Then What is the Question?", as scikit-learn estimators.
+Then What is the Question?", as scikit-learn estimators:
+
+- :class:`InfluenceEstimator` — the influence-function estimate (rungs 4/5);
+- :class:`PBRFEstimator` — the proximal Bregman response function (rung 3);
+- :class:`LOOEstimator` — leave-one-out retraining, cold, warm or proximal
+  (rungs 0–2);
+- :class:`Decomposer` — the five terms between them.
 """
 
+from .decomposer import Decomposer
+from .ground_truth import LOOEstimator, PBRFEstimator
 from .influence import InfluenceEstimator
 
-__all__ = ["InfluenceEstimator"]
+__all__ = ["Decomposer", "InfluenceEstimator", "LOOEstimator", "PBRFEstimator"]
 __version__ = "0.1.0"

@@ -30,11 +30,13 @@ Gauss–Newton solve (rung 4) or with the estimator's own curvature and solver
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
 from .curvature import Curvature
@@ -198,6 +200,14 @@ class Responder:
             result = minimize_response(objective, tol=ctx.pbrf_tol, max_iter=ctx.pbrf_max_iter)
             info = {"grad_norm": result.grad_norm, "initial_grad_norm": result.initial_grad_norm,
                     "n_iter": result.n_iter, "converged": result.converged}
+            if not result.converged:
+                warnings.warn(
+                    f"the {r.name} solve for training row {m} stopped after {result.n_iter} "
+                    f"iterations with gradient norm {result.grad_norm:.3e} (initial "
+                    f"{result.initial_grad_norm:.3e}, target {ctx.pbrf_tol:g} × initial). "
+                    "Increase max_iter or damping.",
+                    ConvergenceWarning, stacklevel=4,
+                )
             return result.theta - theta_s, {**info, "seconds": time.perf_counter() - start}
         # retrain with the recipe on the N - 1 remaining rows
         if r.start == "initial" and ctx.theta_0 is None:

@@ -1,0 +1,273 @@
+"""Decomposer: the five-term decomposition of the influence–LOO gap."""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import TransformerMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .base import BaseResponseEstimator
+from .curvature import CURVATURES
+from .ground_truth import warm_start_epochs
+from .response import LADDER, TERMS, Responder
+from .solvers import SOLVERS
+
+__all__ = ["Decomposer"]
+
+METRICS = ("output_l2", "loss")
+
+
+class Decomposer(TransformerMixin, BaseResponseEstimator):
+    """Split the gap between influence estimates and leave-one-out into five terms.
+
+    For each removed training sample, walks the response ladder of Bae et al.
+    (2022) — cold-start LOO, warm start, proximal warm start, PBRF, exact
+    linearised PBRF, practical influence — and reports the distance between
+    consecutive rungs:
+
+    ====================  ============  ==============================================
+    term                  rungs         isolates
+    ====================  ============  ==============================================
+    warm_start_gap        0 → 1         dependence on the initialisation
+    proximity_gap         1 → 2         the proximity that damping implies
+    non_convergence_gap   2 → 3         ``θˢ`` not being a minimiser of ``J``
+    linearization_error   3 → 4         non-linearity in ``θ`` and ``ε``
+    solver_error          4 → 5         the inexact solve (solver, curvature)
+    ====================  ============  ==============================================
+
+    Parameters
+    ----------
+    net : skorch.NeuralNet
+        The recipe (trained by ``fit``; cold-start LOO needs ``θ⁰``, so a
+        ``FrozenEstimator`` net is refused by ``transform``).
+    damping : float, default=1e-3
+        ``λ`` of the proximal rungs and the influence solves.
+    solver : {"exact", "cg"}, default="exact"
+        Solver of the practical influence (rung 5). Rung 4 is always the
+        exact damped Gauss–Newton solve.
+    curvature : {"ggn", "hessian"}, default="ggn"
+        Curvature of rung 5.
+    metric : {"output_l2", "loss"}, default="output_l2"
+        ``"output_l2"``: the paper's function-space distance
+        ``(1/|E|) Σ_{x∈E} ‖f(θ_a, x) − f(θ_b, x)‖₂`` (non-negative);
+        ``"loss"``: the signed change of the mean evaluation loss,
+        ``Q(θ_{k+1}) − Q(θ_k)``, whose five terms sum to
+        ``Q(θ_5) − Q(θ_0)`` exactly.
+    warm_start_fraction : float, default=0.5
+        Length of the warm-start and proximal retrainings as a fraction of
+        the net's ``max_epochs``.
+    weight_decay : "auto" or float, default="auto"
+        ``μ``; ``"auto"`` reads the optimiser's ``weight_decay``.
+    tol : float, default=1e-10
+        CG tolerance of rung 5 (``solver="cg"``).
+    max_iter : int, default=None
+        CG iteration cap of rung 5.
+    pbrf_tol : float, default=1e-9
+        Relative gradient tolerance of the PBRF solves.
+    pbrf_max_iter : int, default=200
+        Newton iterations per PBRF solve.
+    batch_size : int, default=None
+        Samples per batch for per-sample gradients and curvature products.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the original fit; the retrainings reuse its seed.
+
+    Attributes
+    ----------
+    net_, model_, n_train_, classes_, n_features_in_, initial_params_, seed_
+        As for :class:`~sklinfluence.LOOEstimator`.
+    X_eval_, T_eval_ : Tensor
+        The evaluation set ``E`` (default: the training rows).
+    responder_ : Responder
+        Computes and memoises every rung's responses.
+
+    Notes
+    -----
+    Rungs 4 and 5 are evaluated as the network at ``θˢ + Δθ`` (SPEC §3's
+    choice). Every removal uses ``ε = 1/N``, the weight that retraining
+    removes. :meth:`rung_responses` and :meth:`rung_losses` give each rung's
+    own result, not just the differences.
+
+    References
+    ----------
+    Bae, Ng, Lo, Ghassemi & Grosse, "If Influence Functions are the Answer,
+    Then What is the Question?", NeurIPS 2022.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skorch import NeuralNetRegressor
+    >>> from sklearn.datasets import load_diabetes
+    >>> from sklinfluence import Decomposer
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> net = NeuralNetRegressor(torch.nn.Linear(10, 1).double(), max_epochs=3,
+    ...                          lr=0.1, verbose=0)
+    >>> dec = Decomposer(net, random_state=0).fit(X[:40], y[:40])
+    >>> dec.transform(X[:2]).shape
+    (2, 5)
+    >>> list(dec.get_feature_names_out())[:2]
+    ['warm_start_gap', 'proximity_gap']
+    """
+
+    _parameter_constraints: dict = {
+        **{k: v for k, v in BaseResponseEstimator._parameter_constraints.items()
+           if k != "epsilon"},
+        "solver": [StrOptions(set(SOLVERS))],
+        "curvature": [StrOptions(set(CURVATURES))],
+        "metric": [StrOptions(set(METRICS))],
+        "warm_start_fraction": [Interval(Real, 0, None, closed="neither")],
+        "tol": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [None, Interval(Integral, 1, None, closed="left")],
+        "pbrf_tol": [Interval(Real, 0, None, closed="neither")],
+        "pbrf_max_iter": [Interval(Integral, 1, None, closed="left")],
+    }
+
+    def __init__(self, net: Any, *, damping: float = 1e-3, solver: str = "exact",
+                 curvature: str = "ggn", metric: str = "output_l2",
+                 warm_start_fraction: float = 0.5, weight_decay: str | float = "auto",
+                 tol: float = 1e-10, max_iter: int | None = None, pbrf_tol: float = 1e-9,
+                 pbrf_max_iter: int = 200, batch_size: int | None = None,
+                 random_state: Any = None) -> None:
+        self.net = net
+        self.damping = damping
+        self.solver = solver
+        self.curvature = curvature
+        self.metric = metric
+        self.warm_start_fraction = warm_start_fraction
+        self.weight_decay = weight_decay
+        self.tol = tol
+        self.max_iter = max_iter
+        self.pbrf_tol = pbrf_tol
+        self.pbrf_max_iter = pbrf_max_iter
+        self.batch_size = batch_size
+        self.random_state = random_state
+
+    @_fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X: Any, y: Any, X_eval: Any = None, y_eval: Any = None) -> "Decomposer":
+        """Train the net and prepare every rung.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training inputs.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Targets.
+        X_eval, y_eval : array-like, default=None
+            The evaluation set ``E`` of the metric (default: the training
+            rows). ``y_eval`` is needed for ``metric="loss"`` unless ``X_eval``
+            rows are training rows.
+
+        Returns
+        -------
+        self : Decomposer
+        """
+        self._fit_net(X, y)
+        self.responder_ = Responder(self._context(
+            curvature=self.curvature, solver=self.solver, tol=self.tol, max_iter=self.max_iter,
+            pbrf_tol=self.pbrf_tol, pbrf_max_iter=self.pbrf_max_iter,
+            warm_start_epochs=warm_start_epochs(self.net_, self.warm_start_fraction)))
+        if X_eval is None:
+            self.X_eval_, self.T_eval_ = self.X_train_, self.T_train_
+        elif y_eval is not None or self.metric == "loss":
+            self.X_eval_, self.T_eval_ = self._eval_targets(X_eval, y_eval)
+        else:  # the function-space distance needs inputs only
+            X_eval = validate_data(self, X_eval, dtype=np.float64, reset=False)
+            self.X_eval_ = torch.tensor(X_eval, dtype=self.model_.dtype, device=self.model_.device)
+            self.T_eval_ = None
+        return self
+
+    def _thetas(self, X: Any, y: Any) -> torch.Tensor:
+        """Parameters of every rung for every sample, shape ``(n, 6, P)``."""
+        Xt, Tt, index = self._targets_for(X, y)
+        deltas = [self.responder_.param_change(r, Xt, Tt, index) for r in LADDER]
+        return self.model_.params + torch.stack(deltas, dim=1)
+
+    def rung_responses(self, X: Any, y: Any = None) -> dict:
+        """Each rung's parameter response ``θ_k − θˢ`` to removing each sample.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows to remove.
+        y : array-like, default=None
+            Their targets (``None``: looked up).
+
+        Returns
+        -------
+        dict of str to ndarray of shape (n_samples, n_params)
+            Keyed by rung name, in ladder order.
+        """
+        check_is_fitted(self, "responder_")
+        deltas = (self._thetas(X, y) - self.model_.params).to(torch.float64).cpu().numpy()
+        return {r.name: deltas[:, k] for k, r in enumerate(LADDER)}
+
+    def rung_losses(self, X: Any, y: Any = None) -> np.ndarray:
+        """Mean evaluation loss ``Q(θ_k)`` at each rung, shape ``(n_samples, 6)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows to remove.
+        y : array-like, default=None
+            Their targets (``None``: looked up).
+
+        Returns
+        -------
+        ndarray of shape (n_samples, 6)
+            Columns in ladder order (cold-start LOO … influence).
+        """
+        check_is_fitted(self, "responder_")
+        if self.T_eval_ is None:
+            raise ValueError("rung_losses needs evaluation targets: fit with y_eval.")
+        thetas = self._thetas(X, y)
+        with torch.no_grad():
+            q = torch.stack([torch.stack([self.model_.losses(th, self.X_eval_, self.T_eval_).mean()
+                                          for th in row]) for row in thetas]) \
+                if len(thetas) else thetas.new_zeros((0, len(LADDER)))
+        return q.to(torch.float64).cpu().numpy()
+
+    def transform(self, X: Any, y: Any = None) -> np.ndarray:
+        """The five terms for each removed sample.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows to remove.
+        y : array-like, default=None
+            Their targets (``None``: looked up among the training rows).
+
+        Returns
+        -------
+        ndarray of shape (n_samples, 5)
+            Columns ``warm_start_gap, proximity_gap, non_convergence_gap,
+            linearization_error, solver_error`` (see ``metric``).
+        """
+        check_is_fitted(self, "responder_")
+        if self.metric == "loss":
+            return np.diff(self.rung_losses(X, y), axis=1)
+        thetas = self._thetas(X, y)
+        with torch.no_grad():
+            rows = []
+            for row in thetas:
+                outputs = torch.stack([self.model_.forward(th, self.X_eval_) for th in row])
+                rows.append((outputs[1:] - outputs[:-1]).norm(dim=-1).mean(dim=-1))
+        result = torch.stack(rows) if rows else thetas.new_zeros((0, len(TERMS)))
+        return result.to(torch.float64).cpu().numpy()
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        """Names of the five terms, in column order.
+
+        Parameters
+        ----------
+        input_features : ignored
+            Present for API consistency.
+
+        Returns
+        -------
+        ndarray of str
+        """
+        return np.asarray(TERMS, dtype=object)
