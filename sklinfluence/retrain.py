@@ -62,8 +62,10 @@ def get_flat_params(module: torch.nn.Module) -> Tensor:
 def set_flat_params(module: torch.nn.Module, theta: Tensor) -> None:
     """Copy a flat vector into the trainable parameters of ``module``."""
     params = [p for p in module.parameters() if p.requires_grad]
-    with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(theta.to(params[0].dtype), params)
+    chunks = torch.split(theta.detach(), [p.numel() for p in params])
+    with torch.no_grad():  # copy_, never vector_to_parameters: that aliases theta
+        for p, chunk in zip(params, chunks):
+            p.copy_(chunk.reshape(p.shape))
 
 
 class _ProximalGetLoss:

@@ -15,3 +15,8 @@ CG_VS_EXACT_RTOL = 1e-8
 FLOAT32_RTOL = 1e-3
 #: Influence vs refitted leave-one-out on L2 logistic regression (correlations).
 IF_LOO_MIN_CORRELATION = 0.9
+#: Retrained (recipe) parameters vs closed forms: full-batch heavy-ball descent to
+#: float64 precision, relative to the response's own size.
+RETRAIN_RTOL = 1e-8
+#: Absolute floor, as a fraction of the largest expected entry.
+LADDER_ATOL_REL = 1e-9
