@@ -25,7 +25,7 @@ from .losses import SUPPORTED_CRITERIA
 from .response import ResponseContext, Rung
 from .retrain import get_flat_params, initialize_net, module_dtype
 
-__all__ = ["BaseResponseEstimator"]
+__all__ = ["BaseResponseEstimator", "RungViewMixin"]
 
 _INDEX_CRITERIA = ("CrossEntropyLoss", "NLLLoss")
 # Tolerance for the check that the functional loss reproduces net.get_loss.
@@ -69,10 +69,9 @@ def _target_kind(net: Any) -> str:
 class BaseResponseEstimator(BaseEstimator):
     """Base class: fits (or adopts) a skorch net and prepares its functional model.
 
-    Each subclass is a view of one rung of the response ladder
-    (:mod:`sklinfluence.response`): it names the rung in ``_rung()`` and
-    builds ``responder_`` in ``fit``; ``param_change``, ``score_samples`` and
-    ``loss_change`` are shared. Not meant to be used directly.
+    Subclasses build ``responder_`` (:mod:`sklinfluence.response`) in
+    ``fit``; the estimators that are views of one rung also mix in
+    :class:`RungViewMixin`. Not meant to be used directly.
     """
 
     _parameter_constraints: dict = {
@@ -279,7 +278,25 @@ class BaseResponseEstimator(BaseEstimator):
             same[torch.as_tensor(known)] = ~diff.any(dim=1).cpu()
         return Xt, Tt, np.where(same.numpy(), index, -1)
 
-    # ------------------------------------------------------------- outputs
+    def _eval_targets(self, X_eval: Any, y_eval: Any) -> tuple:
+        if X_eval is None:
+            raise ValueError("loss_change needs X_eval, the evaluation inputs.")
+        return self._targets_for(X_eval, y_eval, what="X_eval")[:2]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        return tags
+
+
+class RungViewMixin:
+    """The outputs of an estimator that is a view of one rung of the ladder.
+
+    The estimator names its rung in ``_rung()`` and builds ``responder_`` in
+    ``fit``; ``param_change``, ``score_samples`` and ``loss_change`` follow.
+    Mixed in left of :class:`BaseResponseEstimator`.
+    """
+
     def _rung(self) -> Rung:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
@@ -361,14 +378,4 @@ class BaseResponseEstimator(BaseEstimator):
             rows = [model.losses(theta + d, Xe, Te) - before for d in delta]
         result = torch.stack(rows) if rows else before.new_zeros((0, len(before)))
         return result.to(torch.float64).cpu().numpy()
-
-    def _eval_targets(self, X_eval: Any, y_eval: Any) -> tuple:
-        if X_eval is None:
-            raise ValueError("loss_change needs X_eval, the evaluation inputs.")
-        return self._targets_for(X_eval, y_eval, what="X_eval")[:2]
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.required = True
-        return tags
 

@@ -82,6 +82,9 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         As for :class:`~sklinfluence.LOOEstimator`.
     X_eval_, T_eval_ : Tensor
         The evaluation set ``E`` (default: the training rows).
+    rungs_ : list of str
+        Names of the six rungs, in ladder order (the columns of
+        :meth:`rung_losses` and :meth:`rung_scores`).
     responder_ : Responder
         Computes and memoises every rung's responses.
 
@@ -90,7 +93,9 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
     Rungs 4 and 5 are evaluated as the network at ``θˢ + Δθ`` (SPEC §3's
     choice). Every removal uses ``ε = 1/N``, the weight that retraining
     removes. :meth:`rung_responses` and :meth:`rung_losses` give each rung's
-    own result, not just the differences.
+    own result, not just the differences, and :meth:`rung_scores` each rung's
+    self-influence; ``responder_.timings`` records the wall time of every
+    response computed.
 
     References
     ----------
@@ -166,6 +171,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         self : Decomposer
         """
         self._fit_net(X, y)
+        self.rungs_ = [r.name for r in LADDER]
         self.responder_ = Responder(self._context(
             curvature=self.curvature, solver=self.solver, tol=self.tol, max_iter=self.max_iter,
             pbrf_tol=self.pbrf_tol, pbrf_max_iter=self.pbrf_max_iter,
@@ -180,11 +186,12 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
             self.T_eval_ = None
         return self
 
-    def _thetas(self, X: Any, y: Any) -> torch.Tensor:
-        """Parameters of every rung for every sample, shape ``(n, 6, P)``."""
+    def _thetas(self, X: Any, y: Any) -> tuple:
+        """Samples, targets and every rung's parameters, shape ``(n, 6, P)``."""
+        check_is_fitted(self, "responder_")
         Xt, Tt, index = self._targets_for(X, y)
         deltas = [self.responder_.param_change(r, Xt, Tt, index) for r in LADDER]
-        return self.model_.params + torch.stack(deltas, dim=1)
+        return Xt, Tt, self.model_.params + torch.stack(deltas, dim=1)
 
     def rung_responses(self, X: Any, y: Any = None) -> dict:
         """Each rung's parameter response ``θ_k − θˢ`` to removing each sample.
@@ -201,8 +208,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         dict of str to ndarray of shape (n_samples, n_params)
             Keyed by rung name, in ladder order.
         """
-        check_is_fitted(self, "responder_")
-        deltas = (self._thetas(X, y) - self.model_.params).to(torch.float64).cpu().numpy()
+        deltas = (self._thetas(X, y)[2] - self.model_.params).to(torch.float64).cpu().numpy()
         return {r.name: deltas[:, k] for k, r in enumerate(LADDER)}
 
     def rung_losses(self, X: Any, y: Any = None) -> np.ndarray:
@@ -223,12 +229,40 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         check_is_fitted(self, "responder_")
         if self.T_eval_ is None:
             raise ValueError("rung_losses needs evaluation targets: fit with y_eval.")
-        thetas = self._thetas(X, y)
+        thetas = self._thetas(X, y)[2]
         with torch.no_grad():
             q = torch.stack([torch.stack([self.model_.losses(th, self.X_eval_, self.T_eval_).mean()
                                           for th in row]) for row in thetas]) \
                 if len(thetas) else thetas.new_zeros((0, len(LADDER)))
         return q.to(torch.float64).cpu().numpy()
+
+    def rung_scores(self, X: Any, y: Any = None) -> np.ndarray:
+        """Each rung's self-influence: ``L_m(θ_k) − L_m(θˢ)``, shape ``(n_samples, 6)``.
+
+        The per-rung counterpart of the estimators' ``score_samples`` (rungs 4
+        and 5 evaluated at ``θˢ + Δθ``), for comparing how the rungs rank the
+        same samples. Positive = removing the sample increases its own loss.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows to remove.
+        y : array-like, default=None
+            Their targets (``None``: looked up).
+
+        Returns
+        -------
+        ndarray of shape (n_samples, 6)
+            Columns in ladder order (cold-start LOO … influence).
+        """
+        Xt, Tt, thetas = self._thetas(X, y)
+        model = self.model_
+        with torch.no_grad():
+            before = model.losses(model.params, Xt, Tt)
+            after = torch.stack([torch.stack([model.losses(th, Xt[i:i + 1], Tt[i:i + 1])[0]
+                                              for th in row]) for i, row in enumerate(thetas)]) \
+                if len(thetas) else thetas.new_zeros((0, len(LADDER)))
+        return (after - before[:, None]).to(torch.float64).cpu().numpy()
 
     def transform(self, X: Any, y: Any = None) -> np.ndarray:
         """The five terms for each removed sample.
@@ -246,10 +280,9 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
             Columns ``warm_start_gap, proximity_gap, non_convergence_gap,
             linearization_error, solver_error`` (see ``metric``).
         """
-        check_is_fitted(self, "responder_")
         if self.metric == "loss":
             return np.diff(self.rung_losses(X, y), axis=1)
-        thetas = self._thetas(X, y)
+        thetas = self._thetas(X, y)[2]
         with torch.no_grad():
             rows = []
             for row in thetas:

@@ -8,7 +8,7 @@ from typing import Any
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval
 
-from .base import BaseResponseEstimator
+from .base import BaseResponseEstimator, RungViewMixin
 from .response import Responder, Rung, rung
 
 __all__ = ["PBRFEstimator", "LOOEstimator"]
@@ -19,7 +19,7 @@ def warm_start_epochs(net: Any, fraction: float) -> int:
     return max(1, int(round(fraction * int(net.max_epochs))))
 
 
-class PBRFEstimator(BaseResponseEstimator):
+class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
     """Proximal Bregman response function: what influence functions approximate.
 
     For each removed sample ``z_m`` it minimises, from the trained ``θˢ``,
@@ -132,7 +132,7 @@ class PBRFEstimator(BaseResponseEstimator):
         return rung("pbrf")
 
 
-class LOOEstimator(BaseResponseEstimator):
+class LOOEstimator(RungViewMixin, BaseResponseEstimator):
     """Leave-one-out retraining with the net's own recipe (rungs 0–2).
 
     For each removed training sample a clone of the net is trained, with the
@@ -144,8 +144,10 @@ class LOOEstimator(BaseResponseEstimator):
       ``max_epochs`` — true leave-one-out;
     - ``warm_start=True`` (rung 1): from the trained ``θˢ``, for
       ``warm_start_fraction × max_epochs`` epochs;
-    - ``warm_start=True, proximal=True`` (rung 2): the same with
-      ``(λ/2)‖θ − θˢ‖²`` (``λ`` = ``damping``) added to the objective.
+    - ``proximal=True`` (rung 2): the warm start with ``(λ/2)‖θ − θˢ‖²``
+      (``λ`` = ``damping``) added to the objective. It always starts at
+      ``θˢ`` — the proximity term is centred there — whatever ``warm_start``
+      says.
 
     Parameters
     ----------
@@ -153,9 +155,11 @@ class LOOEstimator(BaseResponseEstimator):
         The recipe. Cold start needs the unfitted net (a frozen one has no
         recorded ``θ⁰``); warm start works with either.
     warm_start : bool, default=False
-        Continue from ``θˢ`` instead of retraining from ``θ⁰``.
+        Reuse the fitted solution ``θˢ`` as the start of every retraining
+        instead of the original initialisation ``θ⁰`` (scikit-learn's meaning
+        of ``warm_start``, applied to the leave-one-out refits).
     proximal : bool, default=False
-        Add the proximity term (requires ``warm_start=True``).
+        Proximal warm start (rung 2); implies starting at ``θˢ``.
     damping : float, default=1e-3
         ``λ`` of the proximity term (used only when ``proximal=True``).
     warm_start_fraction : float, default=0.5
@@ -245,17 +249,12 @@ class LOOEstimator(BaseResponseEstimator):
         -------
         self : LOOEstimator
         """
-        if self.proximal and not self.warm_start:
-            raise ValueError(
-                "proximal=True is the proximal warm start (rung 2): it starts at θˢ. Set "
-                "warm_start=True as well, or proximal=False for cold-start LOO."
-            )
         self._fit_net(X, y)
         self.responder_ = Responder(self._context(
             warm_start_epochs=warm_start_epochs(self.net_, self.warm_start_fraction)))
         return self
 
     def _rung(self) -> Rung:
-        if not self.warm_start:
-            return rung("cold_start_loo")
-        return rung("proximal" if self.proximal else "warm_start")
+        if self.proximal:
+            return rung("proximal")
+        return rung("warm_start" if self.warm_start else "cold_start_loo")

@@ -10,7 +10,7 @@ import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from .base import BaseResponseEstimator
+from .base import BaseResponseEstimator, RungViewMixin
 from .curvature import CURVATURES
 from .response import Responder, Rung, rung
 from .solvers import SOLVERS
@@ -18,7 +18,7 @@ from .solvers import SOLVERS
 __all__ = ["InfluenceEstimator"]
 
 
-class InfluenceEstimator(BaseResponseEstimator):
+class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
     """Influence-function estimate of the effect of removing training samples.
 
     Linearises the training objective around the trained parameters ``θˢ``:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator, minres
+from scipy.sparse.linalg import LinearOperator, eigsh, minres
 from torch import Tensor
 from torch.func import grad, vjp
 
@@ -64,6 +64,28 @@ class ResponseObjective:
         _, pullback = vjp(grad(self), self.theta_s)
         curvature = float(pullback(self.theta_s)[0].norm())
         return 10.0 * torch.finfo(self.theta_s.dtype).eps * curvature
+
+    def lowest_curvature(self) -> float:
+        """Smallest eigenvalue of the objective's Hessian at ``θˢ`` (Lanczos).
+
+        Negative when ``−ε L_m`` outweighs the curvature plus damping: the
+        objective is then not convex at ``θˢ`` and may have no minimiser near
+        it. Costs a few dozen Hessian-vector products; used to explain a
+        failed solve.
+        """
+        theta = self.theta_s
+        _, pullback = vjp(grad(self), theta)
+        P = theta.numel()
+
+        def hessp(v: np.ndarray) -> np.ndarray:
+            out = pullback(torch.as_tensor(v, dtype=theta.dtype, device=theta.device))[0]
+            return out.detach().cpu().numpy().astype(np.float64)
+
+        H = LinearOperator((P, P), matvec=hessp, dtype=np.float64)
+        if P <= 2:
+            dense = np.column_stack([hessp(e) for e in np.eye(P)])
+            return float(np.linalg.eigvalsh(0.5 * (dense + dense.T))[0])
+        return float(eigsh(H, k=1, which="SA", return_eigenvectors=False, tol=1e-6)[0])
 
     def __call__(self, theta: Tensor) -> Tensor:
         model, diff = self.model, theta - self.theta_s

@@ -138,11 +138,14 @@ class Responder:
 
     ``last_info`` holds per-sample diagnostics of the latest call: wall time,
     and for ``minimize`` rungs the final and initial gradient norms and the
-    iterations.
+    iterations. ``timings`` maps each rung name to the wall times of every
+    response computed so far (one per removed sample; one per call for the
+    batched ``linear`` rungs).
     """
 
     context: ResponseContext
     last_info: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
     _solvers: dict = field(default_factory=dict, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
 
@@ -169,6 +172,7 @@ class Responder:
             grads = ctx.model.per_sample_grads(ctx.model.params, X, T, ctx.batch_size)
             delta = ctx.epsilon * self.solver(r.exact).solve(grads).to(ctx.model.dtype)
             self.last_info = {"rung": r.name, "seconds": time.perf_counter() - start}
+            self.timings.setdefault(r.name, []).append(self.last_info["seconds"])
             return delta
         if r.method == "retrain" and np.any(index < 0):
             raise ValueError(
@@ -181,12 +185,13 @@ class Responder:
             key = (r.name, X[i].cpu().numpy().tobytes(), T[i].cpu().numpy().tobytes())
             if key not in self._memo:
                 self._memo[key] = self._one(r, X[i], T[i], int(index[i]))
+                self.timings.setdefault(r.name, []).append(self._memo[key][1]["seconds"])
             delta, info = self._memo[key]
             rows.append(delta)
             infos.append(info)
+        keys = dict.fromkeys(k for info in infos for k in info)
         self.last_info = {"rung": r.name,
-                          **{k: np.array([info[k] for info in infos]) for k in infos[0]}} \
-            if infos else {"rung": r.name}
+                          **{k: np.array([info.get(k, np.nan) for info in infos]) for k in keys}}
         if not rows:
             return ctx.model.params.new_zeros((0, ctx.model.n_params))
         return torch.stack(rows)
@@ -201,12 +206,19 @@ class Responder:
             info = {"grad_norm": result.grad_norm, "initial_grad_norm": result.initial_grad_norm,
                     "n_iter": result.n_iter, "converged": result.converged}
             if not result.converged:
+                lowest = objective.lowest_curvature()
+                info["lowest_curvature"] = lowest
+                advice = (f" Its Hessian at θˢ has a negative eigenvalue {lowest:.3e}: the "
+                          "removal term outweighs curvature plus damping, so the objective is "
+                          "not convex there and may have no minimiser near θˢ; damping above "
+                          f"{ctx.damping - lowest:.3e} makes it convex."
+                          if lowest < 0 else " Increase max_iter.")
+                where = f"training row {m}" if m >= 0 else "a sample"
                 warnings.warn(
-                    f"the {r.name} solve for training row {m} stopped after {result.n_iter} "
+                    f"the {r.name} solve for {where} stopped after {result.n_iter} "
                     f"iterations with gradient norm {result.grad_norm:.3e} (initial "
-                    f"{result.initial_grad_norm:.3e}, target {ctx.pbrf_tol:g} × initial). "
-                    "Increase max_iter or damping.",
-                    ConvergenceWarning, stacklevel=4,
+                    f"{result.initial_grad_norm:.3e}, target {ctx.pbrf_tol:g} × initial)."
+                    + advice, ConvergenceWarning, stacklevel=4,
                 )
             return result.theta - theta_s, {**info, "seconds": time.perf_counter() - start}
         # retrain with the recipe on the N - 1 remaining rows

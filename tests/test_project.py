@@ -36,3 +36,30 @@ def test_quickstart_prints_its_three_tables():
         assert title in result.stdout
     assert len(re.findall(r"^\s+10\s+\d+\s+\d\s+-?\d\.\d{3}e[+-]\d\d$", result.stdout,
                           re.MULTILINE)) == 3
+
+
+@pytest.mark.slow
+def test_decompose_example_prints_the_five_terms_and_agreements():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "decompose_mlp.py"),
+                             "--n-removed", "4", "--n-train", "200", "--epochs", "10"],
+                            capture_output=True, text=True, timeout=300,
+                            env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    for name in ("warm_start_gap", "proximity_gap", "non_convergence_gap",
+                 "linearization_error", "solver_error", "IF vs pbrf: Spearman",
+                 "IF vs cold_start_loo: Spearman", "Wall time per removed sample"):
+        assert name in result.stdout
+
+
+@pytest.mark.slow
+def test_readme_usage_snippet_runs():
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    snippet = re.findall(r"```python\n(.+?)```", (ROOT / "README.md").read_text(), re.S)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        namespace: dict = {}
+        exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["dec"].transform(namespace["X"][:2]).shape == (2, 5)
