@@ -1,7 +1,8 @@
 """What every sklinfluence estimator shares: fitting the net, targets, row look-up.
 
-:class:`BaseResponseEstimator` turns ``fit(X, y)`` into a trained skorch net
-(``net_``), its :class:`~sklinfluence.functional.FunctionalModel`
+:class:`BaseResponseEstimator` turns ``fit(X, y)`` into a trained model
+(``net_``: a skorch net or a scikit-learn linear model, through
+:mod:`sklinfluence.adapters`), its :class:`~sklinfluence.functional.FunctionalModel`
 (``model_``) and the training tensors, and maps samples given to the scoring
 methods to network targets — looking them up among the training rows when no
 ``y`` is given (what a :class:`~sklearn.pipeline.Pipeline` needs).
@@ -14,60 +15,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, clone
-from sklearn.frozen import FrozenEstimator
+from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .functional import FunctionalModel
-from .losses import SUPPORTED_CRITERIA
+from .adapters import make_adapter
 from .response import ResponseContext, Rung
-from .retrain import get_flat_params, initialize_net, module_dtype
 
 __all__ = ["BaseResponseEstimator", "RungViewMixin"]
 
-_INDEX_CRITERIA = ("CrossEntropyLoss", "NLLLoss")
-# Tolerance for the check that the functional loss reproduces net.get_loss.
-_LOSS_MATCH_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2,
-                    torch.bfloat16: 1e-2}
-
-
-def _criterion_name(net: Any) -> str:
-    criterion = getattr(net, "criterion_", None) or getattr(net, "criterion", None)
-    if criterion is None:
-        raise TypeError(
-            f"net must be a skorch NeuralNet (NeuralNetRegressor, NeuralNetClassifier, "
-            f"NeuralNetBinaryClassifier), got {type(net).__name__}."
-        )
-    return criterion.__name__ if isinstance(criterion, type) else type(criterion).__name__
-
-
-def _target_kind(net: Any) -> str:
-    """``"index"`` (class ids), ``"binary"`` (0/1 floats) or ``"float"``."""
-    from skorch import NeuralNet, NeuralNetBinaryClassifier
-
-    if not isinstance(net, NeuralNet):
-        raise TypeError(
-            "net must be a skorch NeuralNet (NeuralNetRegressor, NeuralNetClassifier, "
-            f"NeuralNetBinaryClassifier) or FrozenEstimator(fitted_net), got "
-            f"{type(net).__name__}."
-        )
-    name = _criterion_name(net)
-    if name not in SUPPORTED_CRITERIA:
-        raise ValueError(
-            f"criterion {name} is not supported; supported criteria are "
-            f"{', '.join(SUPPORTED_CRITERIA)} (torch.nn, reduction='mean')."
-        )
-    if name in _INDEX_CRITERIA:
-        return "index"
-    if name == "BCEWithLogitsLoss" and isinstance(net, NeuralNetBinaryClassifier):
-        return "binary"
-    return "float"
-
-
 class BaseResponseEstimator(BaseEstimator):
-    """Base class: fits (or adopts) a skorch net and prepares its functional model.
+    """Base class: fits (or adopts) the model and prepares its functional model.
 
     Subclasses build ``responder_`` (:mod:`sklinfluence.response`) in
     ``fit``; the estimators that are views of one rung also mix in
@@ -91,45 +50,34 @@ class BaseResponseEstimator(BaseEstimator):
                 "epsilon must be non-zero: 1/N removes one sample's share, -1/N adds "
                 "one; got 0. Leave epsilon=None for 1/N."
             )
-        frozen = isinstance(self.net, FrozenEstimator)
-        net = self.net.estimator if frozen else self.net
-        kind = _target_kind(net)
-        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=kind == "float",
-                             multi_output=kind == "float")
+        adapter = make_adapter(self.net)
+        X, y = validate_data(self, X, y, dtype=np.float64,
+                             y_numeric=adapter.target_kind == "float",
+                             multi_output=adapter.target_kind == "float")
         if X.shape[0] < 2:
             raise ValueError(f"fit needs at least 2 samples, got n_samples={X.shape[0]}.")
-        self._target_kind = kind
-        if kind == "index":
-            self.classes_ = self._classes_for(net if frozen else None, y)
-        elif kind == "binary":
-            self.classes_ = self._binary_classes(y)
+        if adapter.target_kind != "float":
+            if y.ndim != 1:
+                raise ValueError(f"class labels must be 1-D, got y with shape {y.shape}.")
+            known = adapter.known_classes()
+            self.classes_ = known if known is not None else np.unique(y)
+            if hasattr(adapter, "resolve_target_kind"):
+                adapter.resolve_target_kind(self.classes_)
+            if adapter.target_kind == "binary":
+                self.classes_ = self._binary_classes(self.classes_)
+        self._target_kind = adapter.target_kind
         encoded = self._encode(y)
 
-        # The seed of the net's own fit; retraining (cold-start LOO) reuses it.
+        # The seed of the model's own fit; retraining (cold-start LOO) reuses it.
         if self.random_state is None:
             self.seed_ = int(torch.randint(np.iinfo(np.int32).max, (1,)))
         else:
             self.seed_ = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        if frozen:
-            if not getattr(net, "initialized_", False):
-                raise ValueError(
-                    "FrozenEstimator(net) needs an already fitted net; call net.fit "
-                    "first or pass the unfitted net to let the estimator train it."
-                )
-            fitted = net
-            self.initial_params_ = None
-        else:
-            fitted = clone(net).set_params(train_split=None)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed_)
-                initialize_net(fitted, X)
-                self.initial_params_ = get_flat_params(fitted.module_).clone()
-                fitted.partial_fit(*self._net_data(X, encoded, module_dtype(fitted)))
-        self._recipe = net
-        self.net_ = fitted
-        self.model_ = FunctionalModel.from_net(fitted, weight_decay=self.weight_decay)
+        self.net_, self.initial_params_ = adapter.fit(X, encoded, self.seed_)
+        self._adapter = adapter
+        self.model_ = adapter.functional_model(self.net_, self.weight_decay)
         self.X_train_, self.T_train_ = self._tensors(X, encoded)
-        self._check_loss_matches_net()
+        adapter.check(self.net_, self.model_, self.X_train_, self.T_train_)
         self._row_index = {}
         for i, row in enumerate(X):
             self._row_index.setdefault(row.tobytes(), i)
@@ -138,32 +86,19 @@ class BaseResponseEstimator(BaseEstimator):
 
     def _context(self, **options: Any) -> ResponseContext:
         """The response context of the fitted net; ``options`` set solver details."""
-        dtype = self.model_.dtype
         return ResponseContext(
             model=self.model_, X=self.X_train_, T=self.T_train_, epsilon=self.epsilon_,
             damping=float(getattr(self, "damping", 0.0)),
-            batch_size=self.batch_size, recipe=self._recipe,
-            recipe_data=self._net_data(self.X_train_.cpu().numpy(),
-                                       self.T_train_.cpu().numpy(), dtype),
+            batch_size=self.batch_size, recipe=self._adapter,
             theta_0=self.initial_params_, seed=self.seed_,
-            max_epochs=int(self.net_.max_epochs), **options,
+            max_epochs=self._adapter.max_epochs(self.net_), **options,
         )
 
     @staticmethod
-    def _classes_for(net: Any, y: np.ndarray) -> np.ndarray:
-        if y.ndim != 1:
-            raise ValueError(f"class labels must be 1-D, got y with shape {y.shape}.")
-        known = getattr(net, "classes_", None) if net is not None else None
-        return np.asarray(known) if known is not None else np.unique(y)
-
-    @staticmethod
-    def _binary_classes(y: np.ndarray) -> np.ndarray:
-        if y.ndim != 1:
-            raise ValueError(f"binary labels must be 1-D, got y with shape {y.shape}.")
-        classes = np.unique(y)
+    def _binary_classes(classes: np.ndarray) -> np.ndarray:
         if len(classes) > 2:
             raise ValueError(
-                f"NeuralNetBinaryClassifier needs at most 2 classes, got {len(classes)}: "
+                f"a binary classifier needs at most 2 classes, got {len(classes)}: "
                 f"{classes[:5]}. Use NeuralNetClassifier with CrossEntropyLoss."
             )
         if np.issubdtype(classes.dtype, np.number) and set(classes.tolist()) <= {0, 1}:
@@ -188,52 +123,12 @@ class BaseResponseEstimator(BaseEstimator):
             )
         return index.astype(np.float64 if self._target_kind == "binary" else np.int64)
 
-    @staticmethod
-    def _net_data(X: np.ndarray, encoded: np.ndarray, dtype: torch.dtype) -> tuple:
-        """Inputs and targets as numpy arrays in the module's dtype, for ``net.fit``."""
-        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        targets = encoded if encoded.dtype == np.int64 else encoded.astype(np_dtype)
-        return X.astype(np_dtype), targets
-
     def _tensors(self, X: np.ndarray, encoded: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies (never views of the caller's arrays) in the model's dtype/device."""
         model = self.model_
         Xt = torch.tensor(X, dtype=model.dtype, device=model.device)
         t_dtype = torch.int64 if encoded.dtype == np.int64 else model.dtype
         return Xt, torch.tensor(encoded, dtype=t_dtype, device=model.device)
-
-    def _check_loss_matches_net(self) -> None:
-        """Refuse a net whose ``get_loss`` does something the model does not mirror."""
-        net, model = self.net_, self.model_
-        X, T = self.X_train_[:16], self.T_train_[:16]
-        module = net.module_
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                y_pred = net.infer(X)
-                expected = float(net.get_loss(y_pred, T, X=X, training=False))
-                ours = float(model.losses(model.params, X, T).mean())
-        finally:
-            module.train(was_training)
-        if not np.isfinite(expected):
-            hint = (" NeuralNetClassifier's default NLLLoss expects the module to output "
-                    "probabilities (end it with Softmax) — or pass "
-                    "criterion=torch.nn.CrossEntropyLoss for logits."
-                    if model.loss.name == "NLLLoss" else "")
-            raise ValueError(
-                f"the trained net's {model.loss.name} on the training rows is "
-                f"{expected!r}, not a finite number; influence needs a finite loss.{hint}"
-            )
-        rtol = _LOSS_MATCH_RTOL.get(model.dtype, 1e-4)
-        if not np.isclose(ours, expected, rtol=rtol, atol=rtol):
-            raise ValueError(
-                f"the net's get_loss gives {expected!r} on the first training rows but "
-                f"the {model.loss.name} per-sample losses average to {ours!r}: the net "
-                "computes its loss in a way sklinfluence does not model (an overridden "
-                "get_loss?). Use a stock skorch net with one of the criteria "
-                f"{', '.join(SUPPORTED_CRITERIA)}."
-            )
 
     # -------------------------------------------------------------- samples
     def _targets_for(self, X: Any, y: Any, *, what: str = "X") -> tuple:

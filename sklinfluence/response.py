@@ -42,7 +42,6 @@ from torch import Tensor
 from .curvature import Curvature
 from .functional import FunctionalModel
 from .pbrf import ResponseObjective, minimize_response
-from .retrain import retrain
 from .solvers import make_solver
 
 __all__ = ["Rung", "LADDER", "TERMS", "ResponseContext", "Responder", "rung"]
@@ -98,10 +97,9 @@ class ResponseContext:
         Curvature and solver of the ``influence`` rung (CG ``tol``/``max_iter``).
     pbrf_tol, pbrf_max_iter
         Relative gradient tolerance and iteration cap of ``minimize`` rungs.
-    recipe : skorch.NeuralNet or None
-        The net whose recipe ``retrain`` rungs run (cloned).
-    recipe_data : tuple of ndarray or None
-        ``(X, y)`` as ``recipe.fit`` takes them, for all N training rows.
+    recipe : adapter or None
+        The model adapter (:mod:`sklinfluence.adapters`) whose ``retrain``
+        runs the ``retrain`` rungs.
     theta_0 : Tensor or None
         Initial parameters ``θ⁰`` of the original fit (cold start).
     seed : int or None
@@ -125,7 +123,6 @@ class ResponseContext:
     pbrf_tol: float = 1e-9
     pbrf_max_iter: int = 200
     recipe: Any = None
-    recipe_data: tuple | None = None
     theta_0: Tensor | None = None
     seed: int | None = None
     max_epochs: int = 0
@@ -221,19 +218,23 @@ class Responder:
                     + advice, ConvergenceWarning, stacklevel=4,
                 )
             return result.theta - theta_s, {**info, "seconds": time.perf_counter() - start}
+        if r.proximal and ctx.recipe.exact_proximal:  # convex baselines: minimise exactly
+            objective = ResponseObjective(ctx.model, ctx.X, ctx.T, theta_s, x, t, ctx.epsilon,
+                                          ctx.damping, bregman=False)
+            result = minimize_response(objective, tol=ctx.pbrf_tol, max_iter=ctx.pbrf_max_iter)
+            return result.theta - theta_s, {"seconds": time.perf_counter() - start}
         # retrain with the recipe on the N - 1 remaining rows
-        if r.start == "initial" and ctx.theta_0 is None:
+        if r.start == "initial" and ctx.theta_0 is None and ctx.recipe.needs_initial_params:
             raise ValueError(
                 "cold-start leave-one-out retrains from the original initialisation θ⁰, "
                 "which a FrozenEstimator net does not record. Pass the unfitted net so the "
                 "estimator trains it, or use warm_start=True."
             )
-        X_np, y_np = ctx.recipe_data
-        keep = np.arange(X_np.shape[0]) != m
-        n = X_np.shape[0]
-        theta = retrain(
-            ctx.recipe, X_np[keep], y_np[keep],
-            start=ctx.theta_0 if r.start == "initial" else theta_s,
+        keep = torch.arange(ctx.X.shape[0], device=ctx.X.device) != m
+        n = int(ctx.X.shape[0])
+        theta = ctx.recipe.retrain(
+            ctx.X[keep], ctx.T[keep],
+            start=ctx.theta_0 if r.start == "initial" and ctx.theta_0 is not None else theta_s,
             seed=ctx.seed,
             max_epochs=ctx.max_epochs if r.start == "initial" else ctx.warm_start_epochs,
             anchor=theta_s,
