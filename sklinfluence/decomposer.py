@@ -175,7 +175,8 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         self.responder_ = Responder(self._context(
             curvature=self.curvature, solver=self.solver, tol=self.tol, max_iter=self.max_iter,
             pbrf_tol=self.pbrf_tol, pbrf_max_iter=self.pbrf_max_iter,
-            warm_start_epochs=warm_start_epochs(self.net_, self.warm_start_fraction)))
+            warm_start_epochs=warm_start_epochs(self._adapter.max_epochs(self.net_),
+                                                self.warm_start_fraction)))
         if X_eval is None:
             self.X_eval_, self.T_eval_ = self.X_train_, self.T_train_
         elif y_eval is not None or self.metric == "loss":

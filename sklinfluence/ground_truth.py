@@ -14,9 +14,9 @@ from .response import Responder, Rung, rung
 __all__ = ["PBRFEstimator", "LOOEstimator"]
 
 
-def warm_start_epochs(net: Any, fraction: float) -> int:
+def warm_start_epochs(max_epochs: int, fraction: float) -> int:
     """Epochs of a retraining from ``θˢ``: ``fraction`` of the net's ``max_epochs``, ≥ 1."""
-    return max(1, int(round(fraction * int(net.max_epochs))))
+    return max(1, int(round(fraction * int(max_epochs))))
 
 
 class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
@@ -251,7 +251,8 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
         """
         self._fit_net(X, y)
         self.responder_ = Responder(self._context(
-            warm_start_epochs=warm_start_epochs(self.net_, self.warm_start_fraction)))
+            warm_start_epochs=warm_start_epochs(self._adapter.max_epochs(self.net_),
+                                                self.warm_start_fraction)))
         return self
 
     def _rung(self) -> Rung:

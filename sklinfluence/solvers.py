@@ -99,11 +99,15 @@ class ExactSolver(_SolverBase):
         if int(info) != 0:
             eigenvalues = torch.linalg.eigvalsh(A)
             lowest = float(eigenvalues[0])
+            advice = (", or use curvature='ggn', which is positive semi-definite"
+                      if curvature.kind == "hessian" else
+                      " (a Gauss–Newton matrix is singular when some parameter direction "
+                      "leaves every output unchanged, e.g. softmax logits shifted by a "
+                      "constant)")
             raise ValueError(
                 f"the damped {curvature.kind} matrix (damping={curvature.damping:g}) is "
                 f"not positive definite: its most negative eigenvalue is {lowest:.3e}. "
-                f"Increase damping above {curvature.damping - lowest:.3e}, or use "
-                "curvature='ggn', which is positive semi-definite."
+                f"Increase damping above {curvature.damping - lowest:.3e}{advice}."
             )
         self._factor = factor
         self.info = {
