@@ -7,12 +7,16 @@ Then What is the Question?", as scikit-learn estimators:
 - :class:`PBRFEstimator` — the proximal Bregman response function (rung 3);
 - :class:`LOOEstimator` — leave-one-out retraining, cold, warm or proximal
   (rungs 0–2);
-- :class:`Decomposer` — the five terms between them.
+- :class:`Decomposer` — the five terms between them;
+- :class:`RemovalSplit` and :func:`agreement_scorer` — grid search of the
+  damping against a ground-truth reference.
 """
 
+from .agreement import RemovalSplit, agreement_scorer
 from .decomposer import Decomposer
 from .ground_truth import LOOEstimator, PBRFEstimator
 from .influence import InfluenceEstimator
 
-__all__ = ["Decomposer", "InfluenceEstimator", "LOOEstimator", "PBRFEstimator"]
+__all__ = ["Decomposer", "InfluenceEstimator", "LOOEstimator", "PBRFEstimator",
+           "RemovalSplit", "agreement_scorer"]
 __version__ = "0.1.0"

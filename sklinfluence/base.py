@@ -21,7 +21,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .adapters import make_adapter
-from .response import ResponseContext, Rung
+from .response import ResponseContext, Rung, rung
 
 __all__ = ["BaseResponseEstimator", "RungViewMixin"]
 
@@ -236,12 +236,16 @@ class RungViewMixin:
             Positive = removing the sample increases its own loss (it helped
             itself).
         """
-        Xt, Tt, delta = self._responses(X, y)
+        return self._own_loss_change(*self._responses(X, y))
+
+    def _own_loss_change(self, X: torch.Tensor, T: torch.Tensor,
+                         delta: torch.Tensor) -> np.ndarray:
+        """``L_m(θˢ + Δθ_m) − L_m(θˢ)`` for each row ``m``."""
         model, theta = self.model_, self.model_.params
         with torch.no_grad():
-            after = torch.stack([model.losses(theta + d, Xt[i:i + 1], Tt[i:i + 1])[0]
+            after = torch.stack([model.losses(theta + d, X[i:i + 1], T[i:i + 1])[0]
                                  for i, d in enumerate(delta)]) if len(delta) else delta[:, 0]
-            before = model.losses(theta, Xt, Tt)
+            before = model.losses(theta, X, T)
         return (after - before).to(torch.float64).cpu().numpy()
 
     def loss_change(self, X: Any, y: Any = None, X_eval: Any = None,
@@ -274,3 +278,38 @@ class RungViewMixin:
         result = torch.stack(rows) if rows else before.new_zeros((0, len(before)))
         return result.to(torch.float64).cpu().numpy()
 
+    def score(self, X: Any, y: Any = None, *, reference: str = "loo",
+              metric: str = "spearman") -> float:
+        """Agreement of ``score_samples`` with a ground-truth response.
+
+        Rates how well this estimator's scores on the given training samples
+        rank like a reference response on the same samples — what
+        ``GridSearchCV`` maximises (use :class:`~sklinfluence.RemovalSplit`
+        as ``cv``). The reference is computed on this estimator's own fitted
+        net.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training samples to remove (at least 2).
+        y : array-like, default=None
+            Their targets; ``None`` looks them up.
+        reference : {"loo", "warm_start", "proximal", "pbrf"}, default="loo"
+            Cold-start leave-one-out, warm start, proximal warm start, or the
+            PBRF (the last two at this estimator's damping).
+        metric : {"spearman", "pearson", "kendall"}, default="spearman"
+            Agreement measure.
+
+        Returns
+        -------
+        float
+            Higher is better; ``nan`` when either set of scores is constant.
+        """
+        from .agreement import REFERENCES, agreement
+
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {sorted(REFERENCES)}, got {reference!r}")
+        Xt, Tt, index = self._targets_for(X, y)
+        estimate = self.score_samples(X, y)
+        delta = self.responder_.param_change(rung(REFERENCES[reference]), Xt, Tt, index)
+        return agreement(estimate, self._own_loss_change(Xt, Tt, delta), metric)

@@ -151,6 +151,10 @@ class LinearAdapter:
             raise ValueError(f"the torch model of {type(fitted).__name__} does not reproduce "
                              "its predictions; this is a bug in sklinfluence.")
 
+    def recipe_key(self) -> str:
+        """A stable description of the refit (for the response cache)."""
+        return repr(self.est.get_params(deep=False))
+
     def retrain(self, X: Tensor, T: Tensor, *, start: Tensor, seed: int | None,
                 max_epochs: int, anchor: Tensor, proximity: float) -> Tensor:
         """scikit-learn's refit on ``(X, T)`` (start, seed and epochs do not apply)."""

@@ -29,8 +29,10 @@ Gauss–Newton solve (rung 4) or with the estimator's own curvature and solver
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +46,8 @@ from .functional import FunctionalModel
 from .pbrf import ResponseObjective, minimize_response
 from .solvers import make_solver
 
-__all__ = ["Rung", "LADDER", "TERMS", "ResponseContext", "Responder", "rung"]
+__all__ = ["Rung", "LADDER", "TERMS", "ResponseContext", "Responder", "ResponseCache",
+           "RESPONSE_CACHE", "rung"]
 
 
 @dataclass(frozen=True)
@@ -129,9 +132,54 @@ class ResponseContext:
     warm_start_epochs: int = 0
 
 
+class ResponseCache:
+    """In-process LRU of computed responses, bounded by the bytes it holds.
+
+    Keys are :meth:`Responder.rung_key` digests plus the removed sample, so
+    a response is reused only where it would be recomputed identically —
+    across calls, estimators and grid-search candidates in one process.
+    ``clear()`` empties it; ``max_bytes=0`` disables it.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple) -> tuple | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: tuple, value: tuple) -> None:
+        size = value[0].numel() * value[0].element_size()
+        if size > self.max_bytes:
+            return
+        self._items[key] = value
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, (old, _) = self._items.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+#: The process-wide response cache (see :class:`ResponseCache`).
+RESPONSE_CACHE = ResponseCache()
+
+
 @dataclass
 class Responder:
-    """Computes (and memoises) parameter responses ``θ_after − θˢ`` for any rung.
+    """Computes parameter responses ``θ_after − θˢ`` for any rung.
+
+    Non-linear rungs are computed one removed sample at a time and kept in
+    :data:`RESPONSE_CACHE`.
 
     ``last_info`` holds per-sample diagnostics of the latest call: wall time,
     and for ``minimize`` rungs the final and initial gradient norms and the
@@ -144,7 +192,38 @@ class Responder:
     last_info: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     _solvers: dict = field(default_factory=dict, repr=False)
-    _memo: dict = field(default_factory=dict, repr=False)
+    _keys: dict = field(default_factory=dict, repr=False)
+
+    def rung_key(self, r: Rung) -> str:
+        """Digest of everything that determines rung ``r``'s responses.
+
+        Trained and initial parameters, training data, loss, architecture, ε,
+        and per rung what it uses (damping, recipe, seed and epochs, solver
+        tolerances). Two estimators with equal keys (e.g. clones in a grid
+        search that differ in an unrelated parameter) share responses
+        through :data:`RESPONSE_CACHE`.
+        """
+        if r.name not in self._keys:
+            ctx = self.context
+            digest = hashlib.sha256()
+            tensors = [ctx.model.params, ctx.X, ctx.T, ctx.model.weight_decay]
+            if r.method == "retrain" and r.start == "initial" and ctx.theta_0 is not None:
+                tensors.append(ctx.theta_0)
+            for tensor in tensors:
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            parts: list = [r, ctx.epsilon, repr(ctx.model.module), repr(ctx.model.loss._fn)]
+            if r.proximal or r.method == "linear":
+                parts.append(ctx.damping)
+            if r.method == "minimize" or (r.proximal and ctx.recipe.exact_proximal):
+                parts += [ctx.pbrf_tol, ctx.pbrf_max_iter]
+            if r.method == "retrain":
+                epochs = ctx.max_epochs if r.start == "initial" else ctx.warm_start_epochs
+                parts += [ctx.seed, epochs, ctx.recipe.recipe_key()]
+            if r.method == "linear":
+                parts += [r.exact, ctx.curvature, ctx.solver, ctx.tol, ctx.max_iter]
+            digest.update(repr(parts).encode())
+            self._keys[r.name] = digest.hexdigest()
+        return self._keys[r.name]
 
     def solver(self, exact: bool = False):
         """The (cached) linear solver of the exact rung or of the configured one."""
@@ -178,12 +257,15 @@ class Responder:
                 "training rows (with these targets)."
             )
         rows, infos = [], []
+        rung_key = self.rung_key(r)
         for i in range(X.shape[0]):
-            key = (r.name, X[i].cpu().numpy().tobytes(), T[i].cpu().numpy().tobytes())
-            if key not in self._memo:
-                self._memo[key] = self._one(r, X[i], T[i], int(index[i]))
-                self.timings.setdefault(r.name, []).append(self._memo[key][1]["seconds"])
-            delta, info = self._memo[key]
+            key = (rung_key, X[i].cpu().numpy().tobytes(), T[i].cpu().numpy().tobytes())
+            found = RESPONSE_CACHE.get(key)
+            if found is None:
+                found = self._one(r, X[i], T[i], int(index[i]))
+                RESPONSE_CACHE.put(key, found)
+                self.timings.setdefault(r.name, []).append(found[1]["seconds"])
+            delta, info = found
             rows.append(delta)
             infos.append(info)
         keys = dict.fromkeys(k for info in infos for k in info)

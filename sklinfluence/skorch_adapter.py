@@ -128,6 +128,23 @@ class SkorchAdapter:
                 f"{', '.join(SUPPORTED_CRITERIA)}."
             )
 
+    def recipe_key(self) -> str:
+        """A stable description of the training recipe (for the response cache).
+
+        Parameter values whose ``repr`` is an object address are described by
+        their type; ``train_split`` and ``verbose`` do not change retraining.
+        """
+        params = self.net.get_params(deep=False)
+        described = {}
+        for name, value in sorted(params.items()):
+            if name in ("train_split", "verbose"):
+                continue
+            text = repr(value)
+            described[name] = type(value).__qualname__ if " at 0x" in text else text
+        if self.frozen:
+            described["frozen_module"] = repr(self.net.module_)
+        return f"{type(self.net).__qualname__}{described}"
+
     def retrain(self, X: Tensor, T: Tensor, *, start: Tensor, seed: int | None,
                 max_epochs: int, anchor: Tensor, proximity: float) -> Tensor:
         """The net's recipe on ``(X, T)`` from ``start`` (see :func:`~.retrain.retrain`)."""
