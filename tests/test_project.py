@@ -63,3 +63,20 @@ def test_readme_usage_snippet_runs():
         namespace: dict = {}
         exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["dec"].transform(namespace["X"][:2]).shape == (2, 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, expected", [
+    ("grid_search_damping.py", ["--n-train", "120", "--n-remove", "6", "--plot", ""],
+     ["reference leave-one-out: best damping", "reference PBRF: best damping"]),
+    ("linear_vs_mlp.py", ["--n-train", "80", "--n-removed", "6", "--epochs", "10",
+                          "--plot", ""],
+     ["LogisticRegression(C=1)", "MLP 30-32-32-1", "IF–PBRF Spearman"]),
+])
+def test_sklearn_examples_run(script, args, expected):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
+                            capture_output=True, text=True, timeout=300,
+                            env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    for text in expected:
+        assert text in result.stdout
