@@ -67,16 +67,20 @@ def test_readme_usage_snippet_runs():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, args, expected", [
-    ("grid_search_damping.py", ["--n-train", "120", "--n-remove", "6", "--plot", ""],
+    ("grid_search_damping.py", ["--n-train", "120", "--n-remove", "6"],
      ["reference leave-one-out: best damping", "reference PBRF: best damping"]),
-    ("linear_vs_mlp.py", ["--n-train", "80", "--n-removed", "6", "--epochs", "10",
-                          "--plot", ""],
+    ("linear_vs_mlp.py", ["--n-train", "80", "--n-removed", "6", "--epochs", "10"],
      ["LogisticRegression(C=1)", "MLP 30-32-32-1", "IF–PBRF Spearman"]),
+    ("decompose_mlp.py", ["--n-removed", "3", "--n-train", "150", "--epochs", "5"],
+     ["warm_start_gap", "IF vs pbrf: Spearman"]),
 ])
-def test_sklearn_examples_run(script, args, expected):
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
+def test_examples_run_and_write_their_plots(script, args, expected, tmp_path):
+    plot = tmp_path / "plot.png"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args,
+                             "--plot", str(plot)],
                             capture_output=True, text=True, timeout=300,
                             env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert result.returncode == 0, result.stderr
     for text in expected:
         assert text in result.stdout
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
