@@ -21,6 +21,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .adapters import make_adapter
+from .execution import resolve_memory
 from .response import ResponseContext, Rung, rung
 
 __all__ = ["BaseResponseEstimator", "RungViewMixin"]
@@ -40,6 +41,12 @@ class BaseResponseEstimator(BaseEstimator):
         "weight_decay": [StrOptions({"auto"}), Interval(Real, 0, None, closed="left")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
+    }
+    #: Constraints of the ground-truth estimators' execution parameters.
+    _execution_constraints: dict = {
+        "n_jobs": [None, Integral],
+        "memory": "no_validation",  # checked by resolve_memory
+        "verbose": ["verbose"],
     }
 
     # ------------------------------------------------------------------ fit
@@ -91,7 +98,10 @@ class BaseResponseEstimator(BaseEstimator):
             damping=float(getattr(self, "damping", 0.0)),
             batch_size=self.batch_size, recipe=self._adapter,
             theta_0=self.initial_params_, seed=self.seed_,
-            max_epochs=self._adapter.max_epochs(self.net_), **options,
+            max_epochs=self._adapter.max_epochs(self.net_),
+            n_jobs=getattr(self, "n_jobs", None),
+            store=resolve_memory(getattr(self, "memory", None)),
+            verbose=int(getattr(self, "verbose", 0)), **options,
         )
 
     @staticmethod

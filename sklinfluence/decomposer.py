@@ -73,6 +73,17 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         Newton iterations per PBRF solve.
     batch_size : int, default=None
         Samples per batch for per-sample gradients and curvature products.
+    n_jobs : int, default=None
+        joblib workers over removed samples (``None``: 1 unless in a
+        ``joblib.parallel_config`` context; ``-1``: all cores). Each worker
+        uses one torch thread. ``with joblib.parallel_config(backend="dask")``
+        runs the work on a Dask cluster.
+    memory : str, path or joblib.Memory, default=None
+        Directory where each removed sample's finished response is saved as
+        it completes, keyed by everything that determines it; a killed run
+        restarted with the same ``memory`` recomputes only what is missing.
+    verbose : int, default=0
+        > 0 shows a progress bar over removed samples.
     random_state : int, RandomState instance or None, default=None
         Seeds the original fit; the retrainings reuse its seed.
 
@@ -121,6 +132,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
     _parameter_constraints: dict = {
         **{k: v for k, v in BaseResponseEstimator._parameter_constraints.items()
            if k != "epsilon"},
+        **BaseResponseEstimator._execution_constraints,
         "solver": [StrOptions(set(SOLVERS))],
         "curvature": [StrOptions(set(CURVATURES))],
         "metric": [StrOptions(set(METRICS))],
@@ -136,6 +148,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
                  warm_start_fraction: float = 0.5, weight_decay: str | float = "auto",
                  tol: float = 1e-10, max_iter: int | None = None, pbrf_tol: float = 1e-9,
                  pbrf_max_iter: int = 200, batch_size: int | None = None,
+                 n_jobs: int | None = None, memory: Any = None, verbose: int = 0,
                  random_state: Any = None) -> None:
         self.net = net
         self.damping = damping
@@ -149,6 +162,9 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         self.pbrf_tol = pbrf_tol
         self.pbrf_max_iter = pbrf_max_iter
         self.batch_size = batch_size
+        self.n_jobs = n_jobs
+        self.memory = memory
+        self.verbose = verbose
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)

@@ -49,6 +49,17 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         Newton iterations per removed sample.
     batch_size : int, default=None
         Samples per batch for per-sample gradients.
+    n_jobs : int, default=None
+        joblib workers over removed samples (``None``: 1 unless in a
+        ``joblib.parallel_config`` context; ``-1``: all cores). Each worker
+        uses one torch thread. ``with joblib.parallel_config(backend="dask")``
+        runs the work on a Dask cluster.
+    memory : str, path or joblib.Memory, default=None
+        Directory where each removed sample's finished response is saved as
+        it completes, keyed by everything that determines it; a killed run
+        restarted with the same ``memory`` recomputes only what is missing.
+    verbose : int, default=0
+        > 0 shows a progress bar over removed samples.
     random_state : int, RandomState instance or None, default=None
         Seeds the net's training in ``fit``.
 
@@ -92,13 +103,15 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
 
     _parameter_constraints: dict = {
         **BaseResponseEstimator._parameter_constraints,
+        **BaseResponseEstimator._execution_constraints,
         "tol": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(self, net: Any, *, damping: float = 1e-3, epsilon: float | None = None,
                  weight_decay: str | float = "auto", tol: float = 1e-9, max_iter: int = 200,
-                 batch_size: int | None = None, random_state: Any = None) -> None:
+                 batch_size: int | None = None, n_jobs: int | None = None,
+                 memory: Any = None, verbose: int = 0, random_state: Any = None) -> None:
         self.net = net
         self.damping = damping
         self.epsilon = epsilon
@@ -106,6 +119,9 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         self.tol = tol
         self.max_iter = max_iter
         self.batch_size = batch_size
+        self.n_jobs = n_jobs
+        self.memory = memory
+        self.verbose = verbose
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)
@@ -172,6 +188,17 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
         retraining applies the optimiser's own decay).
     batch_size : int, default=None
         Samples per batch for per-sample computations.
+    n_jobs : int, default=None
+        joblib workers over removed samples (``None``: 1 unless in a
+        ``joblib.parallel_config`` context; ``-1``: all cores). Each worker
+        uses one torch thread. ``with joblib.parallel_config(backend="dask")``
+        runs the work on a Dask cluster.
+    memory : str, path or joblib.Memory, default=None
+        Directory where each removed sample's finished response is saved as
+        it completes, keyed by everything that determines it; a killed run
+        restarted with the same ``memory`` recomputes only what is missing.
+    verbose : int, default=0
+        > 0 shows a progress bar over removed samples.
     random_state : int, RandomState instance or None, default=None
         Seeds the original fit; every retraining reuses that seed.
 
@@ -216,6 +243,7 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
     _parameter_constraints: dict = {
         **{k: v for k, v in BaseResponseEstimator._parameter_constraints.items()
            if k != "epsilon"},
+        **BaseResponseEstimator._execution_constraints,
         "warm_start": ["boolean"],
         "proximal": ["boolean"],
         "warm_start_fraction": [Interval(Real, 0, None, closed="neither")],
@@ -224,6 +252,7 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
     def __init__(self, net: Any, *, warm_start: bool = False, proximal: bool = False,
                  damping: float = 1e-3, warm_start_fraction: float = 0.5,
                  weight_decay: str | float = "auto", batch_size: int | None = None,
+                 n_jobs: int | None = None, memory: Any = None, verbose: int = 0,
                  random_state: Any = None) -> None:
         self.net = net
         self.warm_start = warm_start
@@ -232,6 +261,9 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
         self.warm_start_fraction = warm_start_fraction
         self.weight_decay = weight_decay
         self.batch_size = batch_size
+        self.n_jobs = n_jobs
+        self.memory = memory
+        self.verbose = verbose
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)

@@ -55,6 +55,11 @@ class OutputLoss:
     def __repr__(self) -> str:
         return f"OutputLoss({self.name!r})"
 
+    def describe(self) -> str:
+        """A stable description (name and options), the same in every process."""
+        options = getattr(self._fn, "keywords", {})
+        return f"{self.name}{sorted((k, repr(v)) for k, v in options.items())}"
+
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-sample losses, shape ``(n,)``."""
         return self._fn(outputs, targets)

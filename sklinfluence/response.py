@@ -34,6 +34,7 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
 from .curvature import Curvature
+from .execution import run_responses, sample_key
 from .functional import FunctionalModel
 from .pbrf import ResponseObjective, minimize_response
 from .solvers import make_solver
@@ -111,6 +113,12 @@ class ResponseContext:
         Epochs of a cold-start retraining (the original recipe's).
     warm_start_epochs : int
         Epochs of a retraining started at ``θˢ``.
+    n_jobs : int or None
+        joblib workers for per-sample responses.
+    store : DiskStore or None
+        Where finished per-sample responses are persisted (resumable runs).
+    verbose : int
+        > 0 shows a progress bar over removed samples.
     """
 
     model: FunctionalModel
@@ -130,6 +138,9 @@ class ResponseContext:
     seed: int | None = None
     max_epochs: int = 0
     warm_start_epochs: int = 0
+    n_jobs: int | None = None
+    store: Any = None
+    verbose: int = 0
 
 
 class ResponseCache:
@@ -211,7 +222,7 @@ class Responder:
                 tensors.append(ctx.theta_0)
             for tensor in tensors:
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            parts: list = [r, ctx.epsilon, repr(ctx.model.module), repr(ctx.model.loss._fn)]
+            parts: list = [r, ctx.epsilon, repr(ctx.model.module), ctx.model.loss.describe()]
             if r.proximal or r.method == "linear":
                 parts.append(ctx.damping)
             if r.method == "minimize" or (r.proximal and ctx.recipe.exact_proximal):
@@ -256,70 +267,88 @@ class Responder:
                 f"training rows; {int(np.sum(index < 0))} of the given rows are not "
                 "training rows (with these targets)."
             )
-        rows, infos = [], []
         rung_key = self.rung_key(r)
-        for i in range(X.shape[0]):
-            key = (rung_key, X[i].cpu().numpy().tobytes(), T[i].cpu().numpy().tobytes())
-            found = RESPONSE_CACHE.get(key)
-            if found is None:
-                found = self._one(r, X[i], T[i], int(index[i]))
-                RESPONSE_CACHE.put(key, found)
-                self.timings.setdefault(r.name, []).append(found[1]["seconds"])
-            delta, info = found
-            rows.append(delta)
-            infos.append(info)
-        keys = dict.fromkeys(k for info in infos for k in info)
+        keys = [sample_key(X[i], T[i]) for i in range(X.shape[0])]
+        known: dict = {}
+        missing: dict = {}
+        for i, key in enumerate(keys):
+            found = RESPONSE_CACHE.get((rung_key, key))
+            if found is not None:
+                known[key] = found
+            elif key not in missing:
+                missing[key] = (r, X[i], T[i], int(index[i]))
+        computed = run_responses(
+            partial(compute_response, ctx), missing.items(), rung_key=rung_key,
+            n_jobs=ctx.n_jobs, store=ctx.store, verbose=ctx.verbose, desc=r.name,
+            like=ctx.model.params)
+        for key, (delta, info, fresh) in computed.items():
+            RESPONSE_CACHE.put((rung_key, key), (delta, info))
+            known[key] = (delta, info)
+            if fresh:
+                self.timings.setdefault(r.name, []).append(info["seconds"])
+                if not info.get("converged", True):
+                    _warn_not_converged(r, ctx, int(missing[key][3]), info)
+        rows = [known[key][0] for key in keys]
+        infos = [known[key][1] for key in keys]
+        keys_ = dict.fromkeys(k for info in infos for k in info)
         self.last_info = {"rung": r.name,
-                          **{k: np.array([info.get(k, np.nan) for info in infos]) for k in keys}}
+                          **{k: np.array([info.get(k, np.nan) for info in infos]) for k in keys_}}
         if not rows:
             return ctx.model.params.new_zeros((0, ctx.model.n_params))
         return torch.stack(rows)
 
-    def _one(self, r: Rung, x: Tensor, t: Tensor, m: int) -> tuple[Tensor, dict]:
-        ctx, theta_s = self.context, self.context.model.params
-        start = time.perf_counter()
-        if r.method == "minimize":
-            objective = ResponseObjective(ctx.model, ctx.X, ctx.T, theta_s, x, t, ctx.epsilon,
-                                          ctx.damping if r.proximal else 0.0, r.bregman)
-            result = minimize_response(objective, tol=ctx.pbrf_tol, max_iter=ctx.pbrf_max_iter)
-            info = {"grad_norm": result.grad_norm, "initial_grad_norm": result.initial_grad_norm,
-                    "n_iter": result.n_iter, "converged": result.converged}
-            if not result.converged:
-                lowest = objective.lowest_curvature()
-                info["lowest_curvature"] = lowest
-                advice = (f" Its Hessian at θˢ has a negative eigenvalue {lowest:.3e}: the "
-                          "removal term outweighs curvature plus damping, so the objective is "
-                          "not convex there and may have no minimiser near θˢ; damping above "
-                          f"{ctx.damping - lowest:.3e} makes it convex."
-                          if lowest < 0 else " Increase max_iter.")
-                where = f"training row {m}" if m >= 0 else "a sample"
-                warnings.warn(
-                    f"the {r.name} solve for {where} stopped after {result.n_iter} "
-                    f"iterations with gradient norm {result.grad_norm:.3e} (initial "
-                    f"{result.initial_grad_norm:.3e}, target {ctx.pbrf_tol:g} × initial)."
-                    + advice, ConvergenceWarning, stacklevel=4,
-                )
-            return result.theta - theta_s, {**info, "seconds": time.perf_counter() - start}
-        if r.proximal and ctx.recipe.exact_proximal:  # convex baselines: minimise exactly
-            objective = ResponseObjective(ctx.model, ctx.X, ctx.T, theta_s, x, t, ctx.epsilon,
-                                          ctx.damping, bregman=False)
-            result = minimize_response(objective, tol=ctx.pbrf_tol, max_iter=ctx.pbrf_max_iter)
-            return result.theta - theta_s, {"seconds": time.perf_counter() - start}
-        # retrain with the recipe on the N - 1 remaining rows
-        if r.start == "initial" and ctx.theta_0 is None and ctx.recipe.needs_initial_params:
-            raise ValueError(
-                "cold-start leave-one-out retrains from the original initialisation θ⁰, "
-                "which a FrozenEstimator net does not record. Pass the unfitted net so the "
-                "estimator trains it, or use warm_start=True."
-            )
-        keep = torch.arange(ctx.X.shape[0], device=ctx.X.device) != m
-        n = int(ctx.X.shape[0])
-        theta = ctx.recipe.retrain(
-            ctx.X[keep], ctx.T[keep],
-            start=ctx.theta_0 if r.start == "initial" and ctx.theta_0 is not None else theta_s,
-            seed=ctx.seed,
-            max_epochs=ctx.max_epochs if r.start == "initial" else ctx.warm_start_epochs,
-            anchor=theta_s,
-            proximity=ctx.damping * n / (n - 1) if r.proximal else 0.0,
+
+def _warn_not_converged(r: Rung, ctx: ResponseContext, m: int, info: dict) -> None:
+    lowest = info.get("lowest_curvature", 0.0)
+    advice = (f" Its Hessian at θˢ has a negative eigenvalue {lowest:.3e}: the removal term "
+              "outweighs curvature plus damping, so the objective is not convex there and "
+              f"may have no minimiser near θˢ; damping above {ctx.damping - lowest:.3e} makes "
+              "it convex." if lowest < 0 else " Increase max_iter.")
+    where = f"training row {m}" if m >= 0 else "a sample"
+    warnings.warn(
+        f"the {r.name} solve for {where} stopped after {int(info['n_iter'])} iterations with "
+        f"gradient norm {info['grad_norm']:.3e} (initial {info['initial_grad_norm']:.3e}, "
+        f"target {ctx.pbrf_tol:g} × initial)." + advice, ConvergenceWarning, stacklevel=4)
+
+
+def compute_response(ctx: ResponseContext, r: Rung, x: Tensor, t: Tensor,
+                     m: int) -> tuple[Tensor, dict]:
+    """One removed sample's response ``θ_after − θˢ`` for a non-linear rung, and its info.
+
+    A module-level function of the context, so that joblib can ship it to
+    workers.
+    """
+    theta_s = ctx.model.params
+    start = time.perf_counter()
+    if r.method == "minimize":
+        objective = ResponseObjective(ctx.model, ctx.X, ctx.T, theta_s, x, t, ctx.epsilon,
+                                      ctx.damping if r.proximal else 0.0, r.bregman)
+        result = minimize_response(objective, tol=ctx.pbrf_tol, max_iter=ctx.pbrf_max_iter)
+        info = {"grad_norm": result.grad_norm, "initial_grad_norm": result.initial_grad_norm,
+                "n_iter": result.n_iter, "converged": result.converged}
+        if not result.converged:
+            info["lowest_curvature"] = objective.lowest_curvature()
+        return result.theta - theta_s, {**info, "seconds": time.perf_counter() - start}
+    if r.proximal and ctx.recipe.exact_proximal:  # convex baselines: minimise exactly
+        objective = ResponseObjective(ctx.model, ctx.X, ctx.T, theta_s, x, t, ctx.epsilon,
+                                      ctx.damping, bregman=False)
+        result = minimize_response(objective, tol=ctx.pbrf_tol, max_iter=ctx.pbrf_max_iter)
+        return result.theta - theta_s, {"seconds": time.perf_counter() - start}
+    # retrain with the recipe on the N - 1 remaining rows
+    if r.start == "initial" and ctx.theta_0 is None and ctx.recipe.needs_initial_params:
+        raise ValueError(
+            "cold-start leave-one-out retrains from the original initialisation θ⁰, "
+            "which a FrozenEstimator net does not record. Pass the unfitted net so the "
+            "estimator trains it, or use warm_start=True."
         )
-        return theta.to(theta_s.dtype) - theta_s, {"seconds": time.perf_counter() - start}
+    keep = torch.arange(ctx.X.shape[0], device=ctx.X.device) != m
+    n = int(ctx.X.shape[0])
+    theta = ctx.recipe.retrain(
+        ctx.X[keep], ctx.T[keep],
+        start=ctx.theta_0 if r.start == "initial" and ctx.theta_0 is not None else theta_s,
+        seed=ctx.seed,
+        max_epochs=ctx.max_epochs if r.start == "initial" else ctx.warm_start_epochs,
+        anchor=theta_s,
+        proximity=ctx.damping * n / (n - 1) if r.proximal else 0.0,
+    )
+    return theta.to(theta_s.dtype) - theta_s, {"seconds": time.perf_counter() - start}

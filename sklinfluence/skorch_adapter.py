@@ -132,14 +132,17 @@ class SkorchAdapter:
         """A stable description of the training recipe (for the response cache).
 
         Parameter values whose ``repr`` is an object address are described by
-        their type; ``train_split`` and ``verbose`` do not change retraining.
+        their type, sets are sorted (their order changes between processes);
+        ``train_split``, ``verbose`` and private attributes do not change
+        retraining.
         """
         params = self.net.get_params(deep=False)
         described = {}
         for name, value in sorted(params.items()):
-            if name in ("train_split", "verbose"):
+            if name in ("train_split", "verbose") or name.startswith("_"):
                 continue
-            text = repr(value)
+            text = repr(sorted(value, key=repr)) if isinstance(value, (set, frozenset)) \
+                else repr(value)
             described[name] = type(value).__qualname__ if " at 0x" in text else text
         if self.frozen:
             described["frozen_module"] = repr(self.net.module_)

@@ -1,0 +1,175 @@
+"""Running many per-sample responses: parallel, resumable, with progress.
+
+Ground-truth rungs (retraining, the PBRF) cost a solve per removed sample.
+:func:`run_responses` spreads the samples that are not already known over
+joblib workers — so ``with joblib.parallel_config(backend="dask"):`` runs them
+on a Dask cluster unchanged — persists each finished sample through a
+:class:`DiskStore` as soon as it completes, and shows a tqdm bar.
+
+Each worker computes with ``threads`` torch intra-op threads (default 1, so
+that ``n_jobs`` workers do not oversubscribe the cores) and restores the
+previous setting afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from joblib import Memory, Parallel, delayed, effective_n_jobs
+from tqdm.auto import tqdm
+
+__all__ = ["DiskStore", "resolve_memory", "run_responses", "sample_key"]
+
+_FORMAT = 1
+
+
+def sample_key(x: torch.Tensor, t: torch.Tensor) -> str:
+    """Digest of one sample (input row and target)."""
+    digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+class DiskStore:
+    """One ``.npz`` file per (rung key, sample): written atomically, verified on load.
+
+    A file holds the response, its per-sample diagnostics and a SHA-256 of
+    the response; it is written to a temporary name and renamed into place,
+    so a killed run leaves either a whole file or none. A file that does not
+    load (truncated, corrupt, wrong checksum) is removed and recomputed.
+    Loading never unpickles (``allow_pickle=False``).
+
+    Parameters
+    ----------
+    location : str or Path
+        Directory; created if needed.
+    """
+
+    def __init__(self, location: str | os.PathLike) -> None:
+        self.location = Path(location) / "sklinfluence-responses"
+
+    def _path(self, rung_key: str, key: str) -> Path:
+        return self.location / rung_key[:32] / f"{key}.npz"
+
+    def load(self, rung_key: str, key: str) -> tuple[np.ndarray, dict] | None:
+        path = self._path(rung_key, key)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                delta = np.array(data["delta"])
+                ok = (int(data["format"]) == _FORMAT
+                      and str(data["rung_key"]) == rung_key
+                      and str(data["checksum"]) == hashlib.sha256(delta.tobytes()).hexdigest())
+                info = {name[5:]: data[name].item() for name in data.files
+                        if name.startswith("info_")}
+        except Exception:  # truncated or corrupt: recompute
+            ok = False
+        if not ok:
+            path.unlink(missing_ok=True)
+            return None
+        return delta, info
+
+    def save(self, rung_key: str, key: str, delta: np.ndarray, info: dict) -> None:
+        path = self._path(rung_key, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"delta": delta, "format": np.array(_FORMAT), "rung_key": np.array(rung_key),
+                  "checksum": np.array(hashlib.sha256(delta.tobytes()).hexdigest())}
+        arrays.update({f"info_{k}": np.array(v) for k, v in info.items()})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, **arrays)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def count(self, rung_key: str) -> int:
+        """Number of stored responses for a rung key."""
+        folder = self.location / rung_key[:32]
+        return len(list(folder.glob("*.npz"))) if folder.exists() else 0
+
+
+def resolve_memory(memory: Any) -> DiskStore | None:
+    """``memory`` as scikit-learn's ``Pipeline`` takes it: None, a path or a ``joblib.Memory``."""
+    if memory is None:
+        return None
+    if isinstance(memory, Memory):
+        return None if memory.location is None else DiskStore(memory.location)
+    if isinstance(memory, (str, os.PathLike)):
+        return DiskStore(memory)
+    raise ValueError(f"memory must be None, a directory path or a joblib.Memory; got "
+                     f"{type(memory).__name__}.")
+
+
+def _run_chunk(compute: Callable, items: list, rung_key: str, store: DiskStore | None,
+               threads: int) -> list:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for key, args in items:
+            delta, info = compute(*args)
+            if store is not None:
+                store.save(rung_key, key, delta.detach().cpu().numpy(), info)
+            results.append((key, delta, info))
+        return results
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_responses(compute: Callable, items: Iterable[tuple[str, tuple]], *, rung_key: str,
+                  n_jobs: int | None = None, store: DiskStore | None = None,
+                  verbose: int = 0, desc: str = "", threads: int = 1,
+                  like: torch.Tensor | None = None) -> dict:
+    """Compute ``compute(*args)`` for each ``(key, args)`` not found in ``store``.
+
+    Returns ``{key: (delta, info, computed)}`` with ``computed`` False for
+    results loaded from the store. Work goes to joblib in chunks of several
+    samples (so that each task is worth shipping); each finished sample is
+    saved before the next starts.
+    """
+    items = list(items)
+    results: dict = {}
+    todo = []
+    for key, args in items:
+        found = store.load(rung_key, key) if store is not None else None
+        if found is None:
+            todo.append((key, args))
+        else:
+            delta = torch.as_tensor(found[0])
+            if like is not None:
+                delta = delta.to(dtype=like.dtype, device=like.device)
+            results[key] = (delta, found[1], False)
+    bar = tqdm(total=len(items), initial=len(results), desc=desc, disable=not verbose,
+               unit="sample")
+    try:
+        workers = effective_n_jobs(n_jobs)
+        if todo and workers > 1:
+            size = max(1, math.ceil(len(todo) / (2 * workers)))
+            chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+            tasks = (delayed(_run_chunk)(compute, chunk, rung_key, store, threads)
+                     for chunk in chunks)
+            for done in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks):
+                for key, delta, info in done:
+                    results[key] = (delta, info, True)
+                bar.update(len(done))
+        else:
+            for key, args in todo:
+                ((_, delta, info),) = _run_chunk(compute, [(key, args)], rung_key, store,
+                                                 torch.get_num_threads())
+                results[key] = (delta, info, True)
+                bar.update(1)
+    finally:
+        bar.close()
+    return results

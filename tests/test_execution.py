@@ -1,0 +1,141 @@
+"""Parallel (joblib, Dask), resumable (memory, SIGKILL) and verbose ground-truth runs."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from nets import make_net, toy_data
+from sklinfluence import Decomposer, LOOEstimator, PBRFEstimator
+from sklinfluence.execution import DiskStore
+from sklinfluence.response import RESPONSE_CACHE
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def data():
+    return toy_data("CrossEntropyLoss", n=40)
+
+
+def _loo(**kw):
+    return LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs=6), random_state=0, **kw)
+
+
+def test_n_jobs_gives_identical_results(data):
+    X, y = data
+    rows = X[:8]
+    sequential = _loo(n_jobs=1).fit(X, y).param_change(rows)
+    RESPONSE_CACHE.clear()
+    parallel = _loo(n_jobs=2).fit(X, y).param_change(rows)
+    assert_array_equal(parallel, sequential)
+    RESPONSE_CACHE.clear()
+    pbrf_1 = PBRFEstimator(make_net("CrossEntropyLoss", 4), damping=0.5, random_state=0)
+    pbrf_2 = PBRFEstimator(make_net("CrossEntropyLoss", 4), damping=0.5, random_state=0,
+                           n_jobs=2)
+    a = pbrf_1.fit(X, y).score_samples(rows)
+    RESPONSE_CACHE.clear()
+    assert_array_equal(pbrf_2.fit(X, y).score_samples(rows), a)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_identical_results(data):
+    distributed = pytest.importorskip("distributed")
+    X, y = data
+    rows = X[:6]
+    dec = Decomposer(make_net("CrossEntropyLoss", 4, max_epochs=6), damping=0.5,
+                     random_state=0, n_jobs=2)
+    sequential = dec.fit(X, y).transform(rows)
+    RESPONSE_CACHE.clear()
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        with joblib.parallel_config(backend="dask"):
+            on_dask = dec.fit(X, y).transform(rows)
+        assert len(client.scheduler_info()["workers"]) == 2
+    assert_array_equal(on_dask, sequential)
+
+
+def test_memory_persists_each_sample_and_detects_corruption(data, tmp_path):
+    X, y = data
+    rows = X[:5]
+    first = _loo(memory=str(tmp_path)).fit(X, y)
+    reference = first.param_change(rows)
+    key = first.responder_.rung_key(first._rung())
+    store = DiskStore(tmp_path)
+    assert store.count(key) == 5
+    RESPONSE_CACHE.clear()
+    second = _loo(memory=joblib.Memory(str(tmp_path), verbose=0)).fit(X, y)
+    assert_array_equal(second.param_change(rows), reference)
+    assert "cold_start_loo" not in second.responder_.timings  # all loaded, none retrained
+    # a truncated file is detected, removed and recomputed, never returned
+    victim = sorted(store.location.rglob("*.npz"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    RESPONSE_CACHE.clear()
+    third = _loo(memory=str(tmp_path)).fit(X, y)
+    assert_array_equal(third.param_change(rows), reference)
+    assert len(third.responder_.timings["cold_start_loo"]) == 1
+    assert not list(store.location.rglob("*.tmp"))
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from nets import make_net, toy_data
+    from sklinfluence import LOOEstimator
+    X, y = toy_data("CrossEntropyLoss", n=40)
+    est = LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs={epochs}), random_state=0,
+                       memory={memory!r})
+    est.fit(X, y).param_change(X[:{n}])
+    print("finished")
+""")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_redoing_finished_work(data, tmp_path):
+    X, y = data
+    n, epochs = 12, 60
+    memory = tmp_path / "cache"
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(HERE), epochs=epochs, memory=str(memory), n=n))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    store_files = lambda: list((memory / "sklinfluence-responses").rglob("*.npz"))  # noqa: E731
+    deadline = time.time() + 120
+    while len(store_files()) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(store_files())
+    assert 3 <= done < n, f"the run was not interrupted mid-way ({done} of {n} finished)"
+
+    resumed = LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs=epochs), random_state=0,
+                           memory=str(memory)).fit(X, y)
+    result = resumed.param_change(X[:n])
+    assert len(resumed.responder_.timings["cold_start_loo"]) == n - done
+    RESPONSE_CACHE.clear()
+    fresh = LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs=epochs),
+                         random_state=0).fit(X, y).param_change(X[:n])
+    assert_array_equal(result, fresh)
+
+
+def test_verbose_shows_a_progress_bar_and_quiet_shows_nothing(data, capsys):
+    X, y = data
+    _loo(verbose=1).fit(X, y).score_samples(X[:3])
+    err = capsys.readouterr().err
+    assert "cold_start_loo" in err and "3/3" in err
+    RESPONSE_CACHE.clear()
+    _loo().fit(X, y).score_samples(X[:3])
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
