@@ -1,0 +1,113 @@
+"""Benchmark: ground-truth responses one at a time vs in parallel.
+
+Fits an MLP (64-32-10, tanh, float64) on 1,000 digits and computes the
+responses of 32 removed samples for three rungs — PBRF, warm-start retraining,
+cold-start leave-one-out — one configuration per fresh subprocess (so that
+timings and peak memory are not shared):
+
+- ``sequential``: one sample at a time in one process (``n_jobs=1``);
+- ``joblib-2``: two loky worker processes (``n_jobs=2``), one torch thread each.
+
+It prints wall time, peak resident memory of the main process and the
+speed-up against the sequential run measured in the same invocation (these
+machines are noisy: compare ratios, not absolute times), and checks that both
+give the same answers. The worker pool is started (and has imported torch)
+before the timing, as it is after the first parallel call of a session; a
+cold start adds about 3 s. Run::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_ground_truth.py
+
+``--n-removed`` and ``--n-train`` shrink it for a quick look.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+RUNGS = ("pbrf", "warm_start", "cold_start_loo")
+
+
+def _warm_up():
+    import sklinfluence  # noqa: F401  (imports torch, skorch, scikit-learn)
+
+
+def worker(args):
+    import torch
+    from skorch import NeuralNetClassifier
+    from sklearn.datasets import load_digits
+
+    from sklinfluence import LOOEstimator, PBRFEstimator
+
+    torch.set_num_threads(1)
+
+    class MLP(torch.nn.Sequential):
+        def __init__(self):
+            super().__init__(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+            self.double()
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:args.n_train] / 16.0, y[:args.n_train]
+    net = NeuralNetClassifier(MLP, criterion=torch.nn.CrossEntropyLoss, lr=0.1,
+                              optimizer__momentum=0.9, optimizer__weight_decay=1e-3,
+                              batch_size=64, max_epochs=args.epochs,
+                              iterator_train__shuffle=True, verbose=0)
+    n_jobs = 2 if args.config == "joblib-2" else 1
+    kw = dict(random_state=0, n_jobs=n_jobs)
+    est = {"pbrf": PBRFEstimator(net, damping=1e-2, **kw),
+           "warm_start": LOOEstimator(net, warm_start=True, **kw),
+           "cold_start_loo": LOOEstimator(net, **kw)}[args.rung].fit(X, y)
+    removed = np.random.default_rng(0).choice(args.n_train, args.n_removed, replace=False)
+    if n_jobs > 1:  # start the workers (and their torch import) outside the timing
+        from joblib import Parallel, delayed
+
+        Parallel(n_jobs=n_jobs)(delayed(_warm_up)() for _ in range(n_jobs))
+    start = time.perf_counter()
+    delta = est.param_change(X[removed])
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_mib": peak, "peak_children_mib": peak_children,
+                      "checksum": float(np.abs(delta).sum()), "delta0": delta[0, :5].tolist()}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--n-removed", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--rung", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.config:
+        return worker(args)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    print(f"MLP 64-32-10 on {args.n_train} digits, {args.epochs} epochs; "
+          f"{args.n_removed} removed samples\n")
+    print(f"{'rung':>15} {'config':>11} {'seconds':>9} {'per sample':>11} {'speed-up':>9} "
+          f"{'peak MiB':>9} {'same answer':>12}")
+    for rung in RUNGS:
+        baseline = None
+        for config in ("sequential", "joblib-2"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--config", config, "--rung", rung,
+                 "--n-train", str(args.n_train), "--n-removed", str(args.n_removed),
+                 "--epochs", str(args.epochs)],
+                capture_output=True, text=True, env=env, check=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            baseline = baseline or result
+            same = np.allclose(result["delta0"], baseline["delta0"], rtol=1e-9, atol=1e-12)
+            peak = max(result["peak_mib"], result["peak_children_mib"])
+            print(f"{rung:>15} {config:>11} {result['seconds']:9.2f} "
+                  f"{result['seconds'] / args.n_removed:11.3f} "
+                  f"{baseline['seconds'] / result['seconds']:9.2f} {peak:9.0f} {str(same):>12}")
+
+
+if __name__ == "__main__":
+    main()
