@@ -101,7 +101,8 @@ class BaseResponseEstimator(BaseEstimator):
             max_epochs=self._adapter.max_epochs(self.net_),
             n_jobs=getattr(self, "n_jobs", None),
             store=resolve_memory(getattr(self, "memory", None)),
-            verbose=int(getattr(self, "verbose", 0)), **options,
+            verbose=int(getattr(self, "verbose", 0)),
+            removal_batch_size=int(getattr(self, "removal_batch_size", 1)), **options,
         )
 
     @staticmethod

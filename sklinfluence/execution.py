@@ -113,16 +113,17 @@ def resolve_memory(memory: Any) -> DiskStore | None:
 
 
 def _run_chunk(compute: Callable, items: list, rung_key: str, store: DiskStore | None,
-               threads: int) -> list:
+               threads: int, batch: int) -> list:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         results = []
-        for key, args in items:
-            delta, info = compute(*args)
-            if store is not None:
-                store.save(rung_key, key, delta.detach().cpu().numpy(), info)
-            results.append((key, delta, info))
+        for i in range(0, len(items), batch):
+            group = items[i:i + batch]
+            for (key, _), (delta, info) in zip(group, compute([args for _, args in group])):
+                if store is not None:
+                    store.save(rung_key, key, delta.detach().cpu().numpy(), info)
+                results.append((key, delta, info))
         return results
     finally:
         torch.set_num_threads(previous)
@@ -130,14 +131,16 @@ def _run_chunk(compute: Callable, items: list, rung_key: str, store: DiskStore |
 
 def run_responses(compute: Callable, items: Iterable[tuple[str, tuple]], *, rung_key: str,
                   n_jobs: int | None = None, store: DiskStore | None = None,
-                  verbose: int = 0, desc: str = "", threads: int = 1,
+                  verbose: int = 0, desc: str = "", threads: int = 1, batch: int = 1,
                   like: torch.Tensor | None = None) -> dict:
-    """Compute ``compute(*args)`` for each ``(key, args)`` not found in ``store``.
+    """Compute the responses of the ``(key, args)`` items not found in ``store``.
 
-    Returns ``{key: (delta, info, computed)}`` with ``computed`` False for
-    results loaded from the store. Work goes to joblib in chunks of several
-    samples (so that each task is worth shipping); each finished sample is
-    saved before the next starts.
+    ``compute(list_of_args)`` returns one ``(delta, info)`` per args; it is
+    called on groups of ``batch`` items (batched solvers), and each group's
+    results are saved before the next group starts. Returns
+    ``{key: (delta, info, computed)}`` with ``computed`` False for results
+    loaded from the store. Work goes to joblib in chunks of several groups, so
+    that each task is worth shipping.
     """
     items = list(items)
     results: dict = {}
@@ -158,18 +161,19 @@ def run_responses(compute: Callable, items: Iterable[tuple[str, tuple]], *, rung
         if todo and workers > 1:
             size = max(1, math.ceil(len(todo) / (2 * workers)))
             chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-            tasks = (delayed(_run_chunk)(compute, chunk, rung_key, store, threads)
+            tasks = (delayed(_run_chunk)(compute, chunk, rung_key, store, threads, batch)
                      for chunk in chunks)
             for done in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks):
                 for key, delta, info in done:
                     results[key] = (delta, info, True)
                 bar.update(len(done))
         else:
-            for key, args in todo:
-                ((_, delta, info),) = _run_chunk(compute, [(key, args)], rung_key, store,
-                                                 torch.get_num_threads())
-                results[key] = (delta, info, True)
-                bar.update(1)
+            for i in range(0, len(todo), batch):
+                done = _run_chunk(compute, todo[i:i + batch], rung_key, store,
+                                  torch.get_num_threads(), batch)
+                for key, delta, info in done:
+                    results[key] = (delta, info, True)
+                bar.update(len(done))
     finally:
         bar.close()
     return results
