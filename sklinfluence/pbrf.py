@@ -145,6 +145,7 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
     """
     start = time.perf_counter()
     theta = objective.theta_s.detach().clone()
+    dtype, device = theta.dtype, theta.device
     grad_fn = grad(objective)
 
     def gradient(th: Tensor) -> Tensor:
@@ -159,7 +160,7 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
         _, pullback = vjp(grad_fn, theta)
 
         def hessp(v: np.ndarray, pullback=pullback) -> np.ndarray:
-            out = pullback(torch.as_tensor(v, dtype=theta.dtype, device=theta.device))[0]
+            out = pullback(torch.as_tensor(v, dtype=dtype, device=device))[0]
             return out.detach().cpu().numpy().astype(np.float64)
 
         P = theta.numel()

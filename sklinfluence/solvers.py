@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from sklearn.exceptions import ConvergenceWarning
@@ -58,9 +58,6 @@ class SolveInfo:
     max_relative_residual: float | None
     converged: bool
     seconds: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
