@@ -155,6 +155,10 @@ class LinearAdapter:
         """A stable description of the refit (for the response cache)."""
         return repr(self.est.get_params(deep=False))
 
+    @staticmethod
+    def can_retrain_batch(model: FunctionalModel) -> bool:
+        return False  # scikit-learn refits one model at a time
+
     def retrain(self, X: Tensor, T: Tensor, *, start: Tensor, seed: int | None,
                 max_epochs: int, anchor: Tensor, proximity: float) -> Tensor:
         """scikit-learn's refit on ``(X, T)`` (start, seed and epochs do not apply)."""

@@ -302,6 +302,10 @@ class Responder:
         if r.method == "minimize" and r.bregman and ctx.removal_batch_size > 1:
             compute = partial(compute_pbrf_batch, ctx, self.chord_solver())
             batch = ctx.removal_batch_size
+        elif (r.method == "retrain" and ctx.removal_batch_size > 1
+              and not (r.proximal and ctx.recipe.exact_proximal)
+              and ctx.recipe.can_retrain_batch(ctx.model)):
+            compute, batch = partial(compute_retrain_batch, ctx), ctx.removal_batch_size
         else:
             compute, batch = partial(compute_each, ctx), 1
         computed = run_responses(
@@ -340,6 +344,35 @@ def _warn_not_converged(r: Rung, ctx: ResponseContext, m: int, info: dict) -> No
 def compute_each(ctx: ResponseContext, items: list) -> list:
     """:func:`compute_response` for each ``(rung, x, t, m)`` in ``items``."""
     return [compute_response(ctx, *args) for args in items]
+
+
+def compute_retrain_batch(ctx: ResponseContext, items: list) -> list:
+    """Retraining responses of several rows at once (a vectorised ensemble)."""
+    start_time = time.perf_counter()
+    r = items[0][0]
+    theta_s = ctx.model.params
+    n = int(ctx.X.shape[0])
+    stack = ctx.recipe.retrain_batch(
+        ctx.model, ctx.X, ctx.T, [int(args[3]) for args in items],
+        start=_retrain_start(ctx, r), seed=ctx.seed,
+        max_epochs=ctx.max_epochs if r.start == "initial" else ctx.warm_start_epochs,
+        anchor=theta_s, proximity=ctx.damping * n / (n - 1) if r.proximal else 0.0)
+    seconds = (time.perf_counter() - start_time) / len(items)
+    return [(theta.to(theta_s.dtype) - theta_s, {"seconds": seconds}) for theta in stack]
+
+
+def _retrain_start(ctx: ResponseContext, r: Rung) -> Tensor:
+    """``θ⁰`` for a cold start (refused when the net did not record it), else ``θˢ``."""
+    if r.start == "initial":
+        if ctx.theta_0 is None and ctx.recipe.needs_initial_params:
+            raise ValueError(
+                "cold-start leave-one-out retrains from the original initialisation θ⁰, "
+                "which a FrozenEstimator net does not record. Pass the unfitted net so the "
+                "estimator trains it, or use warm_start=True."
+            )
+        if ctx.theta_0 is not None:
+            return ctx.theta_0
+    return ctx.model.params
 
 
 def compute_pbrf_batch(ctx: ResponseContext, solver: Any, items: list) -> list:
@@ -390,18 +423,10 @@ def compute_response(ctx: ResponseContext, r: Rung, x: Tensor, t: Tensor,
         result = minimize_response(objective, tol=ctx.pbrf_tol, max_iter=ctx.pbrf_max_iter)
         return result.theta - theta_s, {"seconds": time.perf_counter() - start}
     # retrain with the recipe on the N - 1 remaining rows
-    if r.start == "initial" and ctx.theta_0 is None and ctx.recipe.needs_initial_params:
-        raise ValueError(
-            "cold-start leave-one-out retrains from the original initialisation θ⁰, "
-            "which a FrozenEstimator net does not record. Pass the unfitted net so the "
-            "estimator trains it, or use warm_start=True."
-        )
     keep = torch.arange(ctx.X.shape[0], device=ctx.X.device) != m
     n = int(ctx.X.shape[0])
     theta = ctx.recipe.retrain(
-        ctx.X[keep], ctx.T[keep],
-        start=ctx.theta_0 if r.start == "initial" and ctx.theta_0 is not None else theta_s,
-        seed=ctx.seed,
+        ctx.X[keep], ctx.T[keep], start=_retrain_start(ctx, r), seed=ctx.seed,
         max_epochs=ctx.max_epochs if r.start == "initial" else ctx.warm_start_epochs,
         anchor=theta_s,
         proximity=ctx.damping * n / (n - 1) if r.proximal else 0.0,

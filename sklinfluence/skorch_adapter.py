@@ -9,6 +9,7 @@ import torch
 from sklearn.base import clone
 from torch import Tensor
 
+from .ensemble import ensemble_supported, retrain_ensemble
 from .functional import FunctionalModel
 from .losses import SUPPORTED_CRITERIA
 from .retrain import get_flat_params, initialize_net, module_dtype, retrain
@@ -147,6 +148,17 @@ class SkorchAdapter:
         if self.frozen:
             described["frozen_module"] = repr(self.net.module_)
         return f"{type(self.net).__qualname__}{described}"
+
+    def can_retrain_batch(self, model: FunctionalModel) -> bool:
+        """Whether :meth:`retrain_batch` replays the recipe exactly (see :mod:`.ensemble`)."""
+        return ensemble_supported(self.net, model.module)[0]
+
+    def retrain_batch(self, model: FunctionalModel, X: Tensor, T: Tensor, removed: list, *,
+                      start: Tensor, seed: int | None, max_epochs: int, anchor: Tensor,
+                      proximity: float) -> Tensor:
+        """Leave-one-out copies for every row in ``removed`` at once, ``(B, P)``."""
+        return retrain_ensemble(self.net, model, X, T, removed, start=start, seed=seed,
+                                max_epochs=max_epochs, anchor=anchor, proximity=proximity)
 
     def retrain(self, X: Tensor, T: Tensor, *, start: Tensor, seed: int | None,
                 max_epochs: int, anchor: Tensor, proximity: float) -> Tensor:

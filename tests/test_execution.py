@@ -95,7 +95,7 @@ SCRIPT = textwrap.dedent("""
     from sklinfluence import LOOEstimator
     X, y = toy_data("CrossEntropyLoss", n=40)
     est = LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs={epochs}), random_state=0,
-                       memory={memory!r})
+                       memory={memory!r}, removal_batch_size=1)
     est.fit(X, y).param_change(X[:{n}])
     print("finished")
 """)
@@ -121,12 +121,12 @@ def test_killed_run_resumes_without_redoing_finished_work(data, tmp_path):
     assert 3 <= done < n, f"the run was not interrupted mid-way ({done} of {n} finished)"
 
     resumed = LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs=epochs), random_state=0,
-                           memory=str(memory)).fit(X, y)
+                           memory=str(memory), removal_batch_size=1).fit(X, y)
     result = resumed.param_change(X[:n])
     assert len(resumed.responder_.timings["cold_start_loo"]) == n - done
     RESPONSE_CACHE.clear()
     fresh = LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs=epochs),
-                         random_state=0).fit(X, y).param_change(X[:n])
+                         random_state=0, removal_batch_size=1).fit(X, y).param_change(X[:n])
     assert_array_equal(result, fresh)
 
 
@@ -165,3 +165,33 @@ def test_batched_pbrf_equals_one_at_a_time():
     assert info["converged"].all() and (info["grad_norm"] <= 1e-9 * info["initial_grad_norm"]).all()
     scale = np.linalg.norm(single, axis=1, keepdims=True)
     assert np.abs(batched - single).max() / scale.min() < 1e-7
+
+
+@pytest.mark.parametrize("kind", ["MSELoss", "CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss"])
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_vectorised_loo_ensemble_equals_one_at_a_time(kind, optimizer):
+    import torch
+
+    X, y = toy_data(kind, n=40)
+    net = make_net(kind, 4, max_epochs=6, lr=0.05, optimizer=getattr(torch.optim, optimizer),
+                   optimizer__weight_decay=1e-2)
+    for options in ({}, {"warm_start": True}, {"proximal": True, "damping": 0.1}):
+        RESPONSE_CACHE.clear()
+        one = LOOEstimator(net, removal_batch_size=1, random_state=0, **options).fit(X, y)
+        single = one.param_change(X[:5])
+        RESPONSE_CACHE.clear()
+        many = LOOEstimator(net, removal_batch_size=4, random_state=0, **options).fit(X, y)
+        assert many.responder_.context.recipe.can_retrain_batch(many.model_)
+        batched = many.param_change(X[:5])
+        np.testing.assert_allclose(batched, single, rtol=1e-11,
+                                   atol=1e-13 * np.abs(single).max())
+
+
+def test_nets_the_ensemble_cannot_replay_retrain_one_at_a_time(data):
+    from skorch.callbacks import LRScheduler
+
+    X, y = data
+    net = make_net("CrossEntropyLoss", 4, max_epochs=4, callbacks=[LRScheduler()])
+    loo = LOOEstimator(net, random_state=0).fit(X, y)
+    assert not loo.responder_.context.recipe.can_retrain_batch(loo.model_)
+    assert loo.param_change(X[:2]).shape == (2, loo.model_.n_params)
