@@ -69,7 +69,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         CG iteration cap of rung 5.
     pbrf_tol : float, default=1e-9
         Relative gradient tolerance of the PBRF solves.
-    pbrf_max_iter : int, default=200
+    pbrf_max_iter : int, default=50
         Newton iterations per PBRF solve.
     batch_size : int, default=None
         Samples per batch for per-sample gradients and curvature products.
@@ -156,7 +156,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
                  curvature: str = "ggn", metric: str = "output_l2",
                  warm_start_fraction: float = 0.5, weight_decay: str | float = "auto",
                  tol: float = 1e-10, max_iter: int | None = None, pbrf_tol: float = 1e-9,
-                 pbrf_max_iter: int = 200, batch_size: int | None = None,
+                 pbrf_max_iter: int = 50, batch_size: int | None = None,
                  removal_batch_size: int = 32, n_jobs: int | None = None,
                  memory: Any = None, verbose: int = 0,
                  random_state: Any = None) -> None:

@@ -154,8 +154,8 @@ def run_responses(compute: Callable, items: Iterable[tuple[str, tuple]], *, rung
             if like is not None:
                 delta = delta.to(dtype=like.dtype, device=like.device)
             results[key] = (delta, found[1], False)
-    bar = tqdm(total=len(items), initial=len(results), desc=desc, disable=not verbose,
-               unit="sample")
+    bar = tqdm(total=len(items), initial=len(results), desc=desc,
+               disable=not verbose or not todo, unit="sample")
     try:
         workers = effective_n_jobs(n_jobs)
         if todo and workers > 1:

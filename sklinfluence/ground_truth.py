@@ -45,7 +45,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         ``μ``; ``"auto"`` reads the optimiser's ``weight_decay``.
     tol : float, default=1e-9
         Relative gradient-norm tolerance of each solve.
-    max_iter : int, default=200
+    max_iter : int, default=50
         Newton iterations per removed sample.
     batch_size : int, default=None
         Samples per batch for per-sample gradients.
@@ -118,7 +118,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
     }
 
     def __init__(self, net: Any, *, damping: float = 1e-3, epsilon: float | None = None,
-                 weight_decay: str | float = "auto", tol: float = 1e-9, max_iter: int = 200,
+                 weight_decay: str | float = "auto", tol: float = 1e-9, max_iter: int = 50,
                  batch_size: int | None = None, removal_batch_size: int = 32,
                  n_jobs: int | None = None, memory: Any = None, verbose: int = 0,
                  random_state: Any = None) -> None:

@@ -27,7 +27,14 @@ from torch.func import grad, vjp, vmap
 
 from .functional import FunctionalModel
 
-__all__ = ["ResponseObjective", "MinimizeResult", "minimize_response"]
+__all__ = ["ResponseObjective", "MinimizeResult", "minimize_response",
+           "minimize_responses_batched"]
+
+#: Cap on MINRES iterations per Newton step (a well-posed step needs far fewer).
+MINRES_MAX_ITER = 1000
+#: Newton stops when its gradient norm has not halved over this many iterations
+#: (a converging solve gains orders of magnitude per iteration near the end).
+STALL_WINDOW = 5
 
 
 @dataclass
@@ -115,15 +122,18 @@ class MinimizeResult:
     n_iter: int
     converged: bool
     seconds: float
+    lowest_curvature: float | None = None
 
 
 def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
-                      max_iter: int = 200) -> MinimizeResult:
+                      max_iter: int = 50) -> MinimizeResult:
     """Minimise ``objective`` from ``θˢ`` by inexact Newton with MINRES.
 
     Each iteration solves ``H p = −∇`` with scipy's MINRES (symmetric, may be
-    indefinite) on exact Hessian-vector products, then backtracks on the
-    gradient norm. Function values are never compared: the changes of the
+    indefinite; at most ``MINRES_MAX_ITER`` steps) on exact Hessian-vector
+    products, then backtracks on the gradient norm. It gives up — reporting
+    not converged — when the gradient norm has not halved in
+    ``STALL_WINDOW`` iterations. Function values are never compared: the changes of the
     objective are ``O(ε²)`` and drown in the rounding of its ``O(1)`` terms,
     which is what makes value-based trust-region or line-search methods
     (scipy's ``trust-ncg``, ``Newton-CG``) stop early at ~1e-9 relative
@@ -136,7 +146,7 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
     tol : float, default=1e-9
         Stop when ``‖∇‖ ≤ tol · ‖∇ at θˢ‖``, or when ``‖∇‖`` is at the
         objective's rounding noise (:meth:`ResponseObjective.noise_floor`).
-    max_iter : int, default=200
+    max_iter : int, default=50
         Newton iterations at most.
 
     Returns
@@ -155,7 +165,10 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
     g0 = float(g.norm())
     target = max(tol * g0, objective.noise_floor())
     n_iter = 0
+    history = [float(g.norm())]
     while float(g.norm()) > target and n_iter < max_iter:
+        if len(history) > STALL_WINDOW and history[-1] > 0.5 * history[-1 - STALL_WINDOW]:
+            break  # wandering (no minimiser near θˢ?): report rather than grind on
         n_iter += 1
         _, pullback = vjp(grad_fn, theta)
 
@@ -167,7 +180,7 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
         H = LinearOperator((P, P), matvec=hessp, dtype=np.float64)
         g_np = g.cpu().numpy().astype(np.float64)
         forcing = min(0.1, np.sqrt(float(g.norm()) / g0))  # superlinear inexact Newton
-        p, _ = minres(H, -g_np, rtol=forcing * 1e-3, maxiter=10 * P)
+        p, _ = minres(H, -g_np, rtol=forcing * 1e-3, maxiter=min(10 * P, MINRES_MAX_ITER))
         step = torch.as_tensor(p, dtype=theta.dtype, device=theta.device)
         t, g_norm = 1.0, float(g.norm())
         while True:
@@ -179,6 +192,7 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
         if float(g_new.norm()) >= g_norm:  # no progress possible at this precision
             break
         theta, g = candidate, g_new
+        history.append(float(g.norm()))
     g_final = float(g.norm())
     return MinimizeResult(theta, g_final, g0, n_iter, g_final <= target,
                           time.perf_counter() - start)
@@ -186,7 +200,7 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
 
 def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Tensor,
                                solve: Callable[[Tensor], Tensor], *, tol: float = 1e-9,
-                               max_iter: int = 200) -> list[MinimizeResult]:
+                               max_iter: int = 50) -> list[MinimizeResult]:
     """Minimise the objectives of several removed samples at once (chord method).
 
     Every removed sample's PBRF has, at ``θˢ``, the Hessian

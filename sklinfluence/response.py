@@ -134,7 +134,7 @@ class ResponseContext:
     max_iter: int | None = None
     batch_size: int | None = None
     pbrf_tol: float = 1e-9
-    pbrf_max_iter: int = 200
+    pbrf_max_iter: int = 50
     recipe: Any = None
     theta_0: Tensor | None = None
     seed: int | None = None
@@ -311,13 +311,16 @@ class Responder:
         computed = run_responses(
             compute, missing.items(), rung_key=rung_key, n_jobs=ctx.n_jobs, store=ctx.store,
             verbose=ctx.verbose, desc=r.name, batch=batch, like=ctx.model.params)
+        stopped = []
         for key, (delta, info, fresh) in computed.items():
             RESPONSE_CACHE.put((rung_key, key), (delta, info))
             known[key] = (delta, info)
             if fresh:
                 self.timings.setdefault(r.name, []).append(info["seconds"])
                 if not info.get("converged", True):
-                    _warn_not_converged(r, ctx, int(missing[key][3]), info)
+                    stopped.append((int(missing[key][3]), info))
+        if stopped:
+            _warn_not_converged(r, ctx, stopped, len(computed))
         rows = [known[key][0] for key in keys]
         infos = [known[key][1] for key in keys]
         keys_ = dict.fromkeys(k for info in infos for k in info)
@@ -328,17 +331,22 @@ class Responder:
         return torch.stack(rows)
 
 
-def _warn_not_converged(r: Rung, ctx: ResponseContext, m: int, info: dict) -> None:
-    lowest = info.get("lowest_curvature", 0.0)
-    advice = (f" Its Hessian at θˢ has a negative eigenvalue {lowest:.3e}: the removal term "
-              "outweighs curvature plus damping, so the objective is not convex there and "
-              f"may have no minimiser near θˢ; damping above {ctx.damping - lowest:.3e} makes "
-              "it convex." if lowest < 0 else " Increase max_iter.")
+def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) -> None:
+    """One warning for the solves of a call that stopped short, the worst one named."""
+    m, info = max(stopped, key=lambda s: s[1]["grad_norm"] / max(s[1]["initial_grad_norm"],
+                                                                   1e-300))
+    lowest = min(i.get("lowest_curvature", 0.0) for _, i in stopped)
+    advice = (f" The most negative eigenvalue of their Hessians at θˢ is {lowest:.3e}: the "
+              "removal term outweighs curvature plus damping, so these objectives are not "
+              "convex there and may have no minimiser near θˢ; damping above "
+              f"{ctx.damping - lowest:.3e} makes them convex." if lowest < 0
+              else " Increase max_iter.")
     where = f"training row {m}" if m >= 0 else "a sample"
     warnings.warn(
-        f"the {r.name} solve for {where} stopped after {int(info['n_iter'])} iterations with "
-        f"gradient norm {info['grad_norm']:.3e} (initial {info['initial_grad_norm']:.3e}, "
-        f"target {ctx.pbrf_tol:g} × initial)." + advice, ConvergenceWarning, stacklevel=4)
+        f"{len(stopped)} of {n} {r.name} solves stopped short of tol={ctx.pbrf_tol:g}; the "
+        f"worst, for {where}, after {int(info['n_iter'])} iterations with gradient norm "
+        f"{info['grad_norm']:.3e} (initial {info['initial_grad_norm']:.3e})." + advice,
+        ConvergenceWarning, stacklevel=4)
 
 
 def compute_each(ctx: ResponseContext, items: list) -> list:
@@ -392,9 +400,10 @@ def compute_pbrf_batch(ctx: ResponseContext, solver: Any, items: list) -> list:
         info = {"grad_norm": result.grad_norm, "initial_grad_norm": result.initial_grad_norm,
                 "n_iter": result.n_iter, "converged": result.converged, "seconds": seconds}
         if not result.converged:
-            single = ResponseObjective(ctx.model, ctx.X, ctx.T, theta_s, x, t, ctx.epsilon,
-                                       objective.damping, True)
-            info["lowest_curvature"] = single.lowest_curvature()
+            info["lowest_curvature"] = result.lowest_curvature if result.lowest_curvature \
+                is not None else ResponseObjective(ctx.model, ctx.X, ctx.T, theta_s, x, t,
+                                                   ctx.epsilon, objective.damping,
+                                                   True).lowest_curvature()
         out.append((result.theta - theta_s, info))
     return out
 

@@ -18,7 +18,7 @@ def test_readme_opens_with_two_setup_commands_and_ci_runs_the_test_one():
     commands = _readme_commands()
     assert len(commands) >= 2
     run_job, run_tests = commands[:2]
-    assert 'pip install "torch==2.13.0"' in run_job and "examples/quickstart.py" in run_job
+    assert 'pip install "torch==2.13.0"' in run_job and "sklinfluence decompose" in run_job
     assert 'pip install "torch==2.13.0"' in run_tests and "pytest" in run_tests
     ci = (ROOT / ".ci" / "run").read_text()
     assert run_tests in ci.splitlines()
