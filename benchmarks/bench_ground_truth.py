@@ -86,7 +86,8 @@ def worker(args):
         shared = info.get("build_seconds", 0.0) + info.get("factor_seconds", 0.0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "shared_factor_seconds": shared, "peak_mib": peak, "peak_children_mib": peak_children,
+    print(json.dumps({"seconds": seconds, "shared_factor_seconds": shared, "peak_mib": peak,
+                      "peak_children_mib": peak_children,
                       "checksum": float(np.abs(delta).sum()), "delta0": delta[0, :5].tolist()}))
 
 

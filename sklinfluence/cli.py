@@ -256,7 +256,8 @@ def _rank(args: argparse.Namespace) -> None:
               "of the ranking):")
         for fraction in (0.05, 0.1, 0.2, 0.3, 0.5):
             k = max(1, int(round(fraction * len(y))))
-            print(f"  inspect {fraction:>4.0%}: found {found[k - 1]:6.1%}  (random: {fraction:.0%})")
+            print(f"  inspect {fraction:>4.0%}: found {found[k - 1]:6.1%}  "
+                  f"(random: {fraction:.0%})")
         import matplotlib
 
         matplotlib.use("Agg")

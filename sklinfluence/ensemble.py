@@ -50,7 +50,8 @@ def ensemble_supported(net: Any, module: torch.nn.Module) -> tuple[bool, str]:
     if getattr(net, "callbacks", None) not in (None, [], (), "disable"):
         return False, "the net has callbacks, which may change the training loop"
     if net.optimizer not in _ELEMENTWISE:
-        return False, f"optimizer {getattr(net.optimizer, '__name__', net.optimizer)} is not element-wise"
+        name = getattr(net.optimizer, "__name__", net.optimizer)
+        return False, f"optimizer {name} is not element-wise"
     params = net.get_params()
     if "optimizer__param_groups" in params:
         return False, "the optimiser has several parameter groups"

@@ -64,7 +64,8 @@ class LinearAdapter:
         self.classifier = isinstance(est, LogisticRegression)
         self.target_kind = "index" if self.classifier else "float"
         if isinstance(est, Ridge) and np.ndim(est.alpha) != 0:
-            raise ValueError("Ridge with one alpha per target is not supported; use a scalar alpha.")
+            raise ValueError("Ridge with one alpha per target is not supported; "
+                             "use a scalar alpha.")
         if getattr(est, "positive", False):
             raise ValueError(f"{type(est).__name__}(positive=True) is a constrained fit; "
                              "influence needs an unconstrained one. Use positive=False.")
