@@ -73,6 +73,8 @@ def test_readme_usage_snippet_runs():
      ["LogisticRegression(C=1)", "MLP 30-32-32-1", "IF–PBRF Spearman"]),
     ("decompose_mlp.py", ["--n-removed", "3", "--n-train", "150", "--epochs", "5"],
      ["warm_start_gap", "IF vs pbrf: Spearman"]),
+    ("mislabel_detection.py", ["--n-train", "100", "--epochs", "5"],
+     ["training loss", "leave-one-out", "random"]),
 ])
 def test_examples_run_and_write_their_plots(script, args, expected, tmp_path):
     plot = tmp_path / "plot.png"
