@@ -75,6 +75,8 @@ def test_readme_usage_snippet_runs():
      ["warm_start_gap", "IF vs pbrf: Spearman"]),
     ("mislabel_detection.py", ["--n-train", "100", "--epochs", "5"],
      ["training loss", "leave-one-out", "random"]),
+    ("five_terms_sweeps.py", ["--n-train", "80", "--n-removed", "2"],
+     ["diabetes (regression)", "digits, damping = 0.1"]),
 ])
 def test_examples_run_and_write_their_plots(script, args, expected, tmp_path):
     plot = tmp_path / "plot.png"
