@@ -68,8 +68,7 @@ class BaseResponseEstimator(BaseEstimator):
                 raise ValueError(f"class labels must be 1-D, got y with shape {y.shape}.")
             known = adapter.known_classes()
             self.classes_ = known if known is not None else np.unique(y)
-            if hasattr(adapter, "resolve_target_kind"):
-                adapter.resolve_target_kind(self.classes_)
+            adapter.resolve_target_kind(self.classes_)
             if adapter.target_kind == "binary":
                 self.classes_ = self._binary_classes(self.classes_)
         self._target_kind = adapter.target_kind

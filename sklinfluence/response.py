@@ -299,7 +299,9 @@ class Responder:
                 known[key] = found
             elif key not in missing:
                 missing[key] = (r, X[i], T[i], int(index[i]))
-        if r.method == "minimize" and r.bregman and ctx.removal_batch_size > 1:
+        if not missing:
+            compute, batch = None, 1
+        elif r.method == "minimize" and r.bregman and ctx.removal_batch_size > 1:
             compute = partial(compute_pbrf_batch, ctx, self.chord_solver())
             batch = ctx.removal_batch_size
         elif (r.method == "retrain" and ctx.removal_batch_size > 1

@@ -67,6 +67,10 @@ class SkorchAdapter:
                 "pass the unfitted net to let the estimator train it."
             )
 
+    def resolve_target_kind(self, classes: np.ndarray | None) -> str:
+        """The criterion alone decides the targets of a skorch net."""
+        return self.target_kind
+
     def known_classes(self) -> np.ndarray | None:
         """Classes a frozen classifier was trained on (``None``: infer from ``y``)."""
         known = getattr(self.net, "classes_", None) if self.frozen else None
