@@ -58,6 +58,18 @@ class BaseResponseEstimator(BaseEstimator):
                 "one; got 0. Leave epsilon=None for 1/N."
             )
         adapter = make_adapter(self.net)
+        y_array = np.asarray(y) if adapter.target_kind == "float" and y is not None else None
+        if y_array is not None and y_array.dtype.kind in "OUS":  # text: numbers or labels?
+            try:
+                y_array.astype(np.float64)
+            except (TypeError, ValueError):
+                model = getattr(adapter, "net", getattr(adapter, "est", None))
+                raise ValueError(
+                    f"{type(model).__name__} is a regressor (squared loss) and needs numeric "
+                    f"targets; got values like {str(y_array.flat[0])!r}. For class labels "
+                    "use a classifier (NeuralNetClassifier with CrossEntropyLoss, or "
+                    "LogisticRegression)."
+                ) from None
         X, y = validate_data(self, X, y, dtype=np.float64,
                              y_numeric=adapter.target_kind == "float",
                              multi_output=adapter.target_kind == "float")
