@@ -195,6 +195,16 @@ class BaseResponseEstimator(BaseEstimator):
             same[torch.as_tensor(known)] = ~diff.any(dim=1).cpu()
         return Xt, Tt, np.where(same.numpy(), index, -1)
 
+    def _own_loss_change(self, X: torch.Tensor, T: torch.Tensor,
+                         delta: torch.Tensor) -> np.ndarray:
+        """``L_m(θˢ + Δθ_m) − L_m(θˢ)`` for each row ``m``."""
+        model, theta = self.model_, self.model_.params
+        with torch.no_grad():
+            after = torch.stack([model.losses(theta + d, X[i:i + 1], T[i:i + 1])[0]
+                                 for i, d in enumerate(delta)]) if len(delta) else delta[:, 0]
+            before = model.losses(theta, X, T)
+        return (after - before).to(torch.float64).cpu().numpy()
+
     def _eval_targets(self, X_eval: Any, y_eval: Any) -> tuple:
         if X_eval is None:
             raise ValueError("loss_change needs X_eval, the evaluation inputs.")
@@ -259,16 +269,6 @@ class RungViewMixin:
             itself).
         """
         return self._own_loss_change(*self._responses(X, y))
-
-    def _own_loss_change(self, X: torch.Tensor, T: torch.Tensor,
-                         delta: torch.Tensor) -> np.ndarray:
-        """``L_m(θˢ + Δθ_m) − L_m(θˢ)`` for each row ``m``."""
-        model, theta = self.model_, self.model_.params
-        with torch.no_grad():
-            after = torch.stack([model.losses(theta + d, X[i:i + 1], T[i:i + 1])[0]
-                                 for i, d in enumerate(delta)]) if len(delta) else delta[:, 0]
-            before = model.losses(theta, X, T)
-        return (after - before).to(torch.float64).cpu().numpy()
 
     def loss_change(self, X: Any, y: Any = None, X_eval: Any = None,
                     y_eval: Any = None) -> np.ndarray:

@@ -216,12 +216,12 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
             self.T_eval_ = None
         return self
 
-    def _thetas(self, X: Any, y: Any) -> tuple:
-        """Samples, targets and every rung's parameters, shape ``(n, 6, P)``."""
+    def _deltas(self, X: Any, y: Any) -> tuple:
+        """Samples, targets and every rung's response ``θ_k − θˢ``, shape ``(n, 6, P)``."""
         check_is_fitted(self, "responder_")
         Xt, Tt, index = self._targets_for(X, y)
         deltas = [self.responder_.param_change(r, Xt, Tt, index) for r in LADDER]
-        return Xt, Tt, self.model_.params + torch.stack(deltas, dim=1)
+        return Xt, Tt, torch.stack(deltas, dim=1)
 
     def rung_responses(self, X: Any, y: Any = None) -> dict:
         """Each rung's parameter response ``θ_k − θˢ`` to removing each sample.
@@ -238,7 +238,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         dict of str to ndarray of shape (n_samples, n_params)
             Keyed by rung name, in ladder order.
         """
-        deltas = (self._thetas(X, y)[2] - self.model_.params).to(torch.float64).cpu().numpy()
+        deltas = self._deltas(X, y)[2].to(torch.float64).cpu().numpy()
         return {r.name: deltas[:, k] for k, r in enumerate(LADDER)}
 
     def rung_losses(self, X: Any, y: Any = None) -> np.ndarray:
@@ -259,7 +259,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         check_is_fitted(self, "responder_")
         if self.T_eval_ is None:
             raise ValueError("rung_losses needs evaluation targets: fit with y_eval.")
-        thetas = self._thetas(X, y)[2]
+        thetas = self.model_.params + self._deltas(X, y)[2]
         with torch.no_grad():
             q = torch.stack([torch.stack([self.model_.losses(th, self.X_eval_, self.T_eval_).mean()
                                           for th in row]) for row in thetas]) \
@@ -285,14 +285,9 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         ndarray of shape (n_samples, 6)
             Columns in ladder order (cold-start LOO … influence).
         """
-        Xt, Tt, thetas = self._thetas(X, y)
-        model = self.model_
-        with torch.no_grad():
-            before = model.losses(model.params, Xt, Tt)
-            after = torch.stack([torch.stack([model.losses(th, Xt[i:i + 1], Tt[i:i + 1])[0]
-                                              for th in row]) for i, row in enumerate(thetas)]) \
-                if len(thetas) else thetas.new_zeros((0, len(LADDER)))
-        return (after - before[:, None]).to(torch.float64).cpu().numpy()
+        Xt, Tt, deltas = self._deltas(X, y)
+        return np.column_stack([self._own_loss_change(Xt, Tt, deltas[:, k])
+                                for k in range(len(LADDER))]).reshape(len(Xt), len(LADDER))
 
     def transform(self, X: Any, y: Any = None) -> np.ndarray:
         """The five terms for each removed sample.
@@ -312,7 +307,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         """
         if self.metric == "loss":
             return np.diff(self.rung_losses(X, y), axis=1)
-        thetas = self._thetas(X, y)[2]
+        thetas = self.model_.params + self._deltas(X, y)[2]
         with torch.no_grad():
             rows = []
             for row in thetas:
