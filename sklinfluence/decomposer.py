@@ -259,7 +259,8 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         check_is_fitted(self, "responder_")
         if self.T_eval_ is None:
             raise ValueError("rung_losses needs evaluation targets: fit with y_eval.")
-        thetas = self.model_.params + self._deltas(X, y)[2]
+        deltas = self._deltas(X, y)[2]  # checks fitted first
+        thetas = self.model_.params + deltas
         with torch.no_grad():
             q = torch.stack([torch.stack([self.model_.losses(th, self.X_eval_, self.T_eval_).mean()
                                           for th in row]) for row in thetas]) \
@@ -307,7 +308,8 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         """
         if self.metric == "loss":
             return np.diff(self.rung_losses(X, y), axis=1)
-        thetas = self.model_.params + self._deltas(X, y)[2]
+        deltas = self._deltas(X, y)[2]  # checks fitted first
+        thetas = self.model_.params + deltas
         with torch.no_grad():
             rows = []
             for row in thetas:
