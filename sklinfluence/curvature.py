@@ -72,6 +72,15 @@ class Curvature:
     def n_params(self) -> int:
         return self.model.n_params
 
+    def astype(self, dtype: torch.dtype) -> "Curvature":
+        """The same operator computed in ``dtype`` (inputs and results in ``dtype``)."""
+        def cast(t: Tensor) -> Tensor:
+            return t.to(dtype) if t.is_floating_point() else t
+
+        return Curvature(self.model.astype(dtype), cast(self.X), cast(self.T), kind=self.kind,
+                         damping=self.damping, theta=cast(self.theta),
+                         batch_size=self.batch_size)
+
     def _diagonal(self) -> Tensor:
         return self.model.weight_decay + self.damping
 

@@ -47,9 +47,12 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         ``FrozenEstimator`` net is refused by ``transform``).
     damping : float, default=1e-3
         ``λ`` of the proximal rungs and the influence solves.
-    solver : {"exact", "cg"}, default="exact"
-        Solver of the practical influence (rung 5). Rung 4 is always the
-        exact damped Gauss–Newton solve.
+    solver : {"auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi"}, default="auto"
+        Solver of the practical influence (rung 5), as in
+        :class:`~sklinfluence.InfluenceEstimator`. Rung 4 is always the exact
+        damped Gauss–Newton solve.
+    solver_params : dict, default=None
+        Options of ``solver`` (see :class:`~sklinfluence.InfluenceEstimator`).
     curvature : {"ggn", "hessian"}, default="ggn"
         Curvature of rung 5.
     metric : {"output_l2", "loss"}, default="output_l2"
@@ -64,9 +67,9 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
     weight_decay : "auto" or float, default="auto"
         ``μ``; ``"auto"`` reads the optimiser's ``weight_decay``.
     tol : float, default=1e-10
-        CG tolerance of rung 5 (``solver="cg"``).
+        CG/LiSSA tolerance of rung 5.
     max_iter : int, default=None
-        CG iteration cap of rung 5.
+        CG/LiSSA iteration cap of rung 5.
     pbrf_tol : float, default=1e-9
         Relative gradient tolerance of the PBRF solves.
     pbrf_max_iter : int, default=50
@@ -144,6 +147,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
            if k != "epsilon"},
         **BaseResponseEstimator._execution_constraints,
         "solver": [StrOptions(set(SOLVERS))],
+        "solver_params": [None, dict],
         "curvature": [StrOptions(set(CURVATURES))],
         "metric": [StrOptions(set(METRICS))],
         "warm_start_fraction": [Interval(Real, 0, None, closed="neither")],
@@ -154,8 +158,8 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         "removal_batch_size": [Interval(Integral, 1, None, closed="left")],
     }
 
-    def __init__(self, net: Any, *, damping: float = 1e-3, solver: str = "exact",
-                 curvature: str = "ggn", metric: str = "output_l2",
+    def __init__(self, net: Any, *, damping: float = 1e-3, solver: str = "auto",
+                 solver_params: dict | None = None, curvature: str = "ggn", metric: str = "output_l2",
                  warm_start_fraction: float = 0.5, weight_decay: str | float = "auto",
                  tol: float = 1e-10, max_iter: int | None = None, pbrf_tol: float = 1e-9,
                  pbrf_max_iter: int = 50, batch_size: int | None = None,
@@ -165,6 +169,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         self.net = net
         self.damping = damping
         self.solver = solver
+        self.solver_params = solver_params
         self.curvature = curvature
         self.metric = metric
         self.warm_start_fraction = warm_start_fraction
@@ -202,7 +207,8 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         self._fit_net(X, y)
         self.rungs_ = [r.name for r in LADDER]
         self.responder_ = Responder(self._context(
-            curvature=self.curvature, solver=self.solver, tol=self.tol, max_iter=self.max_iter,
+            curvature=self.curvature, solver=self.solver, solver_params=self.solver_params,
+            tol=self.tol, max_iter=self.max_iter,
             pbrf_tol=self.pbrf_tol, pbrf_max_iter=self.pbrf_max_iter,
             warm_start_epochs=warm_start_epochs(self._adapter.max_epochs(self.net_),
                                                 self.warm_start_fraction)))

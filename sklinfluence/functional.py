@@ -198,6 +198,16 @@ class FunctionalModel:
     def n_params(self) -> int:
         return int(self.params.numel())
 
+    def astype(self, dtype: torch.dtype) -> "FunctionalModel":
+        """A copy computing in ``dtype`` (e.g. float32 products for mixed precision)."""
+        other = copy.copy(self)
+        other.module = copy.deepcopy(self.module).to(dtype)
+        other.params = self.params.to(dtype)
+        other.weight_decay = self.weight_decay.to(dtype)
+        other.frozen = {k: v.to(dtype) if v.is_floating_point() else v
+                        for k, v in self.frozen.items()}
+        return other
+
     # ------------------------------------------------------------ functional
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Split a flat vector into the module's named parameter tensors."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from numbers import Integral, Real
 from typing import Any
 
@@ -43,12 +44,29 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         without retraining, wrap it: ``FrozenEstimator(trained_net)``.
     damping : float, default=1e-3
         ``λ ≥ 0`` added to the curvature's diagonal.
-    solver : {"exact", "cg"}, default="exact"
-        ``"exact"`` builds the dense ``P × P`` curvature in float64 and
-        factorises it once at ``fit`` (memory ``8 P²`` bytes). ``"cg"`` is
-        matrix-free conjugate gradients over all right-hand sides at once.
+    solver : {"auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi"}, default="auto"
+        How ``(C + λI)⁻¹`` is applied (:mod:`sklinfluence.solvers`):
+
+        - ``"exact"``: dense ``P × P`` curvature in float64, factorised once
+          at ``fit`` (memory ``8 P²`` bytes);
+        - ``"cg"``: matrix-free conjugate gradients on all right-hand sides at
+          once, optionally preconditioned (``solver_params``); exact to
+          ``tol``;
+        - ``"lissa"``: truncated Neumann series (full batch), its scale from a
+          Lanczos estimate of the top eigenvalue; exact to ``tol`` but slow
+          when the curvature is ill-conditioned;
+        - ``"ekfac"`` / ``"kfac"``: (eigenvalue-corrected) Kronecker-factored
+          Gauss–Newton of ``nn.Linear`` layers — approximate, fast, no
+          iterations;
+        - ``"arnoldi"``: top-``rank`` eigenpairs plus damping — approximate;
+        - ``"auto"``: ``"exact"`` up to 5,000 parameters, block CG above.
+    solver_params : dict, default=None
+        Options of the solver: for ``"cg"`` ``{"preconditioner": "ekfac" |
+        "kfac" | "arnoldi" | None, "rank": int}``; for ``"lissa"``
+        ``{"scale": float}``; for ``"arnoldi"`` ``{"rank": int}`` (default 50).
     curvature : {"ggn", "hessian"}, default="ggn"
         Gauss–Newton matrix (positive semi-definite) or the Hessian of ``J``.
+        ``"ekfac"``/``"kfac"`` support the Gauss–Newton matrix only.
     epsilon : float, default=None
         Weight removed from the sample: ``None`` means ``1/N`` (remove one
         sample); ``-1/N`` estimates adding a copy.
@@ -56,12 +74,16 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         ``μ`` of the objective: ``"auto"`` reads the optimiser's
         ``weight_decay`` per parameter group; a float overrides it.
     tol : float, default=1e-10
-        Relative residual at which CG stops (``solver="cg"``).
+        Relative residual ``‖b − A x‖/‖b‖`` at which CG and LiSSA stop.
     max_iter : int, default=None
-        CG iteration cap (``None``: ten times the number of parameters).
+        Iteration cap of CG (``None``: ten times the number of parameters)
+        and LiSSA (``None``: 1,000); a solve stopped short warns with its
+        residual (:class:`~sklearn.exceptions.ConvergenceWarning`).
     batch_size : int, default=None
         Number of samples processed at once for gradients and curvature
-        products (``None``: all). Bounds memory, never changes results.
+        products, and the chunk in which the larger side of an influence
+        matrix is streamed (``None``: all). Bounds memory, never changes
+        results.
     random_state : int, RandomState instance or None, default=None
         Seeds what the net draws in ``fit`` — the module's initial weights
         when ``net.module`` is a class, the batch order when it shuffles,
@@ -76,11 +98,16 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         The net as a pure function of its flat parameters.
     responder_ : Responder
         Computes the parameter responses (``param_change``).
-    solver_ : ExactSolver or CGSolver
-        The fitted solver; ``solver_.last_solve`` records the latest solve
-        (iterations, relative residual, time).
-    solver_info_ : dict
-        What ``fit`` did to prepare the solver (build and factor times, …).
+    solver_ : object
+        The fitted solver (:mod:`sklinfluence.solvers`);
+        ``solver_.last_solve`` records the latest solve.
+    diagnostics_ : dict
+        What the solver did: set by ``fit`` (``solver``, the solver ``"auto"``
+        chose, set-up times such as ``build_seconds``/``fit_seconds``,
+        ``memory_bytes``, eigenvalue estimates ``top_eigenvalue`` … where
+        computed) and updated by every scoring call (``n_rhs``, ``n_iter``,
+        ``max_relative_residual``, ``converged``, ``gradient_seconds``,
+        ``solve_seconds``).
     epsilon_ : float
         The ``ε`` in use.
     n_train_ : int
@@ -97,7 +124,15 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
     measured loss, i.e. the sample was helpful (SPEC §4).
 
     The influence on a measurement ``Q`` is ``ε ∇Q(θˢ)ᵀ (C + λI)⁻¹ ∇L_m(θˢ)``.
-    For an influence matrix the solve is done on the side with fewer vectors.
+    For an influence matrix (``loss_change``) the solve is done on the side
+    with fewer vectors (``s`` of them) and the other side's gradients are
+    streamed in chunks of ``c = batch_size`` rows, so the memory is about
+
+        ``8 P (2 s + c) + 8 n_train n_eval`` bytes
+
+    plus the solver's own (``8 P²`` exact; ``40 s P`` CG; EK-FAC
+    ``8 Σ_l (d_out² + d_in² + d_out d_in)``; Arnoldi ``8 rank P``) and one
+    batch of activations, in float64.
 
     References
     ----------
@@ -125,6 +160,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
     _parameter_constraints: dict = {
         **BaseResponseEstimator._parameter_constraints,
         "solver": [StrOptions(set(SOLVERS))],
+        "solver_params": [None, dict],
         "curvature": [StrOptions(set(CURVATURES))],
         "tol": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [None, Interval(Integral, 1, None, closed="left")],
@@ -135,7 +171,8 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         net: Any,
         *,
         damping: float = 1e-3,
-        solver: str = "exact",
+        solver: str = "auto",
+        solver_params: dict | None = None,
         curvature: str = "ggn",
         epsilon: float | None = None,
         weight_decay: str | float = "auto",
@@ -147,6 +184,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         self.net = net
         self.damping = damping
         self.solver = solver
+        self.solver_params = solver_params
         self.curvature = curvature
         self.epsilon = epsilon
         self.weight_decay = weight_decay
@@ -174,9 +212,10 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         """
         self._fit_net(X, y)
         self.responder_ = Responder(self._context(
-            curvature=self.curvature, solver=self.solver, tol=self.tol, max_iter=self.max_iter))
+            curvature=self.curvature, solver=self.solver, solver_params=self.solver_params,
+            tol=self.tol, max_iter=self.max_iter))
         self.solver_ = self.responder_.solver()
-        self.solver_info_ = dict(self.solver_.info)
+        self.diagnostics_ = {"requested_solver": self.solver, **self.solver_.info}
         return self
 
     def _rung(self) -> Rung:
@@ -185,8 +224,27 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
     def _grads(self, X: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
         return self.model_.per_sample_grads(self.model_.params, X, T, self.batch_size)
 
-    def _solve(self, B: torch.Tensor) -> torch.Tensor:
-        return self.solver_.solve(B).to(torch.float64)
+    def _chunks(self, n: int) -> list[slice]:
+        step = self.batch_size or max(n, 1)
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def _record(self, gradient_seconds: float, solves: list) -> None:
+        """Merge the latest call's solves into ``diagnostics_``."""
+        residuals = [s.max_relative_residual for s in solves
+                     if s.max_relative_residual is not None]
+        self.diagnostics_.update({
+            "n_rhs": sum(s.n_rhs for s in solves),
+            "n_iter": max((s.n_iter for s in solves), default=0),
+            "max_relative_residual": max(residuals) if residuals else None,
+            "converged": all(s.converged for s in solves),
+            "gradient_seconds": gradient_seconds,
+            "solve_seconds": sum(s.seconds for s in solves),
+        })
+
+    def _solve(self, B: torch.Tensor, solves: list) -> torch.Tensor:
+        X = self.solver_.solve(B).to(torch.float64)
+        solves.append(self.solver_.last_solve)
+        return X
 
     def score_samples(self, X: Any, y: Any = None) -> np.ndarray:
         """Estimated change of each sample's own loss when it is removed.
@@ -208,9 +266,15 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
             helpful to itself, as every training sample is with ``C`` PSD).
         """
         Xt, Tt, _ = self._targets_for(X, y)
-        G = self._grads(Xt, Tt)
-        S = self._solve(G)
-        return (self.epsilon_ * (G.to(torch.float64) * S).sum(dim=1)).cpu().numpy()
+        scores, solves, gradient_seconds = [], [], 0.0
+        for rows in self._chunks(Xt.shape[0]):
+            start = time.perf_counter()
+            G = self._grads(Xt[rows], Tt[rows])
+            gradient_seconds += time.perf_counter() - start
+            scores.append((G.to(torch.float64) * self._solve(G, solves)).sum(dim=1))
+        self._record(gradient_seconds, solves)
+        result = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+        return (self.epsilon_ * result).cpu().numpy()
 
     def loss_change(self, X: Any, y: Any = None, X_eval: Any = None,
                     y_eval: Any = None) -> np.ndarray:
@@ -236,9 +300,21 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         """
         Xe, Te = self._eval_targets(X_eval, y_eval)
         Xt, Tt, _ = self._targets_for(X, y)
-        G_train, G_eval = self._grads(Xt, Tt), self._grads(Xe, Te)
-        if G_eval.shape[0] <= G_train.shape[0]:  # solve on the side with fewer vectors
-            result = G_train.to(torch.float64) @ self._solve(G_eval).T
-        else:
-            result = self._solve(G_train) @ G_eval.to(torch.float64).T
+        eval_side = Xe.shape[0] <= Xt.shape[0]  # solve on the side with fewer vectors
+        (Xs, Ts), (Xb, Tb) = ((Xe, Te), (Xt, Tt)) if eval_side else ((Xt, Tt), (Xe, Te))
+        solves: list = []
+        start = time.perf_counter()
+        G_small = self._grads(Xs, Ts)
+        gradient_seconds = time.perf_counter() - start
+        S = self._solve(G_small, solves)  # (n_small, P)
+        del G_small
+        blocks = []
+        for rows in self._chunks(Xb.shape[0]):  # stream the larger side
+            start = time.perf_counter()
+            G = self._grads(Xb[rows], Tb[rows]).to(torch.float64)
+            gradient_seconds += time.perf_counter() - start
+            blocks.append(G @ S.T)
+        self._record(gradient_seconds, solves)
+        result = torch.cat(blocks) if blocks else S.new_zeros((0, S.shape[0]))
+        result = result if eval_side else result.T
         return (self.epsilon_ * result).cpu().numpy()

@@ -46,7 +46,7 @@ from .curvature import Curvature
 from .execution import run_responses, sample_key
 from .functional import FunctionalModel
 from .pbrf import ResponseObjective, minimize_response, minimize_responses_batched
-from .solvers import make_solver
+from .solvers import EXACT_MAX_PARAMS, make_solver
 
 __all__ = ["Rung", "LADDER", "TERMS", "ResponseContext", "Responder", "ResponseCache",
            "RESPONSE_CACHE", "rung"]
@@ -98,8 +98,9 @@ class ResponseContext:
         Training inputs and targets (the objective's data).
     epsilon, damping : float
         ``ε`` and ``λ``.
-    curvature, solver, tol, max_iter, batch_size
-        Curvature and solver of the ``influence`` rung (CG ``tol``/``max_iter``).
+    curvature, solver, solver_params, tol, max_iter, batch_size
+        Curvature and solver of the ``influence`` rung (see
+        :func:`~sklinfluence.solvers.make_solver`).
     pbrf_tol, pbrf_max_iter
         Relative gradient tolerance and iteration cap of ``minimize`` rungs.
     recipe : adapter or None
@@ -129,7 +130,8 @@ class ResponseContext:
     epsilon: float
     damping: float
     curvature: str = "ggn"
-    solver: str = "exact"
+    solver: str = "auto"
+    solver_params: dict | None = None
     tol: float = 1e-10
     max_iter: int | None = None
     batch_size: int | None = None
@@ -184,10 +186,6 @@ class ResponseCache:
         return len(self._items)
 
 
-#: Up to this many parameters the batched PBRF uses the dense exact Gauss–Newton
-#: factor (8 P² bytes: 200 MB at 5,000); above, batched CG.
-CHORD_EXACT_MAX_PARAMS = 5000
-
 #: The process-wide response cache (see :class:`ResponseCache`).
 RESPONSE_CACHE = ResponseCache()
 
@@ -238,7 +236,8 @@ class Responder:
                 epochs = ctx.max_epochs if r.start == "initial" else ctx.warm_start_epochs
                 parts += [ctx.seed, epochs, ctx.recipe.recipe_key()]
             if r.method == "linear":
-                parts += [r.exact, ctx.curvature, ctx.solver, ctx.tol, ctx.max_iter]
+                parts += [r.exact, ctx.curvature, ctx.solver,
+                          sorted((ctx.solver_params or {}).items()), ctx.tol, ctx.max_iter]
             digest.update(repr(parts).encode())
             self._keys[r.name] = digest.hexdigest()
         return self._keys[r.name]
@@ -250,18 +249,20 @@ class Responder:
         if key not in self._solvers:
             curvature = Curvature(ctx.model, ctx.X, ctx.T, kind=key[0], damping=ctx.damping,
                                   batch_size=ctx.batch_size)
-            self._solvers[key] = make_solver(key[1], curvature, tol=ctx.tol,
-                                             max_iter=ctx.max_iter)
+            self._solvers[key] = make_solver(
+                key[1], curvature, tol=ctx.tol, max_iter=ctx.max_iter,
+                solver_params=None if exact else ctx.solver_params)
         return self._solvers[key]
 
     def chord_solver(self):
         """``(G + μI + λI)⁻¹``, shared by the batched PBRF solves.
 
-        The exact rung-4 solver (dense Cholesky) up to ``CHORD_EXACT_MAX_PARAMS``
-        parameters, batched CG to 1e-8 above.
+        The exact rung-4 solver (dense Cholesky) up to
+        :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` parameters, batched CG
+        to 1e-8 above.
         """
         ctx = self.context
-        if ctx.model.n_params <= CHORD_EXACT_MAX_PARAMS:
+        if ctx.model.n_params <= EXACT_MAX_PARAMS:
             return self.solver(exact=True)
         if "chord" not in self._solvers:
             curvature = Curvature(ctx.model, ctx.X, ctx.T, kind="ggn", damping=ctx.damping,

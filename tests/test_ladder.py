@@ -176,8 +176,9 @@ def test_solver_error_is_zero_for_exact_and_grows_when_cg_is_cut_short(converged
     exact = Decomposer(cold.net, damping=LAM, warm_start_fraction=0.2, random_state=0).fit(X, y)
     assert np.all(exact.transform(X[REMOVED])[:, 4] == 0.0)
     errors = []
-    for max_iter in (1, 2):
+    for max_iter in (1, 2):  # one column per block: a block of P columns solves at once
         short = Decomposer(cold.net, damping=LAM, solver="cg", max_iter=max_iter,
+                           solver_params={"block_size": 1},
                            warm_start_fraction=0.2, random_state=0).fit(X, y)
         with pytest.warns(ConvergenceWarning, match="CG stopped"):
             errors.append(short.transform(X[REMOVED])[:, 4])

@@ -20,3 +20,9 @@ IF_LOO_MIN_CORRELATION = 0.9
 RETRAIN_RTOL = 1e-8
 #: Absolute floor, as a fraction of the largest expected entry.
 LADDER_ATOL_REL = 1e-9
+#: Scores of the same frozen net under a different batch_size or training-row order
+#: (sums taken in another order), float64.
+INVARIANCE_RTOL = 1e-10
+#: Relative residual ‖b − A x‖/‖b‖ of a backward-stable solve, per unit of the condition
+#: number κ(A) (64 unit roundoffs; measured worst ≈ 1.3 on random least squares).
+SOLVE_RESIDUAL_PER_CONDITION = 64 * 2.220446049250313e-16

@@ -1,0 +1,71 @@
+"""Extreme eigenpairs of the damped curvature, matrix-free.
+
+Lanczos (scipy's ARPACK ``eigsh``, the symmetric form of the Arnoldi
+iteration) on the curvature's products: the top eigenvalue sets LiSSA's scale
+and is reported as a diagnostic; the top eigenpairs make the low-rank
+(``"arnoldi"``) inverse and preconditioner. ARPACK's start vector is fixed, so
+results are reproducible. Small problems (``P`` at most a few times the rank)
+use the dense matrix instead, where ARPACK has nothing to gain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import Tensor
+
+from .curvature import Curvature
+
+__all__ = ["top_eigenpairs", "top_eigenvalue"]
+
+DENSE_BELOW = 200
+
+
+def _operator(curvature: Curvature) -> LinearOperator:
+    model = curvature.model
+
+    def matmat(V: np.ndarray) -> np.ndarray:
+        V = torch.as_tensor(np.asarray(V).reshape(curvature.n_params, -1).T.copy(),
+                            dtype=model.dtype, device=model.device)
+        return curvature.matmat(V).T.to(torch.float64).cpu().numpy()
+
+    return LinearOperator((curvature.n_params,) * 2, matvec=matmat, matmat=matmat,
+                          dtype=np.float64)
+
+
+def top_eigenpairs(curvature: Curvature, rank: int, *, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """The ``rank`` largest eigenvalues (descending) and eigenvectors (rows).
+
+    Parameters
+    ----------
+    curvature : Curvature
+        The damped operator.
+    rank : int
+        Number of eigenpairs, ``1 ≤ rank ≤ P``.
+    tol : float, default=1e-6
+        Relative accuracy (ARPACK's ``tol``).
+
+    Returns
+    -------
+    values : Tensor of shape (rank,), float64
+    vectors : Tensor of shape (rank, P), float64, orthonormal rows
+    """
+    P = curvature.n_params
+    if not 1 <= rank <= P:
+        raise ValueError(f"rank must be between 1 and the number of parameters ({P}), "
+                         f"got {rank}.")
+    if P <= max(DENSE_BELOW, 3 * rank):
+        values, vectors = torch.linalg.eigh(curvature.dense())
+        return values.flip(0)[:rank].contiguous(), vectors.flip(1)[:, :rank].T.contiguous()
+    start = np.ones(P) / np.sqrt(P)
+    values, vectors = eigsh(_operator(curvature), k=rank, which="LA", tol=tol, v0=start,
+                            ncv=min(P, max(2 * rank + 1, 20)))
+    order = np.argsort(values)[::-1]
+    return (torch.as_tensor(values[order].copy()),
+            torch.as_tensor(vectors[:, order].T.copy()))
+
+
+def top_eigenvalue(curvature: Curvature, *, tol: float = 1e-4) -> float:
+    """Largest eigenvalue of the damped curvature (Lanczos, relative ``tol``)."""
+    return float(top_eigenpairs(curvature, 1, tol=tol)[0][0])

@@ -1,0 +1,236 @@
+"""Every solver against the exact damped solve, at the tolerance each can reach.
+
+CG (every preconditioner, any block size), LiSSA and full-rank Arnoldi are
+exact up to their stopping rule; EK-FAC is exact where its Kronecker
+factorisation is (one linear layer, one output, squared loss) and otherwise
+checked against its defining property. Chunking never changes an answer.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.frozen import FrozenEstimator
+from skorch import NeuralNetRegressor
+
+from linear_problems import recipe, well_conditioned_data
+from nets import make_net, toy_data
+from sklinfluence import InfluenceEstimator
+from sklinfluence.curvature import Curvature
+from sklinfluence.kfac import KroneckerFactors
+from sklinfluence.lowrank import top_eigenpairs
+from sklinfluence.solvers import (EXACT_MAX_PARAMS, LissaDivergenceError, LissaSolver,
+                                  make_solver, resolve_solver)
+from tolerances import CG_VS_EXACT_RTOL, CLOSED_FORM_RTOL, INVARIANCE_RTOL
+
+#: (solver, solver_params, tol) that are exact up to ``tol``.
+EXACT_UP_TO_TOL = [
+    ("cg", {}, 1e-13),
+    ("cg", {"block_size": 3}, 1e-13),
+    ("cg", {"mixed_precision": True}, 1e-12),
+    ("cg", {"preconditioner": "ekfac"}, 1e-13),
+    ("cg", {"preconditioner": "kfac"}, 1e-13),
+    ("cg", {"preconditioner": "arnoldi", "rank": 8}, 1e-13),
+    ("lissa", {}, 1e-13),
+    ("arnoldi", {"rank": 10_000}, 1e-13),  # capped at P below: full rank is exact
+]
+
+
+@pytest.fixture(scope="module", params=["MSELoss", "CrossEntropyLoss"])
+def trained(request):
+    kind = request.param
+    X, y = toy_data(kind, n=60)
+    net = make_net(kind, X.shape[1], hidden=8, max_epochs=30).fit(X, y)
+    return net, X, y
+
+
+def influence(net, X, y, **kwargs):
+    return InfluenceEstimator(FrozenEstimator(net), damping=0.3, **kwargs).fit(X, y)
+
+
+@pytest.mark.parametrize("solver, params, tol", EXACT_UP_TO_TOL,
+                         ids=[f"{s}-{sorted(p)}" for s, p, _ in EXACT_UP_TO_TOL])
+def test_solver_matches_the_exact_influence(trained, solver, params, tol):
+    net, X, y = trained
+    exact = influence(net, X, y, solver="exact")
+    if solver == "arnoldi":
+        params = {"rank": exact.model_.n_params}
+    est = influence(net, X, y, solver=solver, solver_params=params, tol=tol, max_iter=20_000)
+    ref = exact.loss_change(X, y, X[:7], y[:7])
+    got = est.loss_change(X, y, X[:7], y[:7])
+    assert_allclose(got, ref, rtol=CG_VS_EXACT_RTOL, atol=CG_VS_EXACT_RTOL * np.abs(ref).max())
+    assert_allclose(est.score_samples(X[:9]), exact.score_samples(X[:9]), rtol=CG_VS_EXACT_RTOL)
+    if solver in ("cg", "lissa"):
+        assert est.diagnostics_["converged"]
+        assert est.diagnostics_["max_relative_residual"] <= tol
+
+
+def test_block_cg_needs_fewer_iterations_than_one_column_at_a_time(trained):
+    net, X, y = trained
+    whole = influence(net, X, y, solver="cg", tol=1e-10)
+    columns = influence(net, X, y, solver="cg", solver_params={"block_size": 1}, tol=1e-10)
+    assert_allclose(whole.score_samples(X), columns.score_samples(X), rtol=CG_VS_EXACT_RTOL)
+    assert whole.diagnostics_["n_iter"] < columns.diagnostics_["n_iter"]
+
+
+def test_chunked_and_unchunked_influence_are_identical(trained):
+    net, X, y = trained
+    whole = influence(net, X, y)
+    chunked = influence(net, X, y, batch_size=7)
+    for est in (whole, chunked):  # both shapes: fewer eval points, and more
+        est.matrices = (est.loss_change(X, y, X[:5], y[:5]), est.loss_change(X[:4], y[:4], X, y))
+    for a, b in zip(whole.matrices, chunked.matrices):
+        assert_allclose(b, a, rtol=INVARIANCE_RTOL, atol=INVARIANCE_RTOL * np.abs(a).max())
+    assert_allclose(chunked.score_samples(X), whole.score_samples(X), rtol=INVARIANCE_RTOL)
+
+
+# ---------------------------------------------------------------- LiSSA
+@pytest.fixture(scope="module")
+def linear_curvature():
+    X, y = well_conditioned_data(n=30, d=3)
+    net = recipe(X, mu=0.1, max_epochs=50).fit(X, y.reshape(-1, 1))
+    est = InfluenceEstimator(FrozenEstimator(net), damping=0.05).fit(X, y)
+    return Curvature(est.model_, est.X_train_, est.T_train_, damping=0.05)
+
+
+@pytest.mark.parametrize("scale", [None, 3.0])
+def test_lissa_after_T_steps_equals_its_closed_form(linear_curvature, scale):
+    """x_T = A⁻¹[I − (I − A/σ)^{T+1}] b (SPEC §5), for a fixed depth T."""
+    C = linear_curvature
+    A = C.dense()
+    B = torch.randn(5, C.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for depth in (1, 4, 25):
+        solver = LissaSolver(C, tol=0.0, max_iter=depth, scale=scale)
+        sigma = solver.scale
+        if scale is None:  # 1.05 × the top eigenvalue
+            assert sigma == pytest.approx(1.05 * float(torch.linalg.eigvalsh(A)[-1]), rel=1e-6)
+        with pytest.warns(ConvergenceWarning, match="LiSSA stopped at max_iter"):
+            got = solver.solve(B)
+        step = torch.eye(C.n_params, dtype=torch.float64) - A / sigma
+        expected = torch.linalg.solve(
+            A, (torch.eye(C.n_params, dtype=torch.float64)
+                - torch.linalg.matrix_power(step, depth + 1)) @ B.T).T
+        assert_allclose(got.numpy(), expected.numpy(), rtol=CLOSED_FORM_RTOL, atol=1e-13)
+        assert solver.last_solve.n_iter == depth
+
+
+def test_lissa_with_too_small_a_scale_raises_and_suggests_one(linear_curvature):
+    C = linear_curvature
+    top = float(torch.linalg.eigvalsh(C.dense())[-1])
+    solver = LissaSolver(C, scale=0.3 * top, max_iter=500)
+    B = torch.ones(2, C.n_params, dtype=torch.float64)
+    with pytest.raises(LissaDivergenceError, match=r"LiSSA diverged .* scale ≥ (\S+) ") as err:
+        solver.solve(B)
+    suggested = float(re.search(r"scale ≥ (\S+) ", str(err.value)).group(1))
+    assert suggested > top  # the advice converges: > λ_max/2 with margin
+    converged = LissaSolver(C, scale=suggested, max_iter=5000, tol=1e-12).solve(B)
+    assert torch.isfinite(converged).all()
+    with pytest.raises(ValueError, match="positive number"):
+        LissaSolver(C, scale=-1.0)
+
+
+def test_lissa_through_the_estimator_diverges_loudly_never_nan():
+    X, y = well_conditioned_data(n=30, d=3)
+    net = recipe(X, mu=0.1, max_epochs=50).fit(X, y.reshape(-1, 1))
+    est = InfluenceEstimator(FrozenEstimator(net), solver="lissa",
+                             solver_params={"scale": 1e-3}).fit(X, y)
+    with pytest.raises(LissaDivergenceError, match="diverged"):
+        est.score_samples(X[:3])
+
+
+# ---------------------------------------------------------------- EK-FAC
+def test_ekfac_is_exact_for_one_linear_layer_with_one_output():
+    X, y = well_conditioned_data(n=40, d=4)
+    net = NeuralNetRegressor(torch.nn.Linear(4, 1, dtype=torch.float64), max_epochs=5, lr=0.05,
+                             optimizer__weight_decay=0.02, verbose=0, train_split=None)
+    net.fit(X, y.reshape(-1, 1))
+    exact = InfluenceEstimator(FrozenEstimator(net), solver="exact").fit(X, y)
+    for solver in ("ekfac", "kfac"):
+        est = InfluenceEstimator(FrozenEstimator(net), solver=solver).fit(X, y)
+        ref = exact.loss_change(X, y, X[:6], y[:6])
+        assert_allclose(est.loss_change(X, y, X[:6], y[:6]), ref, rtol=CLOSED_FORM_RTOL,
+                        atol=1e-12 * np.abs(ref).max())
+
+
+def _blocks_in_kronecker_basis(model, factors, dense):
+    """Each layer's exact GGN block, rotated into its Kronecker eigenbasis."""
+    for b in factors.blocks:
+        order = [b.weight.start + o * b.d_in + c if c < b.d_in else b.bias.start + o
+                 for o in range(b.d_out) for c in range(b.d_in + 1)]
+        Q = torch.kron(b.Q_S, b.Q_A)
+        yield b, Q.T @ dense[np.ix_(order, order)] @ Q
+
+
+def test_ekfac_eigenvalues_are_the_exact_diagonal_in_the_kronecker_basis(trained):
+    """EK-FAC's defining property, and why it beats K-FAC: its eigenvalues are
+    the diagonal of each layer's exact Gauss–Newton block in the Kronecker
+    eigenbasis — the closest (Frobenius) approximation with that basis, so
+    closer than K-FAC's products of factor eigenvalues."""
+    net, X, y = trained
+    model = influence(net, X, y).model_
+    Xt, Tt = torch.as_tensor(X), influence(net, X, y).T_train_
+    dense = Curvature(model, Xt, Tt, damping=0.0).dense()
+    ekfac = KroneckerFactors(model, Xt, Tt, damping=0.0)
+    kfac = KroneckerFactors(model, Xt, Tt, damping=0.0, corrected=False)
+    for (b, rotated), b_k in zip(_blocks_in_kronecker_basis(model, ekfac, dense), kfac.blocks):
+        diagonal = torch.diagonal(rotated).reshape(b.eigenvalues.shape)
+        assert_allclose(b.eigenvalues.numpy(), diagonal.numpy(), rtol=CLOSED_FORM_RTOL,
+                        atol=1e-12 * float(diagonal.abs().max()))
+        error_ekfac = (rotated - torch.diag(b.eigenvalues.flatten())).norm()
+        error_kfac = (rotated - torch.diag(b_k.eigenvalues.flatten())).norm()
+        assert error_ekfac < error_kfac
+
+
+def test_ekfac_refuses_what_it_cannot_factor(trained):
+    net, X, y = trained
+    with pytest.raises(ValueError, match="approximates the Gauss–Newton matrix"):
+        influence(net, X, y, solver="ekfac", curvature="hessian")
+    conv = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 4)), torch.nn.Conv1d(1, 2, 3),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 1)).double()
+    Xr, yr = toy_data("MSELoss", n=20, n_out=1)
+    reg = NeuralNetRegressor(conv, max_epochs=1, verbose=0, train_split=None).fit(Xr, yr)
+    with pytest.raises(ValueError, match=r"nn.Linear layers only.*'1.weight'.*solver='cg'"):
+        InfluenceEstimator(FrozenEstimator(reg), solver="ekfac").fit(Xr, yr)
+    auto = InfluenceEstimator(FrozenEstimator(reg)).fit(Xr, yr)  # auto never needs EK-FAC
+    assert auto.diagnostics_["solver"] == "exact"
+
+
+# ---------------------------------------------------------------- Arnoldi, auto
+def test_top_eigenpairs_by_lanczos_match_the_dense_ones():
+    X, y = toy_data("CrossEntropyLoss", n=50)
+    net = make_net("CrossEntropyLoss", X.shape[1], hidden=40, max_epochs=10).fit(X, y)
+    est = InfluenceEstimator(FrozenEstimator(net), damping=0.01).fit(X, y)
+    C = Curvature(est.model_, est.X_train_, est.T_train_, damping=0.01)
+    assert C.n_params > 200  # ARPACK, not the dense fallback
+    values, vectors = top_eigenpairs(C, 5, tol=1e-10)
+    dense = torch.linalg.eigvalsh(C.dense()).flip(0)[:5]
+    assert_allclose(values.numpy(), dense.numpy(), rtol=1e-8)
+    residual = C.matmat(vectors) - values[:, None] * vectors
+    assert float(residual.norm(dim=1).max()) < 1e-7 * float(values[0])
+    approx = make_solver("arnoldi", C, solver_params={"rank": 5})
+    assert approx.info["top_eigenvalue"] == pytest.approx(float(dense[0]), rel=1e-6)
+
+
+def test_auto_is_exact_for_small_nets_and_cg_above_the_memory_threshold(trained):
+    net, X, y = trained
+    est = influence(net, X, y)
+    assert est.diagnostics_["solver"] == "exact" and est.diagnostics_["requested_solver"] == "auto"
+    Xb, yb = toy_data("CrossEntropyLoss", n=8, d=100, n_out=2)
+    reg = make_net("CrossEntropyLoss", 100, 2, hidden=60, max_epochs=1).fit(Xb, yb)
+    model = InfluenceEstimator(FrozenEstimator(reg), solver="cg", max_iter=1).fit(Xb, yb).model_
+    assert model.n_params > EXACT_MAX_PARAMS
+    C = Curvature(model, torch.as_tensor(Xb), torch.as_tensor(yb), damping=1e-3)
+    assert resolve_solver("auto", C) == ("cg", {})
+    assert resolve_solver("lissa", C) == ("lissa", {})
+
+
+def test_unknown_solver_params_are_refused(trained):
+    net, X, y = trained
+    with pytest.raises(ValueError, match=r"solver_params \['rank'\] are not options of "
+                                         r"solver='lissa'; it accepts \['scale'\]"):
+        influence(net, X, y, solver="lissa", solver_params={"rank": 3})
+    with pytest.raises(ValueError, match="preconditioner"):
+        influence(net, X, y, solver="cg", solver_params={"preconditioner": "jacobi"})
