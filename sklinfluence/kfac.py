@@ -59,12 +59,6 @@ class LinearBlock:
     eigenvalues: Tensor | None = None  # (d_out, d_in + has_bias), without damping
 
 
-def _square_root(H: Tensor) -> Tensor:
-    """``L`` with ``L Lᵀ = H`` for a batch of symmetric PSD matrices ``(n, K, K)``."""
-    w, V = torch.linalg.eigh(H)
-    return V * w.clamp_min(0).sqrt().unsqueeze(-2)
-
-
 class KroneckerFactors:
     """K-FAC / EK-FAC approximation of the damped Gauss–Newton matrix.
 
@@ -177,7 +171,7 @@ class KroneckerFactors:
                             f"layer {block.name!r} receives inputs of shape {tuple(a.shape)}; "
                             "solver='ekfac'/'kfac' needs 2-D (samples × features) inputs. "
                             "Use solver='cg' or 'arnoldi'.")
-                root = _square_root(model.loss.output_hessian(out.detach(), tb))  # (B, K, K)
+                root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
                 cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
                 outputs = [records[b.name][0][1] for b in self.blocks]
                 grads = torch.autograd.grad(out, outputs, grad_outputs=cotangents,

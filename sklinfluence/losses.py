@@ -75,6 +75,15 @@ class OutputLoss:
         """Per-sample output Hessians ``H_i = ∂²L/∂y²``, shape ``(n, K, K)``."""
         return vmap(jacrev(grad(self._single)))(outputs, targets)
 
+    def output_hessian_root(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``L_i`` with ``L_i L_iᵀ = H_i`` (symmetric eigendecomposition), ``(n, K, K)``.
+
+        The supported losses are convex, so ``H_i`` is positive semi-definite;
+        rounding below zero is clipped.
+        """
+        w, V = torch.linalg.eigh(self.output_hessian(outputs, targets))
+        return V * w.clamp_min(0).sqrt().unsqueeze(-2)
+
     def bregman(self, outputs: Tensor, ref_outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-sample Bregman divergence ``D_L(y, y'; t)`` with ``y'`` = ``ref_outputs``.
 
