@@ -8,7 +8,7 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.linear_model import Ridge
 
 from nets import make_net, toy_data
-from sklinfluence import Decomposer, InfluenceEstimator, LOOEstimator, PBRFEstimator
+from sklinfluence import Decomposer, InfluenceEstimator, LOOEstimator
 
 X_REG, Y_REG = toy_data("MSELoss", n=30)
 X_CLS, Y_CLS = toy_data("CrossEntropyLoss", n=30)
@@ -115,6 +115,26 @@ CASES = [
      ValueError, "reference must be one of"),
     ("bad-score-metric", lambda: fitted("reg").score(X_REG[:4], metric="r2"), ValueError,
      "metric must be one of"),
+    ("solver-params-not-a-dict", lambda: InfluenceEstimator(reg(), solver_params=[1]).fit(
+        X_REG, Y_REG), ValueError, "'solver_params' parameter"),
+    ("solver-param-of-another-solver", lambda: InfluenceEstimator(
+        reg(), solver="exact", solver_params={"rank": 5}).fit(X_REG, Y_REG), ValueError,
+     r"\['rank'\] are not options of solver='exact'"),
+    ("unknown-preconditioner", lambda: InfluenceEstimator(
+        reg(), solver="cg", solver_params={"preconditioner": "ilu"}).fit(X_REG, Y_REG),
+     ValueError, r"preconditioner'\] must be one of"),
+    ("arnoldi-rank-above-P", lambda: InfluenceEstimator(
+        reg(), solver="arnoldi", solver_params={"rank": 10_000}).fit(X_REG, Y_REG), ValueError,
+     "rank must be between 1 and the number of parameters"),
+    ("lissa-negative-scale", lambda: InfluenceEstimator(
+        reg(), solver="lissa", solver_params={"scale": -2.0}).fit(X_REG, Y_REG), ValueError,
+     "scale must be a positive number"),
+    ("ekfac-with-hessian", lambda: InfluenceEstimator(
+        reg(), solver="ekfac", curvature="hessian").fit(X_REG, Y_REG), ValueError,
+     "approximates the Gauss–Newton matrix"),
+    ("arnoldi-without-damping", lambda: InfluenceEstimator(
+        reg(), solver="arnoldi", damping=0.0, solver_params={"rank": 3}).fit(X_REG, Y_REG),
+     ValueError, "needs damping > 0"),
 ]
 
 
