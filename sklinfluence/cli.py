@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -31,12 +32,23 @@ import numpy as np
 __all__ = ["main"]
 
 
+def _plain_write_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would leave: the file's own, or ``0o666 & ~umask``."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _plain_write_mode(path))  # mkstemp's 0o600 would make results private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

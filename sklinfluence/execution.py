@@ -139,8 +139,9 @@ def run_responses(compute: Callable, items: Iterable[tuple[str, tuple]], *, rung
     called on groups of ``batch`` items (batched solvers), and each group's
     results are saved before the next group starts. Returns
     ``{key: (delta, info, computed)}`` with ``computed`` False for results
-    loaded from the store. Work goes to joblib in chunks of several groups, so
-    that each task is worth shipping.
+    loaded from the store. Work goes to joblib in chunks of several whole groups,
+    so that each task is worth shipping and the groups — hence the answers, to
+    the last bit — are those of a sequential run.
     """
     items = list(items)
     results: dict = {}
@@ -159,8 +160,13 @@ def run_responses(compute: Callable, items: Iterable[tuple[str, tuple]], *, rung
     try:
         workers = effective_n_jobs(n_jobs)
         if todo and workers > 1:
-            size = max(1, math.ceil(len(todo) / (2 * workers)))
-            chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+            # Chunks of whole groups: each sample is solved in the same group as with
+            # n_jobs=1 (a batched solve's rounding depends on who shares it), so the
+            # answers do not depend on n_jobs.
+            groups = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+            size = max(1, math.ceil(len(groups) / (2 * workers)))
+            chunks = [[item for group in groups[i:i + size] for item in group]
+                      for i in range(0, len(groups), size)]
             tasks = (delayed(_run_chunk)(compute, chunk, rung_key, store, threads, batch)
                      for chunk in chunks)
             for done in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks):
