@@ -59,7 +59,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           Gauss–Newton of ``nn.Linear`` layers — approximate, fast, no
           iterations;
         - ``"arnoldi"``: top-``rank`` eigenpairs plus damping — approximate;
-        - ``"auto"``: ``"exact"`` up to 5,000 parameters, block CG above.
+        - ``"auto"``: ``"exact"`` up to 5,000 parameters, block CG above
+          (mixed precision for float64 nets: float32 products refined to
+          ``tol`` in float64).
     solver_params : dict, default=None
         Options of the solver: for ``"cg"`` ``{"preconditioner": "ekfac" |
         "kfac" | "arnoldi" | None, "rank": int}``; for ``"lissa"``

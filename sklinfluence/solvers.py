@@ -22,7 +22,7 @@ per row).  What it did is recorded in ``info`` (set-up) and ``last_solve``
   (:mod:`sklinfluence.lowrank`).
 
 :func:`make_solver` builds one by name; ``"auto"`` is exact while the dense
-matrix is small (``EXACT_MAX_PARAMS``) and block CG above.
+matrix is small (``EXACT_MAX_PARAMS``) and mixed-precision block CG above.
 
 Memory, for ``k`` right-hand sides of ``P`` parameters in float64 (8 bytes):
 exact ``8 P²`` (+ one chunk of Jacobians while building); CG ``5 · 8 k P``
@@ -200,7 +200,8 @@ class CGSolver(_SolverBase):
         definite), e.g. :class:`KroneckerSolver` or :class:`ArnoldiSolver`.
         It changes the iterations needed, never the answer.
     block_size : int, default=256
-        Right-hand sides per block; more share a larger Krylov space (fewer
+        Most right-hand sides per block (they are split into equal blocks);
+        more share a larger Krylov space (fewer
         iterations) but cost ``O(block_size² P)`` per iteration in dense
         algebra.
     mixed_precision : bool, default=False
@@ -290,9 +291,9 @@ class CGSolver(_SolverBase):
     def _solve_blocks(self, B: Tensor, curvature: Curvature, tol: float) -> tuple:
         X = torch.empty_like(B)
         n_iter, n_left = 0, 0
-        for i in range(0, B.shape[0], self.block_size):
-            X[i:i + self.block_size], iters, left = self._solve_block(
-                B[i:i + self.block_size], curvature, tol)
+        n_blocks = max(1, math.ceil(B.shape[0] / self.block_size))
+        for rows in torch.arange(B.shape[0]).tensor_split(n_blocks):  # equal blocks
+            X[rows], iters, left = self._solve_block(B[rows], curvature, tol)
             n_iter, n_left = n_iter + iters, n_left + left.numel()
         return X, n_iter, n_left
 
@@ -518,14 +519,18 @@ class ArnoldiSolver(_SolverBase):
 def resolve_solver(name: str, curvature: Curvature) -> tuple[str, dict]:
     """What ``"auto"`` means for this curvature: ``(solver, solver_params)``.
 
-    Exact up to :data:`EXACT_MAX_PARAMS` parameters, block CG above (no
-    preconditioner: on the benchmark's MLP an EK-FAC preconditioner doubled
-    the block iterations, see ``benchmarks/bench_influence.py``). Any other
-    name is returned unchanged.
+    Exact up to :data:`EXACT_MAX_PARAMS` parameters; above, block CG with
+    mixed precision for float64 models (float32 products, float64 residuals:
+    the same answer for about half the cost) and no preconditioner (on the
+    benchmark's MLP an EK-FAC preconditioner doubled the block iterations,
+    see ``benchmarks/bench_influence.py``). Any other name is returned
+    unchanged.
     """
     if name != "auto":
         return name, {}
-    return ("exact" if curvature.n_params <= EXACT_MAX_PARAMS else "cg"), {}
+    if curvature.n_params <= EXACT_MAX_PARAMS:
+        return "exact", {}
+    return "cg", {"mixed_precision": curvature.model.dtype == torch.float64}
 
 
 def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,

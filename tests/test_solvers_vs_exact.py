@@ -223,7 +223,7 @@ def test_auto_is_exact_for_small_nets_and_cg_above_the_memory_threshold(trained)
     model = InfluenceEstimator(FrozenEstimator(reg), solver="cg", max_iter=1).fit(Xb, yb).model_
     assert model.n_params > EXACT_MAX_PARAMS
     C = Curvature(model, torch.as_tensor(Xb), torch.as_tensor(yb), damping=1e-3)
-    assert resolve_solver("auto", C) == ("cg", {})
+    assert resolve_solver("auto", C) == ("cg", {"mixed_precision": True})
     assert resolve_solver("lissa", C) == ("lissa", {})
 
 
