@@ -164,7 +164,11 @@ class Curvature:
             for i, rows in enumerate(blocks):  # UᵀU = Σ JᵀHJ, lower blocks only
                 for cols in blocks[:i + 1]:
                     dense[rows, cols].addmm_(U[:, rows].T, U[:, cols])
-        dense = dense.tril() + dense.tril(-1).T
+        for i, rows in enumerate(blocks):  # mirror the lower blocks, one block at a time
+            for cols in blocks[:i]:
+                dense[cols, rows] = dense[rows, cols].T
+            block = dense[rows, rows]
+            block.copy_(block.tril() + block.tril(-1).T)
         dense /= self.n_samples
-        dense += torch.diag(self._diagonal().to(torch.float64))
+        dense.diagonal().add_(self._diagonal().to(torch.float64))
         return dense

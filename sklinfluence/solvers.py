@@ -25,7 +25,8 @@ per row).  What it did is recorded in ``info`` (set-up) and ``last_solve``
 matrix is small (``EXACT_MAX_PARAMS``) and mixed-precision block CG above.
 
 Memory, for ``k`` right-hand sides of ``P`` parameters in float64 (8 bytes):
-exact ``8 P²`` (+ one chunk of Jacobians while building); CG ``5 · 8 k P``
+exact ``8 P²`` held, ``16 P²`` while factorising (+ one chunk of Jacobians while
+building); CG ``5 · 8 k P``
 (solution, residual, direction, product, preconditioned residual) plus one
 batched product's activations; LiSSA ``3 · 8 k P``; EK-FAC
 ``8 Σ_l (d_out² + d_in² + d_out d_in)``; Arnoldi ``8 r P`` for rank ``r``.
@@ -62,6 +63,8 @@ SOLVER_PARAMS = {
 #: 200 MB at 5,000), EK-FAC-preconditioned CG above.
 EXACT_MAX_PARAMS = 5000
 PRECONDITIONERS = (None, "ekfac", "kfac", "arnoldi")
+#: Safety factor on the measured float32 rounding level in mixed-precision CG.
+ROUNDING_MARGIN = 30.0
 
 
 class LissaDivergenceError(ValueError):
@@ -199,17 +202,19 @@ class CGSolver(_SolverBase):
         An approximate inverse ``M⁻¹ ≈ (C + λI)⁻¹`` (symmetric positive
         definite), e.g. :class:`KroneckerSolver` or :class:`ArnoldiSolver`.
         It changes the iterations needed, never the answer.
-    block_size : int, default=256
+    block_size : int, default=512
         Most right-hand sides per block (they are split into equal blocks);
         more share a larger Krylov space (fewer
         iterations) but cost ``O(block_size² P)`` per iteration in dense
         algebra.
     mixed_precision : bool, default=False
         Run the iterations with float32 curvature products and correct them
-        by iterative refinement in the curvature's own precision: each round
-        solves for the remaining float64 residual to ``max(tol, 1e-4)`` in
-        float32, then recomputes the true residual. The answer meets ``tol``
-        as before; the products cost about half.
+        by iterative refinement: each round solves for the remaining residual
+        to ``max(tol/3, 1e-4)`` in float32, then recomputes the residual —
+        in float32 when the float32 product's measured rounding error (with
+        a 30× margin, added to the reported residual) is below ``tol/3``,
+        in float64 otherwise. The reported residual bounds the true one and
+        meets ``tol`` as before; the products cost a third to a half.
 
     Notes
     -----
@@ -222,7 +227,7 @@ class CGSolver(_SolverBase):
 
     def __init__(self, curvature: Curvature, tol: float = 1e-10,
                  max_iter: int | None = None, preconditioner: Any = None,
-                 block_size: int = 256, mixed_precision: bool = False) -> None:
+                 block_size: int = 512, mixed_precision: bool = False) -> None:
         super().__init__(curvature)
         self.tol = float(tol)
         self.max_iter = int(max_iter) if max_iter is not None else 10 * curvature.n_params
@@ -230,6 +235,7 @@ class CGSolver(_SolverBase):
         self.block_size = int(block_size)
         self.mixed_precision = bool(mixed_precision) and curvature.model.dtype == torch.float64
         self._low = curvature.astype(torch.float32) if self.mixed_precision else None
+        self._eta: float | None = None
         self.info = {"solver": "cg", "tol": self.tol, "max_iter": self.max_iter,
                      "block_size": self.block_size, "mixed_precision": self.mixed_precision,
                      "n_params": curvature.n_params,
@@ -245,10 +251,23 @@ class CGSolver(_SolverBase):
 
     @staticmethod
     def _orthonormal_rows(W: Tensor) -> Tensor:
-        """Orthonormal basis (rows) of the row space of ``W``, rank-revealing."""
-        U, sv, Vh = torch.linalg.svd(W, full_matrices=False)
-        keep = sv > sv[:1] * (torch.finfo(W.dtype).eps * max(W.shape))
-        return Vh[keep]
+        """Orthonormal basis (rows) of the row space of ``W``, rank-revealing.
+
+        Rows are scaled to unit length (so a nearly converged column's small
+        residual still counts), then orthonormalised twice through the
+        eigendecomposition of their Gram matrix, dropping directions whose
+        singular value is below ``√eps`` of the largest (numerically
+        dependent). Two Gram passes ("CholeskyQR2") are as orthogonal as an
+        SVD and, at ``O(s² P)`` in matrix products, ten times cheaper for a
+        block of 300 directions.
+        """
+        W = W / W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+        threshold = torch.finfo(W.dtype).eps
+        for _ in range(2):
+            values, vectors = torch.linalg.eigh(W @ W.T)
+            keep = values > values[-1:] * threshold
+            W = (vectors[:, keep].T @ W) / values[keep].sqrt()[:, None]
+        return W
 
     def _not_positive(self, value: float) -> ValueError:
         return ValueError(
@@ -297,12 +316,42 @@ class CGSolver(_SolverBase):
             n_iter, n_left = n_iter + iters, n_left + left.numel()
         return X, n_iter, n_left
 
+    def _rounding_level(self) -> float:
+        """``η``: the float32 product's error per unit of input norm.
+
+        Measured once against the float64 product on 4 fixed random vectors
+        (the largest ``‖A₃₂v − A₆₄v‖ / ‖v‖``).
+        """
+        if self._eta is None:
+            V = torch.randn(4, self.curvature.n_params, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(0)).to(self.curvature.X.device)
+            V = V.to(self.curvature.model.dtype)
+            error = self._low.matmat(V.float()).to(V.dtype) - self.curvature.matmat(V)
+            self._eta = float((error.norm(dim=1) / V.norm(dim=1)).max())
+        return self._eta
+
+    def _residual(self, B: Tensor, X: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
+        """``(R, bound on ‖R‖/‖b‖)``, from a float32 product where that is safe.
+
+        The float32 product of ``x`` errs by about ``η ‖x‖``; with 30× that as
+        margin (10× the worst seen), a float32 residual is used when the margin
+        stays below ``tol/3`` for every column, and the margin is added to the
+        reported residual so that it bounds the true one. Otherwise the residual
+        is computed in float64.
+        """
+        margin = ROUNDING_MARGIN * self._rounding_level() * X.norm(dim=1) / norms
+        if float(margin.max()) <= self.tol / 3:
+            R = B - self._low.matmat(X.float()).to(B.dtype)
+            return R, R.norm(dim=1) / norms + margin
+        R = B - self.curvature.matmat(X)
+        return R, R.norm(dim=1) / norms
+
     def _refine(self, B: Tensor) -> tuple:
-        """Mixed precision: float32 solves of the float64 residual, until ``tol``."""
+        """Mixed precision: float32 solves of the remaining residual, until ``tol``."""
         X = torch.zeros_like(B)
         R, norms = B, B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
-        inner_tol = max(self.tol, 1e-4)
-        n_iter, residual = 0, torch.ones(B.shape[0], dtype=B.dtype)
+        inner_tol = max(self.tol / 3, 1e-4)
+        n_iter, residual = 0, torch.full((B.shape[0],), math.inf, dtype=B.dtype)
         while n_iter < self.max_iter:
             active = torch.nonzero(residual > self.tol).flatten()
             if not active.numel():
@@ -311,12 +360,11 @@ class CGSolver(_SolverBase):
             D, iters, _ = self._solve_blocks((R[active] / scale).float(), self._low, inner_tol)
             X[active] += D.to(B.dtype) * scale
             n_iter += max(iters, 1)
-            R = B - self.curvature.matmat(X)
-            progress = R.norm(dim=1) / norms
-            if not bool((progress[active] < residual[active]).all()):
-                residual = progress
-                break  # float32 cannot improve further: report what float64 reached
+            R, progress = self._residual(B, X, norms)
+            stalled = not bool((progress[active] < residual[active]).all())
             residual = progress
+            if stalled:
+                break  # float32 cannot improve further: report what was reached
         return X, n_iter, int((residual > self.tol).sum()), residual
 
     def solve(self, B: Tensor) -> Tensor:
@@ -579,7 +627,7 @@ def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
         elif preconditioner == "arnoldi":
             preconditioner = ArnoldiSolver(curvature, rank=params.get("rank", 50))
         return CGSolver(curvature, tol=tol, max_iter=max_iter, preconditioner=preconditioner,
-                        block_size=params.get("block_size", 256),
+                        block_size=params.get("block_size", 512),
                         mixed_precision=params.get("mixed_precision", False))
     if name == "lissa":
         return LissaSolver(curvature, tol=tol, max_iter=max_iter, scale=params.get("scale"))

@@ -118,9 +118,14 @@ def test_solvers_meet_their_residual_bound_on_random_spd_systems(name, params, b
     assert float(residual.max()) <= bound(tol, cond), (float(residual.max()), cond)
     info = solver.last_solve
     assert info.n_rhs == B.shape[0] and info.converged
-    if info.max_relative_residual is not None:  # what the solver reports is the truth
-        assert_allclose(info.max_relative_residual, float(residual.max()), rtol=1e-6,
-                        atol=SOLVE_RESIDUAL_PER_CONDITION * cond)
+    if info.max_relative_residual is None:
+        return
+    slack = SOLVE_RESIDUAL_PER_CONDITION * cond
+    if params.get("mixed_precision"):  # a float32 residual plus its margin: an upper bound
+        assert float(residual.max()) <= info.max_relative_residual + slack
+        assert info.max_relative_residual <= tol
+    else:  # what the solver reports is the truth
+        assert_allclose(info.max_relative_residual, float(residual.max()), rtol=1e-6, atol=slack)
 
 
 # ------------------------------------------------------ scores: invariance
