@@ -64,7 +64,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           ``tol`` in float64).
     solver_params : dict, default=None
         Options of the solver: for ``"cg"`` ``{"preconditioner": "ekfac" |
-        "kfac" | "arnoldi" | None, "rank": int}``; for ``"lissa"``
+        "kfac" | "arnoldi" | None, "rank": int, "block_size": int,
+        "mixed_precision": bool}`` (see
+        :class:`~sklinfluence.solvers.CGSolver`); for ``"lissa"``
         ``{"scale": float}``; for ``"arnoldi"`` ``{"rank": int}`` (default 50).
     curvature : {"ggn", "hessian"}, default="ggn"
         Gauss–Newton matrix (positive semi-definite) or the Hessian of ``J``.

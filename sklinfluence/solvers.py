@@ -60,7 +60,7 @@ SOLVER_PARAMS = {
     "ekfac": (), "kfac": (), "arnoldi": ("rank",),
 }
 #: ``"auto"`` uses the exact solver up to this many parameters (8 P² bytes:
-#: 200 MB at 5,000), EK-FAC-preconditioned CG above.
+#: 200 MB at 5,000), mixed-precision block CG above.
 EXACT_MAX_PARAMS = 5000
 PRECONDITIONERS = (None, "ekfac", "kfac", "arnoldi")
 #: Safety factor on the measured float32 rounding level in mixed-precision CG.
@@ -210,7 +210,8 @@ class CGSolver(_SolverBase):
     mixed_precision : bool, default=False
         Run the iterations with float32 curvature products and correct them
         by iterative refinement: each round solves for the remaining residual
-        to ``max(tol/3, 1e-4)`` in float32, then recomputes the residual —
+        in float32, to the reduction still needed but at most ``1e-4`` (float32's
+        reach), then recomputes the residual —
         in float32 when the float32 product's measured rounding error (with
         a 30× margin, added to the reported residual) is below ``tol/3``,
         in float64 otherwise. The reported residual bounds the true one and
@@ -350,12 +351,13 @@ class CGSolver(_SolverBase):
         """Mixed precision: float32 solves of the remaining residual, until ``tol``."""
         X = torch.zeros_like(B)
         R, norms = B, B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
-        inner_tol = max(self.tol / 3, 1e-4)
-        n_iter, residual = 0, torch.full((B.shape[0],), math.inf, dtype=B.dtype)
+        n_iter, residual = 0, torch.ones(B.shape[0], dtype=B.dtype)
         while n_iter < self.max_iter:
             active = torch.nonzero(residual > self.tol).flatten()
             if not active.numel():
                 break
+            # the reduction still needed (a third of tol to spare), within float32's reach
+            inner_tol = max(self.tol / (3 * float(residual[active].max())), 1e-4)
             scale = R[active].norm(dim=1, keepdim=True)
             D, iters, _ = self._solve_blocks((R[active] / scale).float(), self._low, inner_tol)
             X[active] += D.to(B.dtype) * scale
@@ -472,7 +474,7 @@ class LissaSolver(_SolverBase):
         else:
             advice = "a larger scale"
         raise LissaDivergenceError(
-            f"LiSSA diverged after {n_iter} iterations: the residual grew "
+            f"LiSSA diverged after {n_iter} iteration{'s' * (n_iter != 1)}: the residual grew "
             f"{growth:.3g}× with scale={self.scale:.3e}. The series converges only when "
             f"scale > λ_max/2 of the damped {self.curvature.kind} and the curvature is "
             f"positive definite. Use {advice}, or leave scale=None to estimate it; with "

@@ -77,6 +77,9 @@ def test_readme_usage_snippet_runs():
      ["training loss", "leave-one-out", "random"]),
     ("five_terms_sweeps.py", ["--n-train", "80", "--n-removed", "2"],
      ["diabetes (regression)", "digits, damping = 0.1"]),
+    ("solver_comparison.py", ["--n-train", "120", "--n-test", "30", "--epochs", "2"],
+     ["cg, mixed precision", "lissa, 100 steps warned: LiSSA stopped at max_iter=100",
+      "approximate solvers against damping"]),
 ])
 def test_examples_run_and_write_their_plots(script, args, expected, tmp_path):
     plot = tmp_path / "plot.png"
