@@ -26,6 +26,20 @@ from .response import ResponseContext, Rung, rung
 
 __all__ = ["BaseResponseEstimator", "RungViewMixin"]
 
+def _check_numeric_features(X: Any) -> None:
+    """Refuse text features with the fix, instead of numpy's conversion error."""
+    array = np.asarray(X) if not hasattr(X, "dtypes") else None
+    if array is not None and array.dtype.kind in "OUS":
+        try:
+            array.astype(np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                "X must be numeric: could not convert values like "
+                f"{str(array.flat[0])!r} to numbers. Encode text or categorical columns "
+                "first, e.g. with sklearn.preprocessing.OneHotEncoder in a Pipeline."
+            ) from None
+
+
 class BaseResponseEstimator(BaseEstimator):
     """Base class: fits (or adopts) the model and prepares its functional model.
 
@@ -70,6 +84,7 @@ class BaseResponseEstimator(BaseEstimator):
                     "use a classifier (NeuralNetClassifier with CrossEntropyLoss, or "
                     "LogisticRegression)."
                 ) from None
+        _check_numeric_features(X)
         X, y = validate_data(self, X, y, dtype=np.float64,
                              y_numeric=adapter.target_kind == "float",
                              multi_output=adapter.target_kind == "float")

@@ -53,8 +53,9 @@ def top_eigenpairs(curvature: Curvature, rank: int, *, tol: float = 1e-6) -> tup
     """
     P = curvature.n_params
     if not 1 <= rank <= P:
-        raise ValueError(f"rank must be between 1 and the number of parameters ({P}), "
-                         f"got {rank}.")
+        raise ValueError(f"solver_params['rank'] must be between 1 and the number of "
+                         f"parameters ({P}), got {rank}. Use a smaller rank, or "
+                         "solver='exact' for the full inverse.")
     if P <= max(DENSE_BELOW, 3 * rank):
         values, vectors = torch.linalg.eigh(curvature.dense())
         return values.flip(0)[:rank].contiguous(), vectors.flip(1)[:, :rank].T.contiguous()

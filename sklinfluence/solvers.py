@@ -144,7 +144,10 @@ class ExactSolver(_SolverBase):
         A = curvature.dense()
         built = time.perf_counter()
         factor, info = torch.linalg.cholesky_ex(A)
-        if int(info) != 0:
+        pivots = factor.diagonal()
+        singular = int(info) == 0 and float((pivots.min() / pivots.max()) ** 2) < \
+            A.shape[0] * torch.finfo(A.dtype).eps  # condition number beyond 1/(P eps)
+        if int(info) != 0 or singular:
             eigenvalues = torch.linalg.eigvalsh(A)
             lowest = float(eigenvalues[0])
             advice = (", or use curvature='ggn', which is positive semi-definite"
@@ -152,10 +155,16 @@ class ExactSolver(_SolverBase):
                       " (a Gauss–Newton matrix is singular when some parameter direction "
                       "leaves every output unchanged, e.g. softmax logits shifted by a "
                       "constant)")
+            if lowest < 0:
+                what = f"its most negative eigenvalue is {lowest:.3e}"
+                fix = f"Increase damping above {curvature.damping - lowest:.3e}"
+            else:
+                what = (f"it is numerically singular, with eigenvalues from {lowest:.3e} to "
+                        f"{float(eigenvalues[-1]):.3e}")
+                fix = f"Increase damping to about {1e-9 * float(eigenvalues[-1]):.1e} or more"
             raise ValueError(
                 f"the damped {curvature.kind} matrix (damping={curvature.damping:g}) is "
-                f"not positive definite: its most negative eigenvalue is {lowest:.3e}. "
-                f"Increase damping above {curvature.damping - lowest:.3e}{advice}."
+                f"not positive definite: {what}. {fix}{advice}."
             )
         self._factor = factor
         self.info = {
