@@ -14,6 +14,7 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
+from scipy.sparse import issparse
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
@@ -28,11 +29,13 @@ __all__ = ["BaseResponseEstimator", "RungViewMixin"]
 
 def _check_numeric_features(X: Any) -> None:
     """Refuse text features with the fix, instead of numpy's conversion error."""
-    array = np.asarray(X) if not hasattr(X, "dtypes") else None
-    if array is not None and array.dtype.kind in "OUS":
+    if issparse(X) or hasattr(X, "dtypes"):  # validate_data has the right words for these
+        return
+    array = np.asarray(X)
+    if array.dtype.kind in "OUS":
         try:
             array.astype(np.float64)
-        except (TypeError, ValueError):
+        except ValueError:  # text; a TypeError (e.g. a dict in X) keeps numpy's message
             raise ValueError(
                 "X must be numeric: could not convert values like "
                 f"{str(array.flat[0])!r} to numbers. Encode text or categorical columns "
