@@ -118,6 +118,11 @@ class KroneckerFactors:
             prefix = f"{layer_name}." if layer_name else ""
             weight = offsets.get(prefix + "weight")
             if weight is None:
+                if prefix + "bias" in offsets:
+                    raise ValueError(
+                        f"layer {layer_name!r} has a frozen weight but a trainable bias; "
+                        "solver='ekfac'/'kfac' factors whole Linear layers. Freeze the bias "
+                        "too, or use solver='cg' or 'arnoldi'.")
                 continue
             bias = offsets.get(prefix + "bias")
             blocks.append(LinearBlock(layer_name or "<module>", weight, bias,

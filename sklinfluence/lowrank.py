@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .curvature import Curvature
 
-__all__ = ["top_eigenpairs", "top_eigenvalue"]
+__all__ = ["bottom_eigenvalue", "top_eigenpairs", "top_eigenvalue"]
 
 DENSE_BELOW = 200
 
@@ -34,8 +34,9 @@ def _operator(curvature: Curvature) -> LinearOperator:
                           dtype=np.float64)
 
 
-def top_eigenpairs(curvature: Curvature, rank: int, *, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """The ``rank`` largest eigenvalues (descending) and eigenvectors (rows).
+def top_eigenpairs(curvature: Curvature, rank: int, *, tol: float = 1e-6,
+                   which: str = "LA") -> tuple[Tensor, Tensor]:
+    """The ``rank`` largest (or smallest) eigenvalues and eigenvectors (rows).
 
     Parameters
     ----------
@@ -45,6 +46,8 @@ def top_eigenpairs(curvature: Curvature, rank: int, *, tol: float = 1e-6) -> tup
         Number of eigenpairs, ``1 ≤ rank ≤ P``.
     tol : float, default=1e-6
         Relative accuracy (ARPACK's ``tol``).
+    which : {"LA", "SA"}, default="LA"
+        Largest (``"LA"``) or smallest (``"SA"``) algebraic eigenvalues.
 
     Returns
     -------
@@ -58,11 +61,13 @@ def top_eigenpairs(curvature: Curvature, rank: int, *, tol: float = 1e-6) -> tup
                          "solver='exact' for the full inverse.")
     if P <= max(DENSE_BELOW, 3 * rank):
         values, vectors = torch.linalg.eigh(curvature.dense())
+        if which == "SA":
+            return values[:rank].contiguous(), vectors[:, :rank].T.contiguous()
         return values.flip(0)[:rank].contiguous(), vectors.flip(1)[:, :rank].T.contiguous()
     start = np.ones(P) / np.sqrt(P)
-    values, vectors = eigsh(_operator(curvature), k=rank, which="LA", tol=tol, v0=start,
+    values, vectors = eigsh(_operator(curvature), k=rank, which=which, tol=tol, v0=start,
                             ncv=min(P, max(2 * rank + 1, 20)))
-    order = np.argsort(values)[::-1]
+    order = np.argsort(values)[::-1] if which == "LA" else np.argsort(values)
     return (torch.as_tensor(values[order].copy()),
             torch.as_tensor(vectors[:, order].T.copy()))
 
@@ -70,3 +75,8 @@ def top_eigenpairs(curvature: Curvature, rank: int, *, tol: float = 1e-6) -> tup
 def top_eigenvalue(curvature: Curvature, *, tol: float = 1e-4) -> float:
     """Largest eigenvalue of the damped curvature (Lanczos, relative ``tol``)."""
     return float(top_eigenpairs(curvature, 1, tol=tol)[0][0])
+
+
+def bottom_eigenvalue(curvature: Curvature, *, tol: float = 1e-4) -> float:
+    """Smallest eigenvalue of the damped curvature (Lanczos, relative ``tol``)."""
+    return float(top_eigenpairs(curvature, 1, tol=tol, which="SA")[0][0])

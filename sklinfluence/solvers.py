@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .curvature import Curvature
 from .kfac import KroneckerFactors
-from .lowrank import top_eigenpairs, top_eigenvalue
+from .lowrank import bottom_eigenvalue, top_eigenpairs, top_eigenvalue
 
 __all__ = ["ExactSolver", "CGSolver", "LissaSolver", "KroneckerSolver", "ArnoldiSolver",
            "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "SolveInfo", "LissaDivergenceError",
@@ -65,6 +65,8 @@ EXACT_MAX_PARAMS = 5000
 PRECONDITIONERS = (None, "ekfac", "kfac", "arnoldi")
 #: Safety factor on the measured float32 rounding level in mixed-precision CG.
 ROUNDING_MARGIN = 30.0
+#: Most float32 refinement rounds of mixed-precision CG (each gains up to 1e-4).
+MAX_REFINEMENTS = 8
 
 
 class LissaDivergenceError(ValueError):
@@ -80,7 +82,8 @@ class SolveInfo:
     n_rhs : int
         Number of right-hand sides.
     n_iter : int
-        Iterations (0 for a direct solve).
+        Iterations (0 for a direct solve), summed over CG's blocks and
+        refinement rounds; ``max_iter`` caps each block of each round.
     max_relative_residual : float or None
         Largest ``‖b − A x‖ / ‖b‖`` over the right-hand sides, recomputed
         from the returned solution (``None`` for a direct solve, which is
@@ -357,11 +360,17 @@ class CGSolver(_SolverBase):
         return R, R.norm(dim=1) / norms
 
     def _refine(self, B: Tensor) -> tuple:
-        """Mixed precision: float32 solves of the remaining residual, until ``tol``."""
+        """Mixed precision: float32 solves of the remaining residual, until ``tol``.
+
+        ``max_iter`` caps each block of each round, as in the plain solve. When
+        float32 stops making progress (ill-conditioned systems), one last round
+        in the working precision finishes the solve, so mixed precision is never
+        less accurate than the plain solve.
+        """
         X = torch.zeros_like(B)
         R, norms = B, B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
         n_iter, residual = 0, torch.ones(B.shape[0], dtype=B.dtype)
-        while n_iter < self.max_iter:
+        for _ in range(MAX_REFINEMENTS):
             active = torch.nonzero(residual > self.tol).flatten()
             if not active.numel():
                 break
@@ -372,10 +381,19 @@ class CGSolver(_SolverBase):
             X[active] += D.to(B.dtype) * scale
             n_iter += max(iters, 1)
             R, progress = self._residual(B, X, norms)
-            stalled = not bool((progress[active] < residual[active]).all())
+            stalled = not bool((progress[active] < 0.5 * residual[active]).all())
             residual = progress
             if stalled:
-                break  # float32 cannot improve further: report what was reached
+                break
+        active = torch.nonzero(residual > self.tol).flatten()
+        if active.numel():  # float32 could not get there: finish in the working precision
+            scale = R[active].norm(dim=1, keepdim=True)
+            needed = self.tol / float(residual[active].max())
+            D, iters, _ = self._solve_blocks(R[active] / scale, self.curvature, needed)
+            X[active] += D * scale
+            n_iter += iters
+            R = B - self.curvature.matmat(X)
+            residual = R.norm(dim=1) / norms
         return X, n_iter, int((residual > self.tol).sum()), residual
 
     def solve(self, B: Tensor) -> Tensor:
@@ -387,6 +405,8 @@ class CGSolver(_SolverBase):
         else:
             X, n_iter, n_left, residual = self._refine(B)
         worst = float(residual.max())
+        if n_left == 0 and B.dtype != torch.float64 and worst > self.tol:
+            n_left = int((residual > self.tol).sum())  # the recurrence met tol, the truth did not
         self.last_solve = SolveInfo(int(B.shape[0]), n_iter, worst, n_left == 0,
                                     time.perf_counter() - start)
         if n_left:
@@ -534,7 +554,9 @@ class ArnoldiSolver(_SolverBase):
     the symmetric form of the Arnoldi iteration) and ``μ̄`` the mean weight
     decay: directions outside the top eigenspace are treated as carrying only
     weight decay and damping. Exact when ``rank`` covers every direction with
-    curvature beyond that.
+    curvature beyond that. A non-positive eigenvalue (an indefinite Hessian;
+    for ``curvature="hessian"`` the smallest eigenvalue is checked too) raises
+    ``ValueError``.
 
     Parameters
     ----------
@@ -550,6 +572,15 @@ class ArnoldiSolver(_SolverBase):
         super().__init__(curvature)
         start = time.perf_counter()
         self.values, self.vectors = top_eigenpairs(curvature, int(rank), tol=tol)
+        lowest = float(self.values[-1])
+        if curvature.kind == "hessian" and lowest > 0:  # a Hessian may be indefinite below
+            lowest = min(lowest, bottom_eigenvalue(curvature))
+        if lowest <= 0:
+            raise ValueError(
+                f"solver='arnoldi' met a non-positive eigenvalue {lowest:.3e} "
+                f"of the damped {curvature.kind} (damping={curvature.damping:g}): it is not "
+                "positive definite. Increase damping above "
+                f"{curvature.damping - lowest:.3e} or use curvature='ggn'.")
         self.rest = float(curvature.model.weight_decay.to(torch.float64).mean()) + \
             curvature.damping
         if self.rest <= 0:
@@ -636,7 +667,8 @@ def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
                           batch_size=curvature.batch_size),
                 corrected=preconditioner == "ekfac")
         elif preconditioner == "arnoldi":
-            preconditioner = ArnoldiSolver(curvature, rank=params.get("rank", 50))
+            preconditioner = ArnoldiSolver(curvature,
+                                           rank=params.get("rank", min(50, curvature.n_params)))
         return CGSolver(curvature, tol=tol, max_iter=max_iter, preconditioner=preconditioner,
                         block_size=params.get("block_size", 512),
                         mixed_precision=params.get("mixed_precision", False))
@@ -644,4 +676,4 @@ def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
         return LissaSolver(curvature, tol=tol, max_iter=max_iter, scale=params.get("scale"))
     if name in ("ekfac", "kfac"):
         return KroneckerSolver(curvature, corrected=name == "ekfac")
-    return ArnoldiSolver(curvature, rank=params.get("rank", 50))
+    return ArnoldiSolver(curvature, rank=params.get("rank", min(50, curvature.n_params)))

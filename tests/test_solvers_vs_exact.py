@@ -14,10 +14,10 @@ import torch
 from numpy.testing import assert_allclose
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.frozen import FrozenEstimator
-from skorch import NeuralNetRegressor
+from skorch import NeuralNetClassifier, NeuralNetRegressor
 
 from linear_problems import recipe, well_conditioned_data
-from nets import make_net, toy_data
+from nets import make_net, mlp, toy_data
 from sklinfluence import InfluenceEstimator
 from sklinfluence.curvature import Curvature
 from sklinfluence.kfac import KroneckerFactors
@@ -234,3 +234,43 @@ def test_unknown_solver_params_are_refused(trained):
         influence(net, X, y, solver="lissa", solver_params={"rank": 3})
     with pytest.raises(ValueError, match="preconditioner"):
         influence(net, X, y, solver="cg", solver_params={"preconditioner": "jacobi"})
+
+
+# ---------------------------------------------------------------- review findings
+def test_mixed_precision_reaches_tol_with_many_blocks_and_ill_conditioning(trained):
+    """``max_iter`` caps each block of each round; when float32 stalls (condition
+    number ~1e6 here) a last round in float64 finishes: never less accurate."""
+    net, X, y = trained
+    for damping, params in ((1e-3, {"block_size": 2}), (1e-6, {})):
+        kwargs = dict(damping=damping, tol=1e-10)
+        exact = InfluenceEstimator(FrozenEstimator(net), **kwargs).fit(X, y)
+        est = InfluenceEstimator(FrozenEstimator(net), solver="cg",
+                                 solver_params={"mixed_precision": True, **params},
+                                 **kwargs).fit(X, y)
+        assert_allclose(est.score_samples(X), exact.score_samples(X), rtol=1e-7)
+        assert est.diagnostics_["converged"]
+        assert est.diagnostics_["max_relative_residual"] <= 1e-10
+
+
+def test_arnoldi_refuses_an_indefinite_hessian():
+    X, y = toy_data("MSELoss", n=40)
+    net = make_net("MSELoss", X.shape[1], hidden=8, max_epochs=1).fit(X, y)
+    for rank in (5, 67):
+        with pytest.raises(ValueError, match="non-positive eigenvalue .* not positive definite"):
+            InfluenceEstimator(FrozenEstimator(net), solver="arnoldi", curvature="hessian",
+                               damping=0.0, weight_decay=1e-3,
+                               solver_params={"rank": rank}).fit(X, y)
+
+
+def test_cg_on_a_float32_net_reports_what_float32_can_reach():
+    X, y = toy_data("CrossEntropyLoss", n=60)
+    torch.manual_seed(0)
+    net = NeuralNetClassifier(mlp(X.shape[1], 3, hidden=8).float(),
+                              criterion=torch.nn.CrossEntropyLoss, verbose=0).initialize()
+    est = InfluenceEstimator(FrozenEstimator(net), solver="cg", damping=0.01).fit(
+        X.astype(np.float32), y)
+    assert est.model_.dtype == torch.float32
+    with pytest.warns(ConvergenceWarning, match="largest relative residual"):
+        est.score_samples(X[:5].astype(np.float32))
+    assert not est.diagnostics_["converged"]  # tol=1e-10 is beyond float32
+    assert est.diagnostics_["max_relative_residual"] > 1e-10
