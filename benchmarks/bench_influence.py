@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,6 @@ def run_ours(config: str, task_path: str) -> tuple[np.ndarray, float, float]:
                                  solver_params=params, tol=tol, max_iter=max_iter,
                                  weight_decay=spec["weight_decay"]).fit(X, y)
         return torch.as_tensor(est.loss_change(X, y, Xe, ye))
-
-    import warnings
 
     with warnings.catch_warnings():  # LiSSA at a fixed depth stops short on purpose
         warnings.simplefilter("ignore")

@@ -58,7 +58,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         time. Memory per sample in a batch: about ``8 (4P + 3 N W)`` bytes for
         ``P`` parameters, ``N`` training rows and ``W`` summed layer widths;
         once per fit, building the shared factor holds about
-        ``8 (3P² + 512 K P)`` bytes (``K`` outputs) up to 5,000 parameters.
+        ``8 (2P² + 512 K P)`` bytes (``K`` outputs) up to 5,000 parameters.
     n_jobs : int, default=None
         joblib workers over removed samples (``None``: 1 unless in a
         ``joblib.parallel_config`` context; ``-1``: all cores). Each worker

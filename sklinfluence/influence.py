@@ -13,6 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from .base import BaseResponseEstimator, RungViewMixin
 from .curvature import CURVATURES
+from .functional import iterate_batches
 from .response import Responder, Rung, rung
 from .solvers import SOLVERS
 
@@ -228,10 +229,6 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
     def _grads(self, X: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
         return self.model_.per_sample_grads(self.model_.params, X, T, self.batch_size)
 
-    def _chunks(self, n: int) -> list[slice]:
-        step = self.batch_size or max(n, 1)
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
-
     def _record(self, gradient_seconds: float, solves: list) -> None:
         """Merge the latest call's solves into ``diagnostics_``."""
         residuals = [s.max_relative_residual for s in solves
@@ -271,9 +268,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         """
         Xt, Tt, _ = self._targets_for(X, y)
         scores, solves, gradient_seconds = [], [], 0.0
-        for rows in self._chunks(Xt.shape[0]):
+        for xb, tb in iterate_batches(Xt, Tt, self.batch_size):
             start = time.perf_counter()
-            G = self._grads(Xt[rows], Tt[rows])
+            G = self._grads(xb, tb)
             gradient_seconds += time.perf_counter() - start
             scores.append((G.to(torch.float64) * self._solve(G, solves)).sum(dim=1))
         self._record(gradient_seconds, solves)
@@ -313,9 +310,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         S = self._solve(G_small, solves)  # (n_small, P)
         del G_small
         blocks = []
-        for rows in self._chunks(Xb.shape[0]):  # stream the larger side
+        for xb, tb in iterate_batches(Xb, Tb, self.batch_size):  # stream the larger side
             start = time.perf_counter()
-            G = self._grads(Xb[rows], Tb[rows]).to(torch.float64)
+            G = self._grads(xb, tb).to(torch.float64)
             gradient_seconds += time.perf_counter() - start
             blocks.append(G @ S.T)
         self._record(gradient_seconds, solves)

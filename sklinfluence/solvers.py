@@ -100,11 +100,6 @@ class SolveInfo:
     converged: bool
     seconds: float
 
-    def as_dict(self) -> dict:
-        return {"n_rhs": self.n_rhs, "n_iter": self.n_iter,
-                "max_relative_residual": self.max_relative_residual,
-                "converged": self.converged, "solve_seconds": self.seconds}
-
 
 @dataclass
 class _SolverBase:
