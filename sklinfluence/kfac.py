@@ -42,7 +42,8 @@ from torch import Tensor
 
 from .functional import FunctionalModel, iterate_batches
 
-__all__ = ["KroneckerFactors", "LinearBlock"]
+__all__ = ["KroneckerFactors", "LinearBlock", "NotLinearError", "linear_blocks", "layer_passes",
+           "linear_ggn"]
 
 
 @dataclass
@@ -57,6 +58,115 @@ class LinearBlock:
     Q_S: Tensor | None = None
     Q_A: Tensor | None = None
     eigenvalues: Tensor | None = None  # (d_out, d_in + has_bias), without damping
+
+
+class NotLinearError(ValueError):
+    """The network has trainable parameters outside ``nn.Linear`` layers applied
+    once to 2-D inputs, so its curvature has no per-layer Kronecker structure."""
+
+
+def linear_blocks(model: FunctionalModel) -> list[LinearBlock]:
+    """The ``nn.Linear`` layers holding ``model``'s trainable parameters.
+
+    Raises
+    ------
+    NotLinearError
+        If some trainable parameter is outside an ``nn.Linear`` layer, or a
+        layer trains its bias but not its weight.
+    """
+    offsets, start = {}, 0
+    for name, numel in zip(model.param_names, model.param_numels):
+        offsets[name] = slice(start, start + numel)
+        start += numel
+    blocks, covered = [], set()
+    for layer_name, layer in model.module.named_modules():
+        if not isinstance(layer, torch.nn.Linear):
+            continue
+        prefix = f"{layer_name}." if layer_name else ""
+        weight = offsets.get(prefix + "weight")
+        if weight is None:
+            if prefix + "bias" in offsets:
+                raise NotLinearError(
+                    f"layer {layer_name!r} has a frozen weight but a trainable bias; "
+                    "solver='ekfac'/'kfac' factors whole Linear layers. Freeze the bias "
+                    "too, or use solver='cg' or 'arnoldi'.")
+            continue
+        bias = offsets.get(prefix + "bias")
+        blocks.append(LinearBlock(layer_name or "<module>", weight, bias,
+                                  layer.out_features, layer.in_features))
+        covered.update({prefix + "weight", prefix + "bias"} & offsets.keys())
+    others = [n for n in model.param_names if n not in covered]
+    if others:
+        raise NotLinearError(
+            f"solver='ekfac'/'kfac' handles nn.Linear layers only, but the "
+            f"parameters {others[:3]} belong to other layers. Use solver='cg' or "
+            "solver='arnoldi' for this network."
+        )
+    return blocks
+
+
+@contextmanager
+def _capture(module: torch.nn.Module, blocks: list[LinearBlock]):
+    """Hooks recording each Linear layer's input and output on a forward."""
+    modules = dict(module.named_modules())
+    records: dict[str, list] = {b.name: [] for b in blocks}
+
+    def hook(name):
+        def record(layer, inputs, output):
+            records[name].append((inputs[0].detach(), output))
+        return record
+
+    handles = [modules["" if b.name == "<module>" else b.name].register_forward_hook(
+        hook(b.name)) for b in blocks]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock],
+                 X: Tensor, T: Tensor, batch_size: int | None):
+    """Yield, per batch, ``[(ā, g)]`` per layer: inputs ``(B, d_in [+1])`` and
+    back-propagated output-Hessian roots ``(B·K, d_out)``, sample-major.
+
+    Raises
+    ------
+    NotLinearError
+        If a layer is applied more than once per forward pass or to inputs
+        that are not 2-D (on the first batch).
+    """
+    theta = theta.detach().clone().requires_grad_(True)
+    for xb, tb in iterate_batches(X, T, batch_size):
+        with _capture(model.module, blocks) as records, torch.enable_grad():
+            out = model.forward(theta, xb)
+            for block in blocks:
+                if len(records[block.name]) != 1:
+                    raise NotLinearError(
+                        f"layer {block.name!r} is applied {len(records[block.name])} "
+                        "times per forward pass; solver='ekfac'/'kfac' needs each "
+                        "Linear layer used once. Use solver='cg' or 'arnoldi'.")
+                a, s = records[block.name][0]
+                if a.dim() != 2:
+                    raise NotLinearError(
+                        f"layer {block.name!r} receives inputs of shape {tuple(a.shape)}; "
+                        "solver='ekfac'/'kfac' needs 2-D (samples × features) inputs. "
+                        "Use solver='cg' or 'arnoldi'.")
+            root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
+            cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
+            outputs = [records[b.name][0][1] for b in blocks]
+            grads = torch.autograd.grad(out, outputs, grad_outputs=cotangents,
+                                        is_grads_batched=True)
+        yield [
+            (_augment(records[b.name][0][0], b), g.transpose(0, 1).reshape(-1, b.d_out))
+            for b, g in zip(blocks, grads)
+        ]
+
+
+def _augment(a: Tensor, block: LinearBlock) -> Tensor:
+    if block.bias is None:
+        return a
+    return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
 
 
 class KroneckerFactors:
@@ -91,7 +201,7 @@ class KroneckerFactors:
         self.damping = float(damping)
         self.corrected = bool(corrected)
         start = time.perf_counter()
-        self.blocks = self._find_blocks(model)
+        self.blocks = linear_blocks(model)
         self._fit(X, T, batch_size)
         low = min(float(b.eigenvalues.min()) for b in self.blocks) + self.damping
         high = max(float(b.eigenvalues.max()) for b in self.blocks) + self.damping
@@ -104,100 +214,12 @@ class KroneckerFactors:
         return 8 * sum(b.Q_S.numel() + b.Q_A.numel() + b.eigenvalues.numel()
                        for b in self.blocks)
 
-    # ------------------------------------------------------------ structure
-    @staticmethod
-    def _find_blocks(model: FunctionalModel) -> list[LinearBlock]:
-        offsets, start = {}, 0
-        for name, numel in zip(model.param_names, model.param_numels):
-            offsets[name] = slice(start, start + numel)
-            start += numel
-        blocks, covered = [], set()
-        for layer_name, layer in model.module.named_modules():
-            if not isinstance(layer, torch.nn.Linear):
-                continue
-            prefix = f"{layer_name}." if layer_name else ""
-            weight = offsets.get(prefix + "weight")
-            if weight is None:
-                if prefix + "bias" in offsets:
-                    raise ValueError(
-                        f"layer {layer_name!r} has a frozen weight but a trainable bias; "
-                        "solver='ekfac'/'kfac' factors whole Linear layers. Freeze the bias "
-                        "too, or use solver='cg' or 'arnoldi'.")
-                continue
-            bias = offsets.get(prefix + "bias")
-            blocks.append(LinearBlock(layer_name or "<module>", weight, bias,
-                                      layer.out_features, layer.in_features))
-            covered.update({prefix + "weight", prefix + "bias"} & offsets.keys())
-        others = [n for n in model.param_names if n not in covered]
-        if others:
-            raise ValueError(
-                f"solver='ekfac'/'kfac' handles nn.Linear layers only, but the "
-                f"parameters {others[:3]} belong to other layers. Use solver='cg' or "
-                "solver='arnoldi' for this network."
-            )
-        return blocks
-
-    @contextmanager
-    def _capture(self):
-        """Hooks recording each Linear layer's input and output on a forward."""
-        modules = dict(self.model.module.named_modules())
-        records: dict[str, list] = {b.name: [] for b in self.blocks}
-
-        def hook(name):
-            def record(layer, inputs, output):
-                records[name].append((inputs[0].detach(), output))
-            return record
-
-        handles = [modules["" if b.name == "<module>" else b.name].register_forward_hook(
-            hook(b.name)) for b in self.blocks]
-        try:
-            yield records
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _layer_passes(self, X: Tensor, T: Tensor, batch_size: int | None):
-        """Yield, per batch, ``[(ā, g)]`` per layer: inputs ``(B, d_in+1)`` and
-        back-propagated output-Hessian roots ``(B·K, d_out)``."""
-        model = self.model
-        theta = self.theta.detach().clone().requires_grad_(True)
-        for xb, tb in iterate_batches(X, T, batch_size):
-            with self._capture() as records, torch.enable_grad():
-                out = model.forward(theta, xb)
-                for block in self.blocks:
-                    if len(records[block.name]) != 1:
-                        raise ValueError(
-                            f"layer {block.name!r} is applied {len(records[block.name])} "
-                            "times per forward pass; solver='ekfac'/'kfac' needs each "
-                            "Linear layer used once. Use solver='cg' or 'arnoldi'.")
-                    a, s = records[block.name][0]
-                    if a.dim() != 2:
-                        raise ValueError(
-                            f"layer {block.name!r} receives inputs of shape {tuple(a.shape)}; "
-                            "solver='ekfac'/'kfac' needs 2-D (samples × features) inputs. "
-                            "Use solver='cg' or 'arnoldi'.")
-                root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
-                cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
-                outputs = [records[b.name][0][1] for b in self.blocks]
-                grads = torch.autograd.grad(out, outputs, grad_outputs=cotangents,
-                                            is_grads_batched=True)
-            yield [
-                (self._augment(records[b.name][0][0], b), g.transpose(0, 1).reshape(-1, b.d_out))
-                for b, g in zip(self.blocks, grads)
-            ]
-
-    @staticmethod
-    def _augment(a: Tensor, block: LinearBlock) -> Tensor:
-        if block.bias is None:
-            return a
-        return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-
     # ------------------------------------------------------------------ fit
     def _fit(self, X: Tensor, T: Tensor, batch_size: int | None) -> None:
         n = X.shape[0]
         A = [None] * len(self.blocks)
         S = [None] * len(self.blocks)
-        for layers in self._layer_passes(X, T, batch_size):
+        for layers in layer_passes(self.model, self.theta, self.blocks, X, T, batch_size):
             for j, (a, g) in enumerate(layers):
                 a64, g64 = a.to(torch.float64), g.to(torch.float64)
                 A[j] = a64.T @ a64 if A[j] is None else A[j] + a64.T @ a64
@@ -210,7 +232,7 @@ class KroneckerFactors:
         if self.corrected:
             sums = [torch.zeros(b.d_out, b.Q_A.shape[0], dtype=torch.float64)
                     for b in self.blocks]
-            for layers in self._layer_passes(X, T, batch_size):
+            for layers in layer_passes(self.model, self.theta, self.blocks, X, T, batch_size):
                 for j, (block, (a, g)) in enumerate(zip(self.blocks, layers)):
                     K = g.shape[0] // a.shape[0]
                     ga = (g.to(torch.float64) @ block.Q_S) ** 2  # (B·K, d_out)
@@ -245,3 +267,111 @@ class KroneckerFactors:
             if block.bias is not None:
                 X[:, block.bias] = back[..., block.d_in]
         return X
+
+
+# ------------------------------------------------------------- exact GGN
+def linear_ggn(model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor, *,
+               batch_size: int | None = None, chunk_size: int = 256) -> Tensor:
+    """The exact Gauss–Newton sum ``Σ_i J_iᵀ H_i J_i`` of a net of ``nn.Linear`` layers.
+
+    Uses the per-sample Kronecker structure instead of the Jacobians: the
+    block of layers ``l`` and ``m`` is
+
+        ``Σ_i A_i^{lm} ⊗ ā_i^l ā_i^{mᵀ}``,  ``A_i^{lm} = Σ_k g_ik^l g_ik^{mᵀ}``,
+
+    one matrix product over samples of ``(d_out^l d_out^m) × (d_in^l d_in^m)``
+    entries — ``K`` times fewer operations than ``Σ_i (L_iᵀJ_i)ᵀ(L_iᵀJ_i)``
+    for ``K`` outputs, and on a diagonal block only the pairs ``o ≤ p`` and
+    ``c ≤ d`` of the two symmetric factors are formed (a quarter of it).
+
+    Parameters
+    ----------
+    model : FunctionalModel
+        Every trainable parameter must belong to an ``nn.Linear`` used once on
+        2-D inputs.
+    theta : Tensor
+        Where to linearise.
+    X, T : Tensor
+        The data.
+    batch_size : int, optional
+        Samples per forward/backward pass (``None``: all).
+    chunk_size : int, default=256
+        Samples per accumulated matrix product.
+
+    Returns
+    -------
+    Tensor
+        ``(P, P)`` float64, the plain sum (not divided by ``N``, no weight
+        decay or damping). Memory: the result, one ``P_l × P_m`` block twice
+        and ``8 N (K + 1) Σ_l d_l`` bytes of layer inputs and back-propagations.
+
+    Raises
+    ------
+    NotLinearError
+        If the network is not made of such layers (then use the Jacobians).
+    """
+    blocks = linear_blocks(model)
+    acts: list[list[Tensor]] = [[] for _ in blocks]
+    backs: list[list[Tensor]] = [[] for _ in blocks]
+    for layers in layer_passes(model, theta, blocks, X, T, batch_size):
+        for j, (a, g) in enumerate(layers):
+            acts[j].append(a.detach().to(torch.float64))
+            backs[j].append(g.detach().to(torch.float64).reshape(a.shape[0], -1, g.shape[-1]))
+    a_all = [torch.cat(parts) for parts in acts]
+    g_all = [torch.cat(parts) for parts in backs]
+    P = model.n_params
+    dense = torch.zeros(P, P, dtype=torch.float64, device=theta.device)
+    index = [_flat_index(b, theta.device) for b in blocks]
+    for l_ in range(len(blocks)):
+        for m in range(l_ + 1):
+            block = _pair_block(a_all[l_], g_all[l_], a_all[m], g_all[m], l_ == m, chunk_size)
+            dense[index[l_].reshape(-1, 1), index[m].reshape(1, -1)] = block
+            if m != l_:
+                dense[index[m].reshape(-1, 1), index[l_].reshape(1, -1)] = block.T
+    return dense
+
+
+def _flat_index(block: LinearBlock, device) -> Tensor:
+    """Positions in the flat parameter vector of ``[W | b]``, shape ``(d_out, d_in [+1])``."""
+    out = torch.arange(block.d_out, device=device)[:, None]
+    index = block.weight.start + out * block.d_in + torch.arange(block.d_in, device=device)
+    if block.bias is not None:
+        index = torch.cat([index, block.bias.start + out], dim=1)
+    return index
+
+
+def _pair_index(n: int, device) -> tuple[Tensor, Tensor]:
+    """The pairs ``i ≤ j`` of ``range(n)`` and, for every ``(i, j)``, its pair's number."""
+    upper = torch.triu_indices(n, n, device=device)
+    number = torch.empty(n, n, dtype=torch.long, device=device)
+    number[upper[0], upper[1]] = torch.arange(upper.shape[1], device=device)
+    number[upper[1], upper[0]] = torch.arange(upper.shape[1], device=device)
+    return upper, number
+
+
+def _pair_block(a_l: Tensor, g_l: Tensor, a_m: Tensor, g_m: Tensor, same: bool,
+                chunk_size: int) -> Tensor:
+    """``Σ_i A_i ⊗ ā_i^l ā_i^{mᵀ}`` as a ``(d_out^l d_in^l) × (d_out^m d_in^m)`` matrix."""
+    o_l, o_m = g_l.shape[-1], g_m.shape[-1]
+    d_l, d_m = a_l.shape[-1], a_m.shape[-1]
+    device = a_l.device
+    if same:
+        pairs_o, number_o = _pair_index(o_l, device)
+        pairs_d, number_d = _pair_index(d_l, device)
+        M = torch.zeros(pairs_o.shape[1], pairs_d.shape[1], dtype=torch.float64, device=device)
+    else:
+        M = torch.zeros(o_l * o_m, d_l * d_m, dtype=torch.float64, device=device)
+    for s in range(0, a_l.shape[0], chunk_size):
+        al, am = a_l[s:s + chunk_size], a_m[s:s + chunk_size]
+        A = torch.einsum("bko,bkp->bop", g_l[s:s + chunk_size], g_m[s:s + chunk_size])
+        if same:
+            left = A[:, pairs_o[0], pairs_o[1]]
+            right = al[:, pairs_d[0]] * al[:, pairs_d[1]]
+        else:
+            left = A.reshape(A.shape[0], -1)
+            right = (al[:, :, None] * am[:, None, :]).reshape(al.shape[0], -1)
+        M.addmm_(left.T, right)
+    if same:  # entry ((o, c), (p, d)) is M[pair(o, p), pair(c, d)]
+        return M[number_o[:, None, :, None], number_d[None, :, None, :]].reshape(
+            o_l * d_l, o_l * d_l)
+    return M.reshape(o_l, o_m, d_l, d_m).permute(0, 2, 1, 3).reshape(o_l * d_l, o_m * d_m)

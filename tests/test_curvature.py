@@ -125,3 +125,43 @@ def test_batchnorm_with_running_stats_is_frozen_and_batch_stats_refused():
                               torch.nn.BatchNorm1d(5, track_running_stats=False)).double()
     with pytest.raises(ValueError, match="batch statistics even in eval mode"):
         FunctionalModel(bad, model.loss, [0.0] * 4)
+
+
+def _module(case: str) -> torch.nn.Module:
+    torch.manual_seed(3)
+    if case == "no_bias":
+        return torch.nn.Sequential(torch.nn.Linear(4, 5, bias=False), torch.nn.Tanh(),
+                                   torch.nn.Linear(5, 3, bias=False)).double()
+    if case == "frozen_first":
+        module = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
+                                     torch.nn.Linear(5, 3)).double()
+        module[0].requires_grad_(False)
+        return module
+    if case == "three_layers":
+        return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5),
+                                   torch.nn.ReLU(), torch.nn.Linear(5, 3, bias=False)).double()
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5),  # not all Linear
+                               torch.nn.Linear(5, 3)).double()
+
+
+@pytest.mark.parametrize("case", ["no_bias", "frozen_first", "three_layers", "layernorm"])
+def test_dense_ggn_from_kronecker_structure_matches_the_jacobians(case):
+    """Nets of Linear layers take the per-layer Kronecker route, others the Jacobian
+    route; both equal the jacrev reference, whatever the bias, freezing and depth."""
+    from sklinfluence.kfac import NotLinearError, linear_ggn
+    from sklinfluence.losses import output_loss_from_criterion
+
+    X, y = toy_data("CrossEntropyLoss", n=23)
+    module = _module(case)
+    n_tensors = sum(p.requires_grad for p in module.parameters())
+    model = FunctionalModel(module, output_loss_from_criterion(torch.nn.CrossEntropyLoss()),
+                            [WEIGHT_DECAY] * n_tensors)
+    Xt, Tt = torch.as_tensor(X), torch.as_tensor(y)
+    curvature = Curvature(model, Xt, Tt, damping=DAMPING, batch_size=7)
+    _close(curvature.dense(chunk_size=5), _dense_ggn_reference(model, Xt, Tt))
+    if case == "layernorm":
+        with pytest.raises(NotLinearError, match="nn.Linear layers only"):
+            linear_ggn(model, model.params, Xt, Tt)
+    else:
+        _close(linear_ggn(model, model.params, Xt, Tt, chunk_size=4),
+               curvature._jacobian_ggn(chunk_size=6))
