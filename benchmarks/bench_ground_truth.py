@@ -15,9 +15,14 @@ timings and peak memory are not shared):
 - ``joblib-2``: two loky worker processes (``n_jobs=2``), one torch thread each,
   one sample at a time within each worker.
 
-It prints wall time, peak resident memory of the main process and the
-speed-up against the sequential run measured in the same invocation (these
-machines are noisy: compare ratios, not absolute times), and checks that both
+It prints wall time, peak resident memory of the main process (and of the
+workers), the memory the computation added to the process (its peak during
+``param_change`` minus the resident size before, Linux), the documented bound
+on that for the batched paths (``16 P² + 8 B (4P + 3 N W)`` for the PBRF with
+its shared factor, ``8 B (3P + 64 W)`` for the retraining ensembles of ``B``
+copies, ``W`` the summed layer widths), the speed-up against the sequential run
+measured in the same invocation (these machines are noisy: compare ratios, not
+absolute times), and checks that both
 give the same answers (to 1e-6 relative: the PBRF solves stop at a 1e-9 relative gradient
 norm, by different routes). The worker pool is started (and has imported torch)
 before the timing, as it is after the first parallel call of a session; a
@@ -43,6 +48,24 @@ RUNGS = ("pbrf", "warm_start", "cold_start_loo")
 
 def _warm_up():
     import sklinfluence  # noqa: F401  (imports torch, skorch, scikit-learn)
+
+
+def _status_mib(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss():
+    """Reset this process's peak resident memory (Linux); return the current one, MiB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _status_mib("VmRSS")
+    except OSError:
+        return None
 
 
 def worker(args):
@@ -77,16 +100,24 @@ def worker(args):
         from joblib import Parallel, delayed
 
         Parallel(n_jobs=n_jobs)(delayed(_warm_up)() for _ in range(n_jobs))
+    rss_before = _reset_peak_rss()
     start = time.perf_counter()
     delta = est.param_change(X[removed])
     seconds = time.perf_counter() - start
+    extra = _status_mib("VmHWM") - rss_before if rss_before is not None else float("nan")
     shared = 0.0
     if args.config == "batched" and args.rung == "pbrf":
         info = est.responder_.chord_solver().info
         shared = info.get("build_seconds", 0.0) + info.get("factor_seconds", 0.0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    bound = None
+    if args.config == "batched":  # the documented bounds (README, estimator docstrings)
+        P, W = est.model_.n_params, 32 + 10  # W: summed layer widths
+        bound = (16 * P ** 2 + batch * 8 * (4 * P + 3 * args.n_train * W) if args.rung == "pbrf"
+                 else batch * 8 * (3 * P + 64 * W)) / 2 ** 20  # 64: the net's batch_size
     print(json.dumps({"seconds": seconds, "shared_factor_seconds": shared, "peak_mib": peak,
+                      "extra_mib": extra, "bound_mib": bound,
                       "peak_children_mib": peak_children,
                       "checksum": float(np.abs(delta).sum()), "delta0": delta[0, :5].tolist()}))
 
@@ -106,7 +137,7 @@ def main():
     print(f"MLP 64-32-10 on {args.n_train} digits, {args.epochs} epochs; "
           f"{args.n_removed} removed samples\n")
     print(f"{'rung':>15} {'config':>11} {'seconds':>9} {'per sample':>11} {'speed-up':>9} "
-          f"{'peak MiB':>9} {'same answer':>12}")
+          f"{'peak MiB':>9} {'added MiB':>10} {'bound MiB':>10} {'same answer':>12}")
     notes = []
     for rung in RUNGS:
         baseline = None
@@ -123,7 +154,10 @@ def main():
             peak = max(result["peak_mib"], result["peak_children_mib"])
             print(f"{rung:>15} {config:>11} {result['seconds']:9.2f} "
                   f"{result['seconds'] / args.n_removed:11.3f} "
-                  f"{baseline['seconds'] / result['seconds']:9.2f} {peak:9.0f} {str(same):>12}")
+                  f"{baseline['seconds'] / result['seconds']:9.2f} {peak:9.0f} "
+                  f"{result['extra_mib']:10.0f} "
+                  f"{'-' if result['bound_mib'] is None else round(result['bound_mib']):>10} "
+                  f"{str(same):>12}")
             if result["shared_factor_seconds"]:
                 rest = result["seconds"] - result["shared_factor_seconds"]
                 notes.append(f"{rung} batched: {result['shared_factor_seconds']:.2f} s of it "

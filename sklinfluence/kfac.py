@@ -302,8 +302,10 @@ def linear_ggn(model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor, *,
     -------
     Tensor
         ``(P, P)`` float64, the plain sum (not divided by ``N``, no weight
-        decay or damping). Memory: the result, one ``P_l × P_m`` block twice
-        and ``8 N (K + 1) Σ_l d_l`` bytes of layer inputs and back-propagations.
+        decay or damping). Memory beyond the result: the accumulator of the
+        largest pair of layers (``8 P_l P_m`` bytes, ``2 P_l²`` on the
+        diagonal, so at most ``2 P²`` in all) and ``8 N (K + 1) Σ_l d_l``
+        bytes of layer inputs and back-propagations.
 
     Raises
     ------
@@ -321,23 +323,19 @@ def linear_ggn(model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor, *,
     g_all = [torch.cat(parts) for parts in backs]
     P = model.n_params
     dense = torch.zeros(P, P, dtype=torch.float64, device=theta.device)
-    index = [_flat_index(b, theta.device) for b in blocks]
-    for l_ in range(len(blocks)):
-        for m in range(l_ + 1):
-            block = _pair_block(a_all[l_], g_all[l_], a_all[m], g_all[m], l_ == m, chunk_size)
-            dense[index[l_].reshape(-1, 1), index[m].reshape(1, -1)] = block
-            if m != l_:
-                dense[index[m].reshape(-1, 1), index[l_].reshape(1, -1)] = block.T
+    for l_, block_l in enumerate(blocks):
+        for m, block_m in enumerate(blocks[:l_ + 1]):
+            _add_pair_block(dense, block_l, block_m, a_all[l_], g_all[l_], a_all[m], g_all[m],
+                            chunk_size)
+            if m != l_:  # mirror the cross block
+                for rows in _slices(block_l):
+                    for cols in _slices(block_m):
+                        dense[cols, rows] = dense[rows, cols].T
     return dense
 
 
-def _flat_index(block: LinearBlock, device) -> Tensor:
-    """Positions in the flat parameter vector of ``[W | b]``, shape ``(d_out, d_in [+1])``."""
-    out = torch.arange(block.d_out, device=device)[:, None]
-    index = block.weight.start + out * block.d_in + torch.arange(block.d_in, device=device)
-    if block.bias is not None:
-        index = torch.cat([index, block.bias.start + out], dim=1)
-    return index
+def _slices(block: LinearBlock) -> list[slice]:
+    return [block.weight] if block.bias is None else [block.weight, block.bias]
 
 
 def _pair_index(n: int, device) -> tuple[Tensor, Tensor]:
@@ -349,9 +347,16 @@ def _pair_index(n: int, device) -> tuple[Tensor, Tensor]:
     return upper, number
 
 
-def _pair_block(a_l: Tensor, g_l: Tensor, a_m: Tensor, g_m: Tensor, same: bool,
-                chunk_size: int) -> Tensor:
-    """``Σ_i A_i ⊗ ā_i^l ā_i^{mᵀ}`` as a ``(d_out^l d_in^l) × (d_out^m d_in^m)`` matrix."""
+def _add_pair_block(dense: Tensor, block_l: LinearBlock, block_m: LinearBlock, a_l: Tensor,
+                    g_l: Tensor, a_m: Tensor, g_m: Tensor, chunk_size: int) -> None:
+    """Write ``Σ_i A_i ⊗ ā_i^l ā_i^{mᵀ}`` into the rows of layer ``l``, columns of ``m``.
+
+    Accumulates ``M[(o, p), (c, d)] = Σ_i A_i[o, p] ā_i^l[c] ā_i^m[d]`` — for a
+    diagonal block (``block_l is block_m``) only over ``o ≤ p`` and ``c ≤ d`` —
+    then writes it one output row ``o`` (``d_in^l`` matrix rows) at a time, so
+    the only temporaries are ``M`` and one such slab.
+    """
+    same = block_l is block_m
     o_l, o_m = g_l.shape[-1], g_m.shape[-1]
     d_l, d_m = a_l.shape[-1], a_m.shape[-1]
     device = a_l.device
@@ -371,7 +376,27 @@ def _pair_block(a_l: Tensor, g_l: Tensor, a_m: Tensor, g_m: Tensor, same: bool,
             left = A.reshape(A.shape[0], -1)
             right = (al[:, :, None] * am[:, None, :]).reshape(al.shape[0], -1)
         M.addmm_(left.T, right)
-    if same:  # entry ((o, c), (p, d)) is M[pair(o, p), pair(c, d)]
-        return M[number_o[:, None, :, None], number_d[None, :, None, :]].reshape(
-            o_l * d_l, o_l * d_l)
-    return M.reshape(o_l, o_m, d_l, d_m).permute(0, 2, 1, 3).reshape(o_l * d_l, o_m * d_m)
+    if not same:
+        M = M.reshape(o_l, o_m, d_l, d_m)
+    for o in range(o_l):
+        if same:  # entry ((o, c), (p, d)) is M[pair(o, p), pair(c, d)]
+            rows = M.index_select(0, number_o[o]).index_select(1, number_d.reshape(-1))
+            slab = rows.reshape(o_l, d_l, d_l).permute(1, 0, 2)
+        else:
+            slab = M[o].permute(1, 0, 2)
+        _write_slab(dense, block_l, o, block_m, slab)
+
+
+def _write_slab(dense: Tensor, block_l: LinearBlock, o: int, block_m: LinearBlock,
+                slab: Tensor) -> None:
+    """``slab[c, p, d]`` (``[W | b]`` order) into the flat rows of ``(o, c)`` and columns
+    of ``(p, d)``, by slices."""
+    d_in_l, d_in_m = block_l.d_in, block_m.d_in
+    start = block_l.weight.start + o * d_in_l
+    parts = [(slice(start, start + d_in_l), slab[:d_in_l])]
+    if block_l.bias is not None:
+        parts.append((block_l.bias.start + o, slab[d_in_l]))
+    for rows, part in parts:
+        dense[rows, block_m.weight] = part[..., :d_in_m].reshape(*part.shape[:-2], -1)
+        if block_m.bias is not None:
+            dense[rows, block_m.bias] = part[..., d_in_m]

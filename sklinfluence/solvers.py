@@ -25,9 +25,9 @@ per row).  What it did is recorded in ``info`` (set-up) and ``last_solve``
 matrix is small (``EXACT_MAX_PARAMS``) and mixed-precision block CG above.
 
 Memory, for ``k`` right-hand sides of ``P`` parameters in float64 (8 bytes):
-exact ``8 P²`` held, ``16 P²`` while factorising (+ while building, one chunk of
-Jacobians, or for a net of ``nn.Linear`` layers ``16 P_l P_m`` for its largest
-pair of layers); CG ``5 · 8 k P``
+exact ``8 P²`` held, ``16 P²`` while factorising (+ one chunk of Jacobians while
+building, except for nets of ``nn.Linear`` layers, whose build stays within
+``10 P²``); CG ``5 · 8 k P``
 (solution, residual, direction, product, preconditioned residual) plus one
 batched product's activations; LiSSA ``3 · 8 k P``; EK-FAC
 ``8 Σ_l (d_out² + d_in² + d_out d_in)``; Arnoldi ``8 r P`` for rank ``r``.
