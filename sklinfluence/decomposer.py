@@ -84,9 +84,10 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         equal the one-at-a-time path to within ``tol``; 1 solves one at a
         time. Memory per sample in a batch: about ``8 (4P + 3 N W)`` bytes for
         ``P`` parameters, ``N`` training rows and ``W`` summed layer widths;
-        once per fit, building the shared factor holds about ``16 P²``
-        bytes up to 5,000 parameters (plus ``4096 K P`` for ``K`` outputs
-        when some parameters are outside ``nn.Linear`` layers).
+        once per fit, building the shared factor holds about ``18 P²``
+        bytes up to 5,000 parameters (the matrix, its factor and the build's
+        accumulator; plus ``4096 K P`` for ``K`` outputs when some parameters
+        are outside ``nn.Linear`` layers).
     n_jobs : int, default=None
         joblib workers over removed samples (``None``: 1 unless in a
         ``joblib.parallel_config`` context; ``-1``: all cores). Each worker

@@ -57,9 +57,10 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         equal the one-at-a-time path to within ``tol``; 1 solves one at a
         time. Memory per sample in a batch: about ``8 (4P + 3 N W)`` bytes for
         ``P`` parameters, ``N`` training rows and ``W`` summed layer widths;
-        once per fit, building the shared factor holds about ``16 P²``
-        bytes up to 5,000 parameters (plus ``4096 K P`` for ``K`` outputs
-        when some parameters are outside ``nn.Linear`` layers).
+        once per fit, building the shared factor holds about ``18 P²``
+        bytes up to 5,000 parameters (the matrix, its factor and the build's
+        accumulator; plus ``4096 K P`` for ``K`` outputs when some parameters
+        are outside ``nn.Linear`` layers).
     n_jobs : int, default=None
         joblib workers over removed samples (``None``: 1 unless in a
         ``joblib.parallel_config`` context; ``-1``: all cores). Each worker
@@ -211,8 +212,11 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
         the recipe can be replayed exactly (one parameter group, SGD / Adam /
         AdamW / RMSprop / Adagrad, no callbacks, no dropout or batch-norm,
         skorch's default dataset and iterator); otherwise each copy runs the
-        net's own ``fit``. Memory per copy: about ``8 (3P + B W)`` bytes for
-        a mini-batch of ``B`` rows and summed layer widths ``W``.
+        net's own ``fit``. Memory per copy: at most about
+        ``8 (3P + 8 B (d + W))`` bytes for ``P`` parameters, mini-batches of
+        ``B`` rows, ``d`` input features and summed layer widths ``W``
+        (parameters, gradients and optimiser state; the mini-batch and its
+        activations, forward and backward).
     n_jobs : int, default=None
         joblib workers over removed samples (``None``: 1 unless in a
         ``joblib.parallel_config`` context; ``-1``: all cores). Each worker

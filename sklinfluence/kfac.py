@@ -294,7 +294,7 @@ def linear_ggn(model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor, *,
     X, T : Tensor
         The data.
     batch_size : int, optional
-        Samples per forward/backward pass (``None``: all).
+        Samples per forward/backward pass (``None``: ``chunk_size``).
     chunk_size : int, default=256
         Samples per accumulated matrix product.
 
@@ -315,7 +315,7 @@ def linear_ggn(model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor, *,
     blocks = linear_blocks(model)
     acts: list[list[Tensor]] = [[] for _ in blocks]
     backs: list[list[Tensor]] = [[] for _ in blocks]
-    for layers in layer_passes(model, theta, blocks, X, T, batch_size):
+    for layers in layer_passes(model, theta, blocks, X, T, batch_size or chunk_size):
         for j, (a, g) in enumerate(layers):
             acts[j].append(a.detach().to(torch.float64))
             backs[j].append(g.detach().to(torch.float64).reshape(a.shape[0], -1, g.shape[-1]))
@@ -363,18 +363,29 @@ def _add_pair_block(dense: Tensor, block_l: LinearBlock, block_m: LinearBlock, a
     if same:
         pairs_o, number_o = _pair_index(o_l, device)
         pairs_d, number_d = _pair_index(d_l, device)
-        M = torch.zeros(pairs_o.shape[1], pairs_d.shape[1], dtype=torch.float64, device=device)
+        flat_o = pairs_o[0] * o_l + pairs_o[1]
+        shape = (pairs_o.shape[1], pairs_d.shape[1])
     else:
-        M = torch.zeros(o_l * o_m, d_l * d_m, dtype=torch.float64, device=device)
+        shape = (o_l * o_m, d_l * d_m)
+    M = torch.zeros(shape, dtype=torch.float64, device=device)
+    # one set of work buffers reused for every chunk (no allocator churn)
+    n = min(chunk_size, a_l.shape[0])
+    sizes = (o_l * o_m, shape[1]) + ((shape[0], shape[1]) if same else ())
+    buffers = [torch.empty(n, k, dtype=torch.float64, device=device) for k in sizes]
     for s in range(0, a_l.shape[0], chunk_size):
         al, am = a_l[s:s + chunk_size], a_m[s:s + chunk_size]
-        A = torch.einsum("bko,bkp->bop", g_l[s:s + chunk_size], g_m[s:s + chunk_size])
+        b = al.shape[0]
+        A, right = buffers[0][:b], buffers[1][:b]
+        torch.bmm(g_l[s:s + b].transpose(1, 2), g_m[s:s + b], out=A.view(b, o_l, o_m))
         if same:
-            left = A[:, pairs_o[0], pairs_o[1]]
-            right = al[:, pairs_d[0]] * al[:, pairs_d[1]]
+            left, other = buffers[2][:b], buffers[3][:b]
+            torch.index_select(A, 1, flat_o, out=left)
+            torch.index_select(al, 1, pairs_d[0], out=right)
+            torch.index_select(al, 1, pairs_d[1], out=other)
+            right.mul_(other)
         else:
-            left = A.reshape(A.shape[0], -1)
-            right = (al[:, :, None] * am[:, None, :]).reshape(al.shape[0], -1)
+            left = A
+            torch.mul(al[:, :, None], am[:, None, :], out=right.view(b, d_l, d_m))
         M.addmm_(left.T, right)
     if not same:
         M = M.reshape(o_l, o_m, d_l, d_m)

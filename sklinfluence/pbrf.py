@@ -248,8 +248,11 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
     Theta = theta_s.expand(B, -1).clone()
     G = batched_grad(Theta, xs, ts).detach()
     g0 = G.norm(dim=1)
-    floor = 10 * torch.finfo(theta_s.dtype).eps * \
-        vmap(hvp_one)(Theta, Theta, xs, ts).detach().norm(dim=1)
+    # noise floors (ResponseObjective.noise_floor), a quarter of the batch at a time: a
+    # Hessian-vector product holds half again a gradient's activations
+    floor = 10 * torch.finfo(theta_s.dtype).eps * torch.cat([
+        vmap(hvp_one)(Theta[s], Theta[s], xs[s], ts[s]).detach().norm(dim=1)
+        for s in (slice(i, i + max(1, B // 4)) for i in range(0, B, max(1, B // 4)))])
     target = torch.maximum(tol * g0, floor)
     n_iter = torch.zeros(B, dtype=torch.long)
     fallback = torch.zeros(B, dtype=torch.bool)
