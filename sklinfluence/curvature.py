@@ -137,10 +137,10 @@ class Curvature:
     def dense(self, chunk_size: int = 256) -> Tensor:
         """The full damped matrix ``C + λI`` in float64, shape ``(P, P)``.
 
-        The GGN of a net whose trainable parameters all sit in ``nn.Linear``
-        layers is built from its per-layer Kronecker structure
-        (:func:`~sklinfluence.kfac.linear_ggn`, ``K`` times fewer operations for
-        ``K`` outputs). Any other net's is accumulated from per-sample output
+        The GGN of a net with ``K > 1`` outputs whose trainable parameters all
+        sit in ``nn.Linear`` layers is built from its per-layer Kronecker
+        structure (:func:`~sklinfluence.kfac.linear_ggn`, ``K`` times fewer
+        operations). Any other net's is accumulated from per-sample output
         Jacobians as ``Σ_i (L_iᵀJ_i)ᵀ(L_iᵀJ_i)`` with ``L_i L_iᵀ = H_i``,
         computing only the blocks on and below the diagonal (``DENSE_BLOCKS``
         per side: 10 of 16 block products). Both give the same matrix to
@@ -153,10 +153,15 @@ class Curvature:
             rows = [self.matmat(eye[i:i + chunk_size]) for i in range(0, P, chunk_size)]
             dense = torch.cat(rows).to(torch.float64)
             return 0.5 * (dense + dense.T)
-        try:  # nets of Linear layers: K times fewer operations (sklinfluence.kfac)
-            dense = linear_ggn(self.model, self.theta, self.X, self.T,
-                               batch_size=self.batch_size, chunk_size=chunk_size)
-        except NotLinearError:
+        dense = None
+        n_outputs = self.model.forward(self.theta, self.X[:1]).shape[1]
+        if n_outputs > 1:  # nets of Linear layers: K times fewer operations (sklinfluence.kfac)
+            try:
+                dense = linear_ggn(self.model, self.theta, self.X, self.T,
+                                   batch_size=self.batch_size, chunk_size=chunk_size)
+            except NotLinearError:
+                pass
+        if dense is None:
             dense = self._jacobian_ggn(chunk_size)
         dense /= self.n_samples
         dense.diagonal().add_(self._diagonal().to(torch.float64))

@@ -60,6 +60,10 @@ class LinearBlock:
     eigenvalues: Tensor | None = None  # (d_out, d_in + has_bias), without damping
 
 
+#: Elements of work buffers :func:`linear_ggn` may always use (16 MiB in float64).
+WORK_ELEMENTS = 2 ** 21
+
+
 class NotLinearError(ValueError):
     """The network has trainable parameters outside ``nn.Linear`` layers applied
     once to 2-D inputs, so its curvature has no per-layer Kronecker structure."""
@@ -71,30 +75,40 @@ def linear_blocks(model: FunctionalModel) -> list[LinearBlock]:
     Raises
     ------
     NotLinearError
-        If some trainable parameter is outside an ``nn.Linear`` layer, or a
-        layer trains its bias but not its weight.
+        If some trainable parameter is outside a plain ``nn.Linear`` layer
+        (subclasses with their own ``forward`` count as other layers), is
+        shared by two layers, or a layer trains its bias but not its weight.
     """
     offsets, start = {}, 0
     for name, numel in zip(model.param_names, model.param_numels):
         offsets[name] = slice(start, start + numel)
         start += numel
+    trainable = {id(p): name for name, p in model.module.named_parameters()
+                 if name in offsets}
     blocks, covered = [], set()
     for layer_name, layer in model.module.named_modules():
-        if not isinstance(layer, torch.nn.Linear):
+        if not isinstance(layer, torch.nn.Linear) or \
+                type(layer).forward is not torch.nn.Linear.forward:
             continue
-        prefix = f"{layer_name}." if layer_name else ""
-        weight = offsets.get(prefix + "weight")
+        weight = trainable.get(id(layer.weight))
+        bias = trainable.get(id(layer.bias)) if layer.bias is not None else None
+        shared = {weight, bias} & covered - {None}
+        if shared:
+            raise NotLinearError(
+                f"layer {layer_name!r} shares the parameter {shared.pop()!r} with another "
+                "layer; solver='ekfac'/'kfac' needs every Linear layer to have its own. "
+                "Use solver='cg' or 'arnoldi'.")
         if weight is None:
-            if prefix + "bias" in offsets:
+            if bias is not None:
                 raise NotLinearError(
                     f"layer {layer_name!r} has a frozen weight but a trainable bias; "
                     "solver='ekfac'/'kfac' factors whole Linear layers. Freeze the bias "
                     "too, or use solver='cg' or 'arnoldi'.")
             continue
-        bias = offsets.get(prefix + "bias")
-        blocks.append(LinearBlock(layer_name or "<module>", weight, bias,
+        blocks.append(LinearBlock(layer_name or "<module>", offsets[weight],
+                                  None if bias is None else offsets[bias],
                                   layer.out_features, layer.in_features))
-        covered.update({prefix + "weight", prefix + "bias"} & offsets.keys())
+        covered.update({weight, bias} - {None})
     others = [n for n in model.param_names if n not in covered]
     if others:
         raise NotLinearError(
@@ -107,17 +121,23 @@ def linear_blocks(model: FunctionalModel) -> list[LinearBlock]:
 
 @contextmanager
 def _capture(module: torch.nn.Module, blocks: list[LinearBlock]):
-    """Hooks recording each Linear layer's input and output on a forward."""
+    """Hooks recording each Linear layer's input and output on a forward.
+
+    The layer hands on a copy of its output, so that an in-place operation
+    after it (``ReLU(inplace=True)``) cannot change the recorded one.
+    """
     modules = dict(module.named_modules())
     records: dict[str, list] = {b.name: [] for b in blocks}
 
     def hook(name):
-        def record(layer, inputs, output):
-            records[name].append((inputs[0].detach(), output))
+        def record(layer, args, kwargs, output):
+            x = args[0] if args else kwargs["input"]
+            records[name].append((x.detach().clone(), output))
+            return output.clone()
         return record
 
     handles = [modules["" if b.name == "<module>" else b.name].register_forward_hook(
-        hook(b.name)) for b in blocks]
+        hook(b.name), with_kwargs=True) for b in blocks]
     try:
         yield records
     finally:
@@ -130,14 +150,20 @@ def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock
     """Yield, per batch, ``[(ā, g)]`` per layer: inputs ``(B, d_in [+1])`` and
     back-propagated output-Hessian roots ``(B·K, d_out)``, sample-major.
 
+    On the first batch the parameter gradients these imply, ``Σ_i g_ik ⊗ ā_i``,
+    are checked against autograd's: a weight also used outside its layer's
+    call, or any other way the layers' inputs and outputs miss part of the
+    parameters' effect, is caught there.
+
     Raises
     ------
     NotLinearError
-        If a layer is applied more than once per forward pass or to inputs
-        that are not 2-D (on the first batch).
+        If a layer is applied more than once per forward pass, to inputs that
+        are not one 2-D row per sample, or the check fails (on the first
+        batch).
     """
     theta = theta.detach().clone().requires_grad_(True)
-    for xb, tb in iterate_batches(X, T, batch_size):
+    for number, (xb, tb) in enumerate(iterate_batches(X, T, batch_size)):
         with _capture(model.module, blocks) as records, torch.enable_grad():
             out = model.forward(theta, xb)
             for block in blocks:
@@ -147,20 +173,45 @@ def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock
                         "times per forward pass; solver='ekfac'/'kfac' needs each "
                         "Linear layer used once. Use solver='cg' or 'arnoldi'.")
                 a, s = records[block.name][0]
-                if a.dim() != 2:
+                if a.dim() != 2 or a.shape[0] != xb.shape[0]:
                     raise NotLinearError(
-                        f"layer {block.name!r} receives inputs of shape {tuple(a.shape)}; "
-                        "solver='ekfac'/'kfac' needs 2-D (samples × features) inputs. "
-                        "Use solver='cg' or 'arnoldi'.")
+                        f"layer {block.name!r} receives inputs of shape {tuple(a.shape)} "
+                        f"for {xb.shape[0]} samples; solver='ekfac'/'kfac' needs one "
+                        "row per sample (2-D inputs). Use solver='cg' or 'arnoldi'.")
             root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
             cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
             outputs = [records[b.name][0][1] for b in blocks]
-            grads = torch.autograd.grad(out, outputs, grad_outputs=cotangents,
-                                        is_grads_batched=True)
-        yield [
-            (_augment(records[b.name][0][0], b), g.transpose(0, 1).reshape(-1, b.d_out))
-            for b, g in zip(blocks, grads)
-        ]
+            wrt = outputs + ([theta] if number == 0 else [])
+            grads = torch.autograd.grad(out, wrt, grad_outputs=cotangents,
+                                        is_grads_batched=True, allow_unused=True)
+            grads = [torch.zeros((cotangents.shape[0], *w.shape), dtype=w.dtype,
+                                 device=w.device) if g is None else g  # output not used
+                     for g, w in zip(grads, wrt)]
+        layers = [(_augment(records[b.name][0][0], b), g.transpose(0, 1).reshape(-1, b.d_out))
+                  for b, g in zip(blocks, grads)]
+        if number == 0:
+            _check_gradients(blocks, layers, grads[-1])
+        yield layers
+
+
+def _check_gradients(blocks: list[LinearBlock], layers: list, expected: Tensor) -> None:
+    """Raise :class:`NotLinearError` unless ``Σ_i g_ik ⊗ ā_i`` is autograd's gradient."""
+    implied, scale = torch.zeros_like(expected), torch.zeros_like(expected)
+    for block, (a, g) in zip(blocks, layers):
+        g = g.reshape(a.shape[0], -1, block.d_out)
+        for target, (gg, aa) in ((implied, (g, a)), (scale, (g.abs(), a.abs()))):
+            total = torch.einsum("bko,bc->koc", gg, aa)
+            target[:, block.weight] = total[..., :block.d_in].reshape(total.shape[0], -1)
+            if block.bias is not None:
+                target[:, block.bias] = total[..., block.d_in]
+    error = float((implied - expected).norm())
+    if error > 1e3 * torch.finfo(expected.dtype).eps * float(scale.norm()):
+        raise NotLinearError(
+            "the Linear layers' inputs and outputs do not account for the parameters' "
+            f"gradients (relative difference {error / max(float(expected.norm()), 1e-300):.1e}"
+            "): a weight is used outside its layer's call, or a layer's forward is "
+            "not the plain Linear one. solver='ekfac'/'kfac' cannot factor this network; "
+            "use solver='cg' or 'arnoldi'.")
 
 
 def _augment(a: Tensor, block: LinearBlock) -> Tensor:
@@ -304,8 +355,9 @@ def linear_ggn(model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor, *,
         ``(P, P)`` float64, the plain sum (not divided by ``N``, no weight
         decay or damping). Memory beyond the result: the accumulator of the
         largest pair of layers (``8 P_l P_m`` bytes, ``2 P_l²`` on the
-        diagonal, so at most ``2 P²`` in all) and ``8 N (K + 1) Σ_l d_l``
-        bytes of layer inputs and back-propagations.
+        diagonal, so at most ``2 P²`` in all), work buffers of at most that
+        size or 16 MiB, and ``8 N (K + 1) Σ_l d_l`` bytes of layer inputs
+        and back-propagations.
 
     Raises
     ------
@@ -368,9 +420,11 @@ def _add_pair_block(dense: Tensor, block_l: LinearBlock, block_m: LinearBlock, a
     else:
         shape = (o_l * o_m, d_l * d_m)
     M = torch.zeros(shape, dtype=torch.float64, device=device)
-    # one set of work buffers reused for every chunk (no allocator churn)
-    n = min(chunk_size, a_l.shape[0])
+    # one set of work buffers reused for every chunk (no allocator churn), within the
+    # accumulator's size or WORK_ELEMENTS (a wide layer with few outputs: short chunks)
     sizes = (o_l * o_m, shape[1]) + ((shape[0], shape[1]) if same else ())
+    chunk_size = max(1, min(chunk_size, max(M.numel(), WORK_ELEMENTS) // sum(sizes)))
+    n = min(chunk_size, a_l.shape[0])
     buffers = [torch.empty(n, k, dtype=torch.float64, device=device) for k in sizes]
     for s in range(0, a_l.shape[0], chunk_size):
         al, am = a_l[s:s + chunk_size], a_m[s:s + chunk_size]

@@ -127,6 +127,45 @@ def test_batchnorm_with_running_stats_is_frozen_and_batch_stats_refused():
         FunctionalModel(bad, model.loss, [0.0] * 4)
 
 
+class _Custom(torch.nn.Module):
+    """Nets whose structure the Kronecker route must either handle or detect."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.a = torch.nn.Linear(4, 5)
+        self.b = torch.nn.Linear(5, 3)
+        if case == "tied_weights":  # a second layer sharing a's weight
+            self.c = torch.nn.Linear(4, 5, bias=False)
+            self.c.weight = self.a.weight
+        if case == "rows_not_samples":  # two 2-feature tokens per sample
+            self.a = torch.nn.Linear(2, 5)
+            self.b = torch.nn.Linear(10, 3)
+        if case == "linear_subclass":
+            self.a = _Doubled(4, 5)
+        if case == "unused_head":
+            self.aux = torch.nn.Linear(5, 2)
+        self.double()
+
+    def forward(self, x):
+        case = self.case
+        if case == "rows_not_samples":
+            h = torch.tanh(self.a(x.reshape(-1, 2))).reshape(x.shape[0], -1)
+            return self.b(h)
+        h = torch.tanh(self.a(input=x) if case == "keyword_input" else self.a(x))
+        if case == "tied_weights":
+            h = h + torch.tanh(self.c(x))
+        if case == "weight_outside":
+            h = h + x @ self.a.weight.T
+        out = self.b(h)
+        return (out, self.aux(h)) if case == "unused_head" else out
+
+
+class _Doubled(torch.nn.Linear):
+    def forward(self, x):
+        return torch.nn.functional.linear(x, 2 * self.weight, self.bias)
+
+
 def _module(case: str) -> torch.nn.Module:
     torch.manual_seed(3)
     if case == "no_bias":
@@ -140,14 +179,31 @@ def _module(case: str) -> torch.nn.Module:
     if case == "three_layers":
         return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5),
                                    torch.nn.ReLU(), torch.nn.Linear(5, 3, bias=False)).double()
-    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5),  # not all Linear
-                               torch.nn.Linear(5, 3)).double()
+    if case == "inplace_relu":  # the in-place op must not change the recorded output
+        return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(inplace=True),
+                                   torch.nn.Linear(5, 3)).double()
+    if case == "layernorm":
+        return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5),
+                                   torch.nn.Linear(5, 3)).double()
+    return _Custom(case)
 
 
-@pytest.mark.parametrize("case", ["no_bias", "frozen_first", "three_layers", "layernorm"])
+#: case -> the NotLinearError message of a net the Kronecker route must refuse
+#: (None: it handles the net)
+STRUCTURE_CASES = {
+    "no_bias": None, "frozen_first": None, "three_layers": None, "inplace_relu": None,
+    "keyword_input": None, "unused_head": None,
+    "layernorm": "nn.Linear layers only", "linear_subclass": "nn.Linear layers only",
+    "tied_weights": "shares the parameter", "rows_not_samples": "one row per sample",
+    "weight_outside": "do not account for the parameters' gradients",
+}
+
+
+@pytest.mark.parametrize("case", list(STRUCTURE_CASES))
 def test_dense_ggn_from_kronecker_structure_matches_the_jacobians(case):
     """Nets of Linear layers take the per-layer Kronecker route, others the Jacobian
-    route; both equal the jacrev reference, whatever the bias, freezing and depth."""
+    route; both equal the jacrev reference, whatever the bias, freezing, depth, in-place
+    activations, shared or outside-used weights and unused outputs."""
     from sklinfluence.kfac import NotLinearError, linear_ggn
     from sklinfluence.losses import output_loss_from_criterion
 
@@ -159,8 +215,9 @@ def test_dense_ggn_from_kronecker_structure_matches_the_jacobians(case):
     Xt, Tt = torch.as_tensor(X), torch.as_tensor(y)
     curvature = Curvature(model, Xt, Tt, damping=DAMPING, batch_size=7)
     _close(curvature.dense(chunk_size=5), _dense_ggn_reference(model, Xt, Tt))
-    if case == "layernorm":
-        with pytest.raises(NotLinearError, match="nn.Linear layers only"):
+    refused = STRUCTURE_CASES[case]
+    if refused:
+        with pytest.raises(NotLinearError, match=refused):
             linear_ggn(model, model.params, Xt, Tt)
     else:
         _close(linear_ggn(model, model.params, Xt, Tt, chunk_size=4),
