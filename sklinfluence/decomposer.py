@@ -11,6 +11,7 @@ from sklearn.base import TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._docs import fill_doc
 from .base import BaseResponseEstimator
 from .curvature import CURVATURES
 from .ground_truth import warm_start_epochs
@@ -22,6 +23,7 @@ __all__ = ["Decomposer"]
 METRICS = ("output_l2", "loss")
 
 
+@fill_doc
 class Decomposer(TransformerMixin, BaseResponseEstimator):
     """Split the gap between influence estimates and leave-one-out into five terms.
 
@@ -77,28 +79,12 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
     batch_size : int, default=None
         Samples per batch for per-sample gradients and curvature products.
     removal_batch_size : int, default=32
-        Removed samples whose PBRF is solved together: their gradients are
-        vectorised over a stack of parameter copies and iterate with the
-        damped Gauss–Newton matrix shared by all (a chord method; samples
-        that do not contract fall back to one-at-a-time Newton). Answers
-        equal the one-at-a-time path to within ``tol``; 1 solves one at a
-        time. Memory per sample in a batch: about ``8 (4P + 3 N W)`` bytes for
-        ``P`` parameters, ``N`` training rows and ``W`` summed layer widths;
-        once per fit, building the shared factor holds about ``18 P²``
-        bytes up to 5,000 parameters (the matrix, its factor and the build's
-        accumulator; plus ``4096 K P`` for ``K`` outputs when some parameters
-        are outside ``nn.Linear`` layers).
-    n_jobs : int, default=None
-        joblib workers over removed samples (``None``: 1 unless in a
-        ``joblib.parallel_config`` context; ``-1``: all cores). Each worker
-        uses one torch thread. ``with joblib.parallel_config(backend="dask")``
-        runs the work on a Dask cluster.
-    memory : str, path or joblib.Memory, default=None
-        Directory where each removed sample's finished response is saved as
-        it completes, keyed by everything that determines it; a killed run
-        restarted with the same ``memory`` recomputes only what is missing.
-    verbose : int, default=0
-        > 0 shows a progress bar over removed samples.
+        Removed samples computed together: the PBRF rung by the shared-factor
+        chord iteration of :class:`~sklinfluence.PBRFEstimator` (to within
+        ``pbrf_tol`` of the one-at-a-time answer), the retraining rungs as
+        the vectorised ensemble of :class:`~sklinfluence.LOOEstimator` where
+        the recipe allows (equal to rounding); memory as documented there.
+    {execution}
     random_state : int, RandomState instance or None, default=None
         Seeds the original fit; the retrainings reuse its seed.
 

@@ -8,6 +8,7 @@ from typing import Any
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval
 
+from ._docs import fill_doc
 from .base import BaseResponseEstimator, RungViewMixin
 from .response import Responder, Rung, rung
 
@@ -19,6 +20,7 @@ def warm_start_epochs(max_epochs: int, fraction: float) -> int:
     return max(1, int(round(fraction * int(max_epochs))))
 
 
+@fill_doc
 class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
     """Proximal Bregman response function: what influence functions approximate.
 
@@ -30,8 +32,9 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
     (rung 3 of Bae et al. 2022): stay close to the trained network in function
     space (Bregman divergence of the output loss) and in weight space
     (damping), while down-weighting ``z_m``. Solved full batch with
-    trust-region Newton–CG and exact Hessian-vector products, to a gradient
-    norm ``tol`` times the initial one.
+    inexact Newton (MINRES on exact Hessian-vector products) or, for many
+    samples at once, a chord iteration with the shared damped Gauss–Newton
+    factor, to a gradient norm ``tol`` times the initial one.
 
     Parameters
     ----------
@@ -49,29 +52,8 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         Newton iterations per removed sample.
     batch_size : int, default=None
         Samples per batch for per-sample gradients.
-    removal_batch_size : int, default=32
-        Removed samples whose PBRF is solved together: their gradients are
-        vectorised over a stack of parameter copies and iterate with the
-        damped Gauss–Newton matrix shared by all (a chord method; samples
-        that do not contract fall back to one-at-a-time Newton). Answers
-        equal the one-at-a-time path to within ``tol``; 1 solves one at a
-        time. Memory per sample in a batch: about ``8 (4P + 3 N W)`` bytes for
-        ``P`` parameters, ``N`` training rows and ``W`` summed layer widths;
-        once per fit, building the shared factor holds about ``18 P²``
-        bytes up to 5,000 parameters (the matrix, its factor and the build's
-        accumulator; plus ``4096 K P`` for ``K`` outputs when some parameters
-        are outside ``nn.Linear`` layers).
-    n_jobs : int, default=None
-        joblib workers over removed samples (``None``: 1 unless in a
-        ``joblib.parallel_config`` context; ``-1``: all cores). Each worker
-        uses one torch thread. ``with joblib.parallel_config(backend="dask")``
-        runs the work on a Dask cluster.
-    memory : str, path or joblib.Memory, default=None
-        Directory where each removed sample's finished response is saved as
-        it completes, keyed by everything that determines it; a killed run
-        restarted with the same ``memory`` recomputes only what is missing.
-    verbose : int, default=0
-        > 0 shows a progress bar over removed samples.
+    {pbrf_batch}
+    {execution}
     random_state : int, RandomState instance or None, default=None
         Seeds the net's training in ``fit``.
 
@@ -163,6 +145,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         return rung("pbrf")
 
 
+@fill_doc
 class LOOEstimator(RungViewMixin, BaseResponseEstimator):
     """Leave-one-out retraining with the net's own recipe (rungs 0–2).
 
@@ -217,17 +200,7 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
         ``B`` rows, ``d`` input features and summed layer widths ``W``
         (parameters, gradients and optimiser state; the mini-batch and its
         activations, forward and backward).
-    n_jobs : int, default=None
-        joblib workers over removed samples (``None``: 1 unless in a
-        ``joblib.parallel_config`` context; ``-1``: all cores). Each worker
-        uses one torch thread. ``with joblib.parallel_config(backend="dask")``
-        runs the work on a Dask cluster.
-    memory : str, path or joblib.Memory, default=None
-        Directory where each removed sample's finished response is saved as
-        it completes, keyed by everything that determines it; a killed run
-        restarted with the same ``memory`` recomputes only what is missing.
-    verbose : int, default=0
-        > 0 shows a progress bar over removed samples.
+    {execution}
     random_state : int, RandomState instance or None, default=None
         Seeds the original fit; every retraining reuses that seed.
 

@@ -91,3 +91,20 @@ def test_examples_run_and_write_their_plots(script, args, expected, tmp_path):
     for text in expected:
         assert text in result.stdout
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shared_parameter_docs_are_filled_in():
+    """Docstrings that name a shared fragment get its text; every parameter is documented."""
+    import inspect
+    import re
+
+    import sklinfluence
+
+    for name in sklinfluence.__all__:
+        obj = getattr(sklinfluence, name)
+        if not inspect.isclass(obj) or not obj.__doc__:
+            continue
+        assert not re.search(r"^\s*\{\w+\}\s*$", obj.__doc__, re.M), name
+        documented = set(re.findall(r"^    (\w+) :", obj.__doc__, re.M))
+        signature = set(inspect.signature(obj).parameters) - {"self"}
+        assert signature <= documented, (name, signature - documented)
