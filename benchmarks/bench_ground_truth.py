@@ -28,8 +28,8 @@ absolute times), and checks that both
 give the same answers (to 1e-6 relative: the PBRF solves stop at a 1e-9 relative gradient
 norm, by different routes). The worker pool is started (and has imported torch)
 before the timing, as it is after the first parallel call of a session; a
-cold start adds about 3 s. Likewise every configuration makes one tiny
-``torch.func`` call first: the first transform of a process imports
+cold start adds about 3 s. Likewise every process (main and workers) makes one
+tiny ``torch.func`` call first: the first transform of a process imports
 ``torch._dynamo`` (about 1 s and 75 MiB, once). Run::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_ground_truth.py
@@ -51,7 +51,16 @@ RUNGS = ("pbrf", "warm_start", "cold_start_loo")
 
 
 def _warm_up():
+    import torch
+
     import sklinfluence  # noqa: F401  (imports torch, skorch, scikit-learn)
+
+    _first_transform(torch)
+
+
+def _first_transform(torch):
+    """torch.func's first transform imports torch._dynamo (~1 s, ~75 MiB once per process)."""
+    torch.func.vmap(torch.func.grad(lambda v: (v * v).sum()))(torch.ones(2, 2))
 
 
 def _status_mib(field):
@@ -104,9 +113,7 @@ def worker(args):
         from joblib import Parallel, delayed
 
         Parallel(n_jobs=n_jobs)(delayed(_warm_up)() for _ in range(n_jobs))
-    # torch.func's first transform imports torch._dynamo (~1 s, ~75 MiB once per process):
-    # done before the timing for every configuration, as after a session's first call
-    torch.func.vmap(torch.func.grad(lambda v: (v * v).sum()))(torch.ones(2, 2))
+    _first_transform(torch)  # in every configuration, as after a session's first call
     rss_before = _reset_peak_rss()
     start = time.perf_counter()
     delta = est.param_change(X[removed])
