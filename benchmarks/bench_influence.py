@@ -58,9 +58,11 @@ OURS = {
     "kfac": ("kfac", None, 1e-10, None),
     "arnoldi (rank 50)": ("arnoldi", {"rank": 50}, 1e-10, None),
     "lissa (depth 20)": ("lissa", None, 1e-10, 20),
+    "cg mixed (tol 1e-10)": ("cg", {"mixed_precision": True}, 1e-10, None),
 }
-#: Run by default (LiSSA: 20 full-batch products for a poor answer; ask for it by name).
-DEFAULT_OURS = [name for name in OURS if not name.startswith("lissa")]
+#: Run by default (LiSSA: 20 full-batch products for a poor answer; CG at the default
+#: tol, which "auto" uses above 5,000 parameters, against "exact": ask for them by name).
+DEFAULT_OURS = [name for name in OURS if not name.startswith(("lissa", "cg mixed"))]
 PEERS = ["pydvl_cg", "pydvl_ekfac", "pydvl_nystroem", "captum_arnoldi", "kronfluence_ekfac"]
 #: Peers that support classification only (pyDVL's EK-FAC: cross-entropy).
 CLASSIFICATION_ONLY = {"pydvl_ekfac"}
