@@ -26,9 +26,18 @@ a layer's weight and bias) and the damping ``λ`` is added to every
 eigenvalue. For one layer with one output and the squared loss ``g_ik`` is a
 constant, the factorisation is exact and EK-FAC equals the exact inverse.
 
-Only networks whose trainable parameters all belong to ``nn.Linear`` layers
-applied once to 2-D inputs are supported; anything else raises ``ValueError``
-naming the layer (use ``solver="cg"`` or ``"arnoldi"`` for those).
+The same layer passes give the *exact* Gauss–Newton matrix cheaply
+(:func:`linear_ggn`): its block for layers ``l`` and ``m`` is
+``Σ_i (Σ_k g_ik^l g_ik^{mᵀ}) ⊗ ā_i^l ā_i^{mᵀ}``, ``K`` times fewer operations
+than from per-sample Jacobians.
+
+Only networks whose trainable parameters all belong to plain ``nn.Linear``
+layers, each with its own parameters and applied once per forward pass to
+one input row per sample, are supported; anything else raises
+:class:`NotLinearError` (a ``ValueError``) naming the layer (use
+``solver="cg"`` or ``"arnoldi"`` for those). On the first batch the parameter
+gradients the captured inputs and outputs imply are checked against
+autograd's, which catches a weight also used outside its layer.
 """
 
 from __future__ import annotations
@@ -338,8 +347,8 @@ def linear_ggn(model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor, *,
     Parameters
     ----------
     model : FunctionalModel
-        Every trainable parameter must belong to an ``nn.Linear`` used once on
-        2-D inputs.
+        Every trainable parameter must belong to a plain ``nn.Linear`` layer
+        of its own, applied once per forward pass to one input row per sample.
     theta : Tensor
         Where to linearise.
     X, T : Tensor
