@@ -14,8 +14,8 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-from scipy.sparse import issparse
 import torch
+from scipy.sparse import issparse
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -26,6 +26,7 @@ from .execution import resolve_memory
 from .response import ResponseContext, Rung, rung
 
 __all__ = ["BaseResponseEstimator", "RungViewMixin"]
+
 
 def _check_numeric_features(X: Any) -> None:
     """Refuse text features with the fix, instead of numpy's conversion error."""

@@ -68,6 +68,19 @@ class LinearBlock:
     Q_A: Tensor | None = None
     eigenvalues: Tensor | None = None  # (d_out, d_in + has_bias), without damping
 
+    def to_matrices(self, V: Tensor) -> Tensor:
+        """Rows of flat vectors → ``(k, d_out, d_in [+1])`` matrices ``[W | b]``."""
+        W = V[:, self.weight].reshape(-1, self.d_out, self.d_in)
+        if self.bias is None:
+            return W
+        return torch.cat([W, V[:, self.bias].unsqueeze(-1)], dim=-1)
+
+    def put(self, V: Tensor, M: Tensor) -> None:
+        """Write ``(k, d_out, d_in [+1])`` matrices into this layer's part of the rows of ``V``."""
+        V[:, self.weight] = M[..., :self.d_in].reshape(M.shape[0], -1)
+        if self.bias is not None:
+            V[:, self.bias] = M[..., self.d_in]
+
 
 #: Elements of work buffers :func:`linear_ggn` may always use (16 MiB in float64).
 WORK_ELEMENTS = 2 ** 21
@@ -155,14 +168,15 @@ def _capture(module: torch.nn.Module, blocks: list[LinearBlock]):
 
 
 def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock],
-                 X: Tensor, T: Tensor, batch_size: int | None):
+                 X: Tensor, T: Tensor, batch_size: int | None, *, check: bool = True):
     """Yield, per batch, ``[(ā, g)]`` per layer: inputs ``(B, d_in [+1])`` and
     back-propagated output-Hessian roots ``(B·K, d_out)``, sample-major.
 
-    On the first batch the parameter gradients these imply, ``Σ_i g_ik ⊗ ā_i``,
-    are checked against autograd's: a weight also used outside its layer's
-    call, or any other way the layers' inputs and outputs miss part of the
-    parameters' effect, is caught there.
+    With ``check`` (a caller's first pass over the data), the parameter
+    gradients these imply on the first batch, ``Σ_i g_ik ⊗ ā_i``, are checked
+    against autograd's: a weight also used outside its layer's call, or any
+    other way the layers' inputs and outputs miss part of the parameters'
+    effect, is caught there.
 
     Raises
     ------
@@ -173,6 +187,7 @@ def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock
     """
     theta = theta.detach().clone().requires_grad_(True)
     for number, (xb, tb) in enumerate(iterate_batches(X, T, batch_size)):
+        verify = check and number == 0
         with _capture(model.module, blocks) as records, torch.enable_grad():
             out = model.forward(theta, xb)
             for block in blocks:
@@ -181,7 +196,7 @@ def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock
                         f"layer {block.name!r} is applied {len(records[block.name])} "
                         "times per forward pass; solver='ekfac'/'kfac' needs each "
                         "Linear layer used once. Use solver='cg' or 'arnoldi'.")
-                a, s = records[block.name][0]
+                a = records[block.name][0][0]
                 if a.dim() != 2 or a.shape[0] != xb.shape[0]:
                     raise NotLinearError(
                         f"layer {block.name!r} receives inputs of shape {tuple(a.shape)} "
@@ -190,7 +205,7 @@ def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock
             root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
             cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
             outputs = [records[b.name][0][1] for b in blocks]
-            wrt = outputs + ([theta] if number == 0 else [])
+            wrt = outputs + ([theta] if verify else [])
             grads = torch.autograd.grad(out, wrt, grad_outputs=cotangents,
                                         is_grads_batched=True, allow_unused=True)
             grads = [torch.zeros((cotangents.shape[0], *w.shape), dtype=w.dtype,
@@ -198,7 +213,7 @@ def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock
                      for g, w in zip(grads, wrt)]
         layers = [(_augment(records[b.name][0][0], b), g.transpose(0, 1).reshape(-1, b.d_out))
                   for b, g in zip(blocks, grads)]
-        if number == 0:
+        if verify:
             _check_gradients(blocks, layers, grads[-1])
         yield layers
 
@@ -210,9 +225,7 @@ def _check_gradients(blocks: list[LinearBlock], layers: list, expected: Tensor) 
         g = g.reshape(a.shape[0], -1, block.d_out)
         for target, (gg, aa) in ((implied, (g, a)), (scale, (g.abs(), a.abs()))):
             total = torch.einsum("bko,bc->koc", gg, aa)
-            target[:, block.weight] = total[..., :block.d_in].reshape(total.shape[0], -1)
-            if block.bias is not None:
-                target[:, block.bias] = total[..., block.d_in]
+            block.put(target, total)
     error = float((implied - expected).norm())
     if error > 1e3 * torch.finfo(expected.dtype).eps * float(scale.norm()):
         raise NotLinearError(
@@ -292,7 +305,8 @@ class KroneckerFactors:
         if self.corrected:
             sums = [torch.zeros(b.d_out, b.Q_A.shape[0], dtype=torch.float64)
                     for b in self.blocks]
-            for layers in layer_passes(self.model, self.theta, self.blocks, X, T, batch_size):
+            for layers in layer_passes(self.model, self.theta, self.blocks, X, T, batch_size,
+                                       check=False):  # the first pass checked
                 for j, (block, (a, g)) in enumerate(zip(self.blocks, layers)):
                     K = g.shape[0] // a.shape[0]
                     ga = (g.to(torch.float64) @ block.Q_S) ** 2  # (B·K, d_out)
@@ -302,30 +316,18 @@ class KroneckerFactors:
                 block.eigenvalues = total / n
         mu = self.model.weight_decay.to(torch.float64)
         for block in self.blocks:  # diag(μ) in the eigenbasis (exact if μ is uniform)
-            M = self._to_matrix(mu.unsqueeze(0), block)[0]
+            M = block.to_matrices(mu.unsqueeze(0))[0]
             block.eigenvalues = block.eigenvalues + (block.Q_S ** 2).T @ M @ (block.Q_A ** 2)
 
     # ------------------------------------------------------------- inverse
-    @staticmethod
-    def _to_matrix(V: Tensor, block: LinearBlock) -> Tensor:
-        """Rows of flat vectors → ``(k, d_out, d_in [+1])`` matrices ``[W | b]``."""
-        W = V[:, block.weight].reshape(-1, block.d_out, block.d_in)
-        if block.bias is None:
-            return W
-        return torch.cat([W, V[:, block.bias].unsqueeze(-1)], dim=-1)
-
     def solve(self, B: Tensor) -> Tensor:
         """Approximate ``(G + μ + λI)⁻¹ bᵀ`` for each row ``b`` of ``B``, in float64."""
         B = B.to(torch.float64)
         X = torch.empty_like(B)
         for block in self.blocks:
-            M = self._to_matrix(B, block)
-            rotated = block.Q_S.T @ M @ block.Q_A
+            rotated = block.Q_S.T @ block.to_matrices(B) @ block.Q_A
             rotated = rotated / (block.eigenvalues + self.damping)
-            back = block.Q_S @ rotated @ block.Q_A.T
-            X[:, block.weight] = back[..., :block.d_in].reshape(B.shape[0], -1)
-            if block.bias is not None:
-                X[:, block.bias] = back[..., block.d_in]
+            block.put(X, block.Q_S @ rotated @ block.Q_A.T)
         return X
 
 
