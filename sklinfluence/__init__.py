@@ -9,14 +9,17 @@ Then What is the Question?", as scikit-learn estimators:
   (rungs 0–2);
 - :class:`Decomposer` — the five terms between them;
 - :class:`RemovalSplit` and :func:`agreement_scorer` — grid search of the
-  damping against a ground-truth reference.
+  damping against a ground-truth reference;
+- :func:`set_config`, :func:`get_config`, :func:`config_context` — threads
+  and the in-process response cache.
 """
 
+from ._config import config_context, get_config, set_config
 from .agreement import RemovalSplit, agreement_scorer
 from .decomposer import Decomposer
 from .ground_truth import LOOEstimator, PBRFEstimator
 from .influence import InfluenceEstimator
 
 __all__ = ["Decomposer", "InfluenceEstimator", "LOOEstimator", "PBRFEstimator",
-           "RemovalSplit", "agreement_scorer"]
+           "RemovalSplit", "agreement_scorer", "config_context", "get_config", "set_config"]
 __version__ = "0.1.0"

@@ -178,6 +178,13 @@ class ResponseCache:
             _, (old, _) = self._items.popitem(last=False)
             self._bytes -= old.numel() * old.element_size()
 
+    def resize(self, max_bytes: int) -> None:
+        """Set the bound, evicting the least recently used entries to meet it."""
+        self.max_bytes = max_bytes
+        while self._bytes > self.max_bytes:
+            _, (old, _) = self._items.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+
     def clear(self) -> None:
         self._items.clear()
         self._bytes = 0

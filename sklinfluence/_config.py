@@ -1,0 +1,126 @@
+"""Process-wide settings, in the style of :func:`sklearn.set_config`.
+
+- ``n_threads``: torch threads inside the library's compute sections
+  (``None``: chosen by the library, see :mod:`sklinfluence._threads`).
+- ``response_cache_bytes``: the size of the in-process response cache
+  (see :class:`sklinfluence.response.ResponseCache`); ``0`` turns it off.
+
+:func:`set_config` changes them, :func:`get_config` reads them and
+:func:`config_context` changes them for a ``with`` block only.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from numbers import Integral
+from typing import Any, Iterator
+
+__all__ = ["get_config", "set_config", "config_context"]
+
+_DEFAULTS = {"n_threads": None, "response_cache_bytes": 256 * 2**20}
+_lock = threading.Lock()
+_config = dict(_DEFAULTS)
+
+
+def get_config() -> dict:
+    """The current settings, a copy.
+
+    Returns
+    -------
+    dict
+        ``{"n_threads": ..., "response_cache_bytes": ...}``.
+
+    Examples
+    --------
+    >>> from sklinfluence import get_config
+    >>> sorted(get_config())
+    ['n_threads', 'response_cache_bytes']
+    """
+    with _lock:
+        return dict(_config)
+
+
+def _check(name: str, value: Any) -> None:
+    if name == "n_threads":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)
+                                  or value < 1):
+            raise ValueError(
+                f"n_threads must be None (chosen by the library) or an integer >= 1, "
+                f"got {value!r}.")
+    elif name == "response_cache_bytes":
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+            raise ValueError(
+                "response_cache_bytes must be an integer >= 0 (0 turns the in-process "
+                f"response cache off), got {value!r}.")
+
+
+def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep") -> None:
+    """Change sklinfluence's process-wide settings.
+
+    Parameters
+    ----------
+    n_threads : int or None, optional
+        torch intra-op threads used inside sklinfluence's own computations
+        (fitting, scoring, transforming, the command line); the caller's
+        setting is restored when each call returns. ``None`` (the default
+        setting) lets the library choose: it leaves torch alone when
+        ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` is set, and otherwise
+        uses one thread for small models (where more threads only add
+        contention) and the available cores for large ones. Joblib workers
+        always use one thread each.
+    response_cache_bytes : int, optional
+        Bytes of computed responses kept in memory (default 256 MiB), so
+        that a grid search's candidates share an expensive reference
+        (leave-one-out retrainings, PBRF solves) instead of recomputing it.
+        Responses are kept for an estimator and its clones only, and
+        released when the last of them is garbage collected. ``0`` turns
+        the cache off (and empties it).
+
+    Examples
+    --------
+    >>> from sklinfluence import get_config, set_config
+    >>> before = get_config()["n_threads"]
+    >>> set_config(n_threads=1)
+    >>> get_config()["n_threads"]
+    1
+    >>> set_config(n_threads=before)
+    """
+    changes = {name: value for name, value in
+               (("n_threads", n_threads), ("response_cache_bytes", response_cache_bytes))
+               if not (isinstance(value, str) and value == "keep")}
+    for name, value in changes.items():
+        _check(name, value)
+    with _lock:
+        _config.update(changes)
+    if "response_cache_bytes" in changes:
+        from .response import RESPONSE_CACHE  # noqa: PLC0415 - response imports this module
+
+        RESPONSE_CACHE.resize(changes["response_cache_bytes"])
+
+
+@contextmanager
+def config_context(**changes: Any) -> Iterator[None]:
+    """Change settings for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    **changes
+        The keywords of :func:`set_config`.
+
+    Examples
+    --------
+    >>> from sklinfluence import config_context, get_config
+    >>> with config_context(response_cache_bytes=0):
+    ...     get_config()["response_cache_bytes"]
+    0
+    """
+    unknown = sorted(set(changes) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown settings {unknown}; known: {sorted(_DEFAULTS)}.")
+    before = get_config()
+    set_config(**changes)
+    try:
+        yield
+    finally:
+        set_config(**{name: before[name] for name in changes})
