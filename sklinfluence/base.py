@@ -19,11 +19,13 @@ from scipy.sparse import issparse
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .adapters import make_adapter
 from .execution import resolve_memory
 from .response import ResponseContext, Rung, rung
+from .threads import compute_section
 
 __all__ = ["BaseResponseEstimator", "RungViewMixin"]
 
@@ -42,6 +44,18 @@ def _check_numeric_features(X: Any) -> None:
                 f"{str(array.flat[0])!r} to numbers. Encode text or categorical columns "
                 "first, e.g. with sklearn.preprocessing.OneHotEncoder in a Pipeline."
             ) from None
+
+
+def _check_class_labels(y: np.ndarray, adapter: Any) -> None:
+    """scikit-learn's refusal of continuous targets for a classifier, with the fix."""
+    try:
+        check_classification_targets(y)
+    except ValueError as exc:
+        model = getattr(adapter, "net", getattr(adapter, "est", None))
+        raise ValueError(
+            f"{exc} {type(model).__name__} is a classifier; for continuous targets use a "
+            "regressor (NeuralNetRegressor with MSELoss, LinearRegression or Ridge)."
+        ) from None
 
 
 class BaseResponseEstimator(BaseEstimator):
@@ -97,6 +111,7 @@ class BaseResponseEstimator(BaseEstimator):
         if adapter.target_kind != "float":
             if y.ndim != 1:
                 raise ValueError(f"class labels must be 1-D, got y with shape {y.shape}.")
+            _check_class_labels(y, adapter)
             known = adapter.known_classes()
             self.classes_ = known if known is not None else np.unique(y)
             adapter.resolve_target_kind(self.classes_)
@@ -250,6 +265,7 @@ class RungViewMixin:
         Xt, Tt, index = self._targets_for(X, y)
         return Xt, Tt, self.responder_.param_change(self._rung(), Xt, Tt, index)
 
+    @compute_section
     def param_change(self, X: Any, y: Any = None) -> np.ndarray:
         """Parameter response ``θ_after − θˢ`` to removing each sample.
 
@@ -268,6 +284,7 @@ class RungViewMixin:
         """
         return self._responses(X, y)[2].to(torch.float64).cpu().numpy()
 
+    @compute_section
     def score_samples(self, X: Any, y: Any = None) -> np.ndarray:
         """Change of each sample's own loss when it is removed.
 
@@ -289,6 +306,7 @@ class RungViewMixin:
         """
         return self._own_loss_change(*self._responses(X, y))
 
+    @compute_section
     def loss_change(self, X: Any, y: Any = None, X_eval: Any = None,
                     y_eval: Any = None) -> np.ndarray:
         """Change of each evaluation loss when each sample is removed.
@@ -319,6 +337,7 @@ class RungViewMixin:
         result = torch.stack(rows) if rows else before.new_zeros((0, len(before)))
         return result.to(torch.float64).cpu().numpy()
 
+    @compute_section
     def score(self, X: Any, y: Any = None, *, reference: str = "loo",
               metric: str = "spearman") -> float:
         """Agreement of ``score_samples`` with a ground-truth response.

@@ -80,6 +80,16 @@ def _widths(text: str) -> tuple:
     return widths
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--n-threads must be a positive integer, got {text!r}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -122,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--n-jobs", type=int, default=None, help="joblib workers")
     run.add_argument("--memory", help="directory to keep finished responses in (resumable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--n-threads", type=_threads, default=None,
+                     help="torch threads (default: chosen for the model size, or "
+                          "OMP_NUM_THREADS when set)")
 
     decompose = commands.add_parser(
         "decompose", parents=[common], help="the five-term decomposition of the IF–LOO gap",
@@ -292,8 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sklinfluence`` command; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    from ._config import config_context
+
     try:
-        {"decompose": _decompose, "rank": _rank}[args.command](args)
+        with config_context(n_threads=args.n_threads):
+            {"decompose": _decompose, "rank": _rank}[args.command](args)
     except ValueError as exc:
         parser.exit(2, f"sklinfluence {args.command}: error: {exc}\n")
     return 0

@@ -86,8 +86,11 @@ def _load_csv(path: Path, target: str | None, task: str) -> Dataset:
         if not numeric:
             raise ValueError(f"--target {target!r} is not numeric; use --task classification.")
         y = values
+    elif numeric and not np.all(values == np.round(values)):
+        raise ValueError(f"--target {target!r} has continuous values (like {raw[0]!r}), "
+                         "which are not class labels; use --task regression.")
     else:
-        y = values.astype(np.int64) if numeric and np.all(values == np.round(values)) else raw
+        y = values.astype(np.int64) if numeric else raw
     return Dataset(X, y, task, path.name, features)
 
 

@@ -17,6 +17,7 @@ from .curvature import CURVATURES
 from .ground_truth import warm_start_epochs
 from .response import LADDER, TERMS, Responder
 from .solvers import SOLVERS
+from .threads import compute_section
 
 __all__ = ["Decomposer"]
 
@@ -174,6 +175,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)
+    @compute_section
     def fit(self, X: Any, y: Any, X_eval: Any = None, y_eval: Any = None) -> "Decomposer":
         """Train the net and prepare every rung.
 
@@ -217,6 +219,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         deltas = [self.responder_.param_change(r, Xt, Tt, index) for r in LADDER]
         return Xt, Tt, torch.stack(deltas, dim=1)
 
+    @compute_section
     def rung_responses(self, X: Any, y: Any = None) -> dict:
         """Each rung's parameter response ``θ_k − θˢ`` to removing each sample.
 
@@ -235,6 +238,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         deltas = self._deltas(X, y)[2].to(torch.float64).cpu().numpy()
         return {r.name: deltas[:, k] for k, r in enumerate(LADDER)}
 
+    @compute_section
     def rung_losses(self, X: Any, y: Any = None) -> np.ndarray:
         """Mean evaluation loss ``Q(θ_k)`` at each rung, shape ``(n_samples, 6)``.
 
@@ -261,6 +265,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
                 if len(thetas) else thetas.new_zeros((0, len(LADDER)))
         return q.to(torch.float64).cpu().numpy()
 
+    @compute_section
     def rung_scores(self, X: Any, y: Any = None) -> np.ndarray:
         """Each rung's self-influence: ``L_m(θ_k) − L_m(θˢ)``, shape ``(n_samples, 6)``.
 
@@ -284,6 +289,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         return np.column_stack([self._own_loss_change(Xt, Tt, deltas[:, k])
                                 for k in range(len(LADDER))]).reshape(len(Xt), len(LADDER))
 
+    @compute_section
     def transform(self, X: Any, y: Any = None) -> np.ndarray:
         """The five terms for each removed sample.
 

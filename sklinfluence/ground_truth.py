@@ -11,6 +11,7 @@ from sklearn.utils._param_validation import Interval
 from ._docs import fill_doc
 from .base import BaseResponseEstimator, RungViewMixin
 from .response import Responder, Rung, rung
+from .threads import compute_section
 
 __all__ = ["PBRFEstimator", "LOOEstimator"]
 
@@ -122,6 +123,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)
+    @compute_section
     def fit(self, X: Any, y: Any) -> "PBRFEstimator":
         """Train (or adopt) the net; responses are solved when asked for.
 
@@ -271,6 +273,7 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)
+    @compute_section
     def fit(self, X: Any, y: Any) -> "LOOEstimator":
         """Train (or adopt) the net and record ``θ⁰`` and the seed.
 

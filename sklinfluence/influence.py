@@ -16,6 +16,7 @@ from .curvature import CURVATURES
 from .functional import iterate_batches
 from .response import Responder, Rung, rung
 from .solvers import SOLVERS
+from .threads import compute_section
 
 __all__ = ["InfluenceEstimator"]
 
@@ -199,6 +200,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)
+    @compute_section
     def fit(self, X: Any, y: Any) -> "InfluenceEstimator":
         """Train (or adopt) the net and prepare the curvature solver.
 
@@ -247,6 +249,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         solves.append(self.solver_.last_solve)
         return X
 
+    @compute_section
     def score_samples(self, X: Any, y: Any = None) -> np.ndarray:
         """Estimated change of each sample's own loss when it is removed.
 
@@ -277,6 +280,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         result = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
         return (self.epsilon_ * result).cpu().numpy()
 
+    @compute_section
     def loss_change(self, X: Any, y: Any = None, X_eval: Any = None,
                     y_eval: Any = None) -> np.ndarray:
         """Estimated change of each evaluation loss when each sample is removed.

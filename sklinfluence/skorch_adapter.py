@@ -13,6 +13,7 @@ from .ensemble import ensemble_supported, retrain_ensemble
 from .functional import FunctionalModel
 from .losses import SUPPORTED_CRITERIA
 from .retrain import get_flat_params, initialize_net, module_dtype, retrain
+from .threads import model_size_known
 
 __all__ = ["SkorchAdapter"]
 
@@ -88,6 +89,7 @@ class SkorchAdapter:
             torch.manual_seed(seed)
             initialize_net(fitted, X)
             theta_0 = get_flat_params(fitted.module_).clone()
+            model_size_known(theta_0.numel())  # training a large net may use more threads
             np_dtype = numpy_dtype(module_dtype(fitted))
             targets = encoded if encoded.dtype == np.int64 else encoded.astype(np_dtype)
             fitted.partial_fit(X.astype(np_dtype), targets)

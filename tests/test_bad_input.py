@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
-from sklearn.linear_model import Ridge
+from sklearn.linear_model import LogisticRegression, Ridge
 
 from nets import make_net, toy_data
 from sklinfluence import Decomposer, InfluenceEstimator, LOOEstimator
@@ -61,6 +61,12 @@ CASES = [
      ValueError, "X must be numeric: could not convert values like 'a'.*OneHotEncoder"),
     ("fit-labels-to-regressor", lambda: InfluenceEstimator(reg()).fit(
         X_REG[:6], np.array(list("abcabc"))), ValueError, "needs numeric targets.*classifier"),
+    ("fit-continuous-to-classifier", lambda: InfluenceEstimator(cls()).fit(
+        X_CLS, np.linspace(0, 1, len(X_CLS))), ValueError,
+     "Unknown label type: continuous.*use a regressor"),
+    ("fit-continuous-to-logistic", lambda: LOOEstimator(LogisticRegression()).fit(
+        X_CLS, np.linspace(0, 1, len(X_CLS))), ValueError,
+     "Unknown label type: continuous.*use a regressor"),
     ("fit-2d-labels", lambda: InfluenceEstimator(cls()).fit(X_CLS, np.c_[Y_CLS, Y_CLS]),
      ValueError, "1d array|1-D"),
     ("negative-damping", lambda: InfluenceEstimator(reg(), damping=-1).fit(X_REG, Y_REG),

@@ -53,6 +53,8 @@ def test_csv_data_with_a_target_column(tmp_path, capsys):
     (["--data", "{text_csv}"], "feature columns must be numeric"),
     (["--data", "diabetes", "--mislabel", "0.1"], "needs a classification problem"),
     (["--mislabel", "1.5"], "expected a fraction"),
+    (["--data", "{float_csv}", "--task", "classification"], "continuous values"),
+    (["--n-threads", "0"], "--n-threads must be"),
     (["--hidden", "a,b"], "--hidden takes widths"),
 ])
 def test_bad_input_exits_with_a_clear_message(tmp_path, capsys, args, fragment):
@@ -60,7 +62,9 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, capsys, args, fragment):
     good.write_text("x,y\n1,0\n2,1\n3,0\n")
     text = tmp_path / "text.csv"
     text.write_text("x,y\nred,0\nblue,1\ngreen,0\n")
-    args = [a.format(csv=good, text_csv=text) for a in args]
+    floats = tmp_path / "floats.csv"
+    floats.write_text("x,y\n1,0.5\n2,1.25\n3,0.75\n")
+    args = [a.format(csv=good, text_csv=text, float_csv=floats) for a in args]
     with pytest.raises(SystemExit) as exit_info:
         main(["rank", *args, "--quiet", "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2
