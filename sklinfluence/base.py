@@ -24,6 +24,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .adapters import make_adapter
 from .execution import resolve_memory
+from .removal import single_removals
 from .response import ResponseContext, Rung, rung
 from .threads import compute_section
 
@@ -263,7 +264,8 @@ class RungViewMixin:
 
     def _responses(self, X: Any, y: Any) -> tuple:
         Xt, Tt, index = self._targets_for(X, y)
-        return Xt, Tt, self.responder_.param_change(self._rung(), Xt, Tt, index)
+        return Xt, Tt, self.responder_.param_change(self._rung(),
+                                                    single_removals(Xt, Tt, index))
 
     @compute_section
     def param_change(self, X: Any, y: Any = None) -> np.ndarray:
@@ -371,5 +373,6 @@ class RungViewMixin:
             raise ValueError(f"reference must be one of {sorted(REFERENCES)}, got {reference!r}")
         Xt, Tt, index = self._targets_for(X, y)
         estimate = self.score_samples(X, y)
-        delta = self.responder_.param_change(rung(REFERENCES[reference]), Xt, Tt, index)
+        delta = self.responder_.param_change(rung(REFERENCES[reference]),
+                                             single_removals(Xt, Tt, index))
         return agreement(estimate, self._own_loss_change(Xt, Tt, delta), metric)

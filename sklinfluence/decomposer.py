@@ -15,6 +15,7 @@ from ._docs import fill_doc
 from .base import BaseResponseEstimator
 from .curvature import CURVATURES
 from .ground_truth import warm_start_epochs
+from .removal import single_removals
 from .response import LADDER, TERMS, Responder
 from .solvers import SOLVERS
 from .threads import compute_section
@@ -216,7 +217,8 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         """Samples, targets and every rung's response ``θ_k − θˢ``, shape ``(n, 6, P)``."""
         check_is_fitted(self, "responder_")
         Xt, Tt, index = self._targets_for(X, y)
-        deltas = [self.responder_.param_change(r, Xt, Tt, index) for r in LADDER]
+        removals = single_removals(Xt, Tt, index)
+        deltas = [self.responder_.param_change(r, removals) for r in LADDER]
         return Xt, Tt, torch.stack(deltas, dim=1)
 
     @compute_section

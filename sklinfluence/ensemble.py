@@ -1,7 +1,8 @@
 """Retraining many leave-one-out copies of a skorch net at once (a vectorised ensemble).
 
 :func:`retrain_ensemble` trains ``B`` copies of the net, copy ``b`` without
-training row ``m_b``, as one stack of parameters ``(B, P)``: each optimiser
+the training rows ``S_b`` (one row, or a group of rows: every ``S_b`` of one
+call has the same size), as one stack of parameters ``(B, P)``: each optimiser
 step evaluates all copies on their own mini-batches with
 :func:`torch.func.vmap` and updates the stack with the net's own optimiser
 class and hyper-parameters (element-wise optimisers update every copy exactly
@@ -82,9 +83,9 @@ def _batch_order(net: Any, X: np.ndarray, n_rows: int, seed: int | None,
 
 
 def retrain_ensemble(net: Any, model: FunctionalModel, X: Tensor, T: Tensor,
-                     removed: list[int], *, start: Tensor, seed: int | None, max_epochs: int,
+                     removed: list, *, start: Tensor, seed: int | None, max_epochs: int,
                      anchor: Tensor, proximity: float) -> Tensor:
-    """Train one copy per removed row, each on the other rows; returns ``(B, P)``.
+    """Train one copy per removed set of rows, each on the other rows; returns ``(B, P)``.
 
     Parameters
     ----------
@@ -94,15 +95,20 @@ def retrain_ensemble(net: Any, model: FunctionalModel, X: Tensor, T: Tensor,
         The net as a function of flat parameters (its loss is the net's).
     X, T : Tensor
         All N training rows.
-    removed : list of int
-        The row each copy leaves out.
+    removed : list of sequences of int
+        The rows each copy leaves out (the same number for every copy).
     start, seed, max_epochs, anchor, proximity
         As for :func:`~sklinfluence.retrain.retrain`.
     """
     n = X.shape[0]
-    keeps = torch.stack([torch.cat([torch.arange(m), torch.arange(m + 1, n)])
-                         for m in removed]).to(X.device)
-    order, probe = _batch_order(net, X.cpu().numpy(), n - 1, seed, max_epochs)
+    sizes = {len(rows) for rows in removed}
+    if len(sizes) != 1:
+        raise ValueError(f"every copy of an ensemble must leave out as many rows; got sizes "
+                         f"{sorted(sizes)}.")
+    everything = torch.arange(n)
+    keeps = torch.stack([everything[~torch.isin(everything, torch.as_tensor(list(rows)))]
+                         for rows in removed]).to(X.device)
+    order, probe = _batch_order(net, X.cpu().numpy(), n - sizes.pop(), seed, max_epochs)
     B = len(removed)
     stack = start.detach().to(model.dtype).expand(B, -1).clone().requires_grad_(True)
     optimizer = type(probe.optimizer_)([stack], **probe.optimizer_.defaults)

@@ -1,4 +1,4 @@
-"""Running many per-sample responses: parallel, resumable, with progress.
+"""Running many responses (one per removal): parallel, resumable, with progress.
 
 Ground-truth rungs (retraining, the PBRF) cost a solve per removed sample.
 :func:`run_responses` spreads the samples that are not already known over
@@ -25,16 +25,9 @@ import torch
 from joblib import Memory, Parallel, delayed, effective_n_jobs
 from tqdm.auto import tqdm
 
-__all__ = ["DiskStore", "resolve_memory", "run_responses", "sample_key"]
+__all__ = ["DiskStore", "resolve_memory", "run_responses"]
 
 _FORMAT = 1
-
-
-def sample_key(x: torch.Tensor, t: torch.Tensor) -> str:
-    """Digest of one sample (input row and target)."""
-    digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:32]
 
 
 class DiskStore:

@@ -39,10 +39,12 @@ STALL_WINDOW = 5
 
 @dataclass
 class ResponseObjective:
-    """``(1/N) Σ_i ℓ_i(θ) + decay − ε L_m(θ) + (λ/2)‖θ − θˢ‖²`` for one removed sample.
+    """``(1/N) Σ_i ℓ_i(θ) + decay − ε Σ_{m∈S} w_m L_m(θ) + (λ/2)‖θ − θˢ‖²``.
 
-    ``ℓ_i`` is the training loss (``bregman=False``) or its Bregman
-    divergence around ``θˢ`` (``bregman=True``, whose weight decay becomes
+    The objective of one removal ``S`` (SPEC §7: rows ``X_S``, targets
+    ``T_S``, weights ``w_S``; one row of weight 1 is leave-one-out). ``ℓ_i``
+    is the training loss (``bregman=False``) or its Bregman divergence around
+    ``θˢ`` (``bregman=True``, whose weight decay becomes
     ``(μ/2)‖θ − θˢ‖²``: SPEC §2's choice).
     """
 
@@ -50,8 +52,9 @@ class ResponseObjective:
     X: Tensor
     T: Tensor
     theta_s: Tensor
-    x_m: Tensor
-    t_m: Tensor
+    X_S: Tensor
+    T_S: Tensor
+    w_S: Tensor
     epsilon: float
     damping: float
     bregman: bool = True
@@ -96,10 +99,11 @@ class ResponseObjective:
         return float(eigsh(H, k=1, which="SA", return_eigenvectors=False, tol=1e-6)[0])
 
     def __call__(self, theta: Tensor) -> Tensor:
-        return self.evaluate(theta, self.x_m, self.t_m)
+        return self.evaluate(theta, self.X_S, self.T_S, self.w_S)
 
-    def evaluate(self, theta: Tensor, x_m: Tensor, t_m: Tensor) -> Tensor:
-        """The objective for removing ``(x_m, t_m)`` (vmappable over all three)."""
+    def evaluate(self, theta: Tensor, X_S: Tensor, T_S: Tensor, w_S: Tensor) -> Tensor:
+        """The objective for removing rows ``X_S`` with targets ``T_S`` and weights
+        ``w_S`` (vmappable over all four; a weight of 0 pads a smaller removal)."""
         model, diff = self.model, theta - self.theta_s
         if self.bregman:
             outputs = model.forward(theta, self.X)
@@ -108,7 +112,7 @@ class ResponseObjective:
         else:
             data = model.losses(theta, self.X, self.T).mean()
             decay = model.penalty(theta)
-        removed = model.losses(theta, x_m[None], t_m[None])[0]
+        removed = (w_S * model.losses(theta, X_S, T_S)).sum()
         return data + decay - self.epsilon * removed + 0.5 * self.damping * (diff * diff).sum()
 
 
@@ -199,14 +203,15 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
 
 
 def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Tensor,
-                               solve: Callable[[Tensor], Tensor], *, tol: float = 1e-9,
-                               max_iter: int = 50) -> list[MinimizeResult]:
-    """Minimise the objectives of several removed samples at once (chord method).
+                               ws: Tensor, solve: Callable[[Tensor], Tensor], *,
+                               tol: float = 1e-9, max_iter: int = 50) -> list[MinimizeResult]:
+    """Minimise the objectives of several removals at once (chord method).
 
-    Every removed sample's PBRF has, at ``θˢ``, the Hessian
-    ``H₀ − ε ∇²L_m`` with ``H₀ = G + μI + λI`` the damped Gauss–Newton matrix —
-    the same ``H₀`` for all samples, which ``solve`` applies (a Cholesky factor
-    or batched CG, shared with the influence rungs). The iteration
+    Every removal's PBRF has, at ``θˢ``, the Hessian
+    ``H₀ − ε Σ_S w_m ∇²L_m`` with ``H₀ = G + μI + λI`` the damped Gauss–Newton
+    matrix — the same ``H₀`` for all removals, which ``solve`` applies (a
+    Cholesky factor or batched CG, shared with the influence rungs). The
+    iteration
 
         ``θ ← θ − H₀⁻¹ ∇F_m(θ)``
 
@@ -222,10 +227,11 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
     Parameters
     ----------
     objective : ResponseObjective
-        Defines everything but the removed sample (its ``x_m``/``t_m`` are
+        Defines everything but the removal (its ``X_S``/``T_S``/``w_S`` are
         ignored).
-    xs, ts : Tensor
-        The removed samples, stacked (``B`` rows).
+    xs, ts, ws : Tensor
+        The removals' rows, targets and weights, stacked: ``(B, k, ...)`` and
+        ``(B, k)``, smaller removals padded with rows of weight 0.
     solve : callable
         ``solve(B)`` returns ``H₀⁻¹`` applied to each row of ``B``.
     tol, max_iter
@@ -242,16 +248,16 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
     grad_one = grad(objective.evaluate)
     batched_grad = vmap(grad_one)
 
-    def hvp_one(theta: Tensor, v: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        return vjp(lambda p: grad_one(p, x, t), theta)[1](v)[0]
+    def hvp_one(theta: Tensor, v: Tensor, x: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        return vjp(lambda p: grad_one(p, x, t, w), theta)[1](v)[0]
 
     Theta = theta_s.expand(B, -1).clone()
-    G = batched_grad(Theta, xs, ts).detach()
+    G = batched_grad(Theta, xs, ts, ws).detach()
     g0 = G.norm(dim=1)
     # noise floors (ResponseObjective.noise_floor), a quarter of the batch at a time: a
     # Hessian-vector product holds half again a gradient's activations
     floor = 10 * torch.finfo(theta_s.dtype).eps * torch.cat([
-        vmap(hvp_one)(Theta[s], Theta[s], xs[s], ts[s]).detach().norm(dim=1)
+        vmap(hvp_one)(Theta[s], Theta[s], xs[s], ts[s], ws[s]).detach().norm(dim=1)
         for s in (slice(i, i + max(1, B // 4)) for i in range(0, B, max(1, B // 4)))])
     target = torch.maximum(tol * g0, floor)
     n_iter = torch.zeros(B, dtype=torch.long)
@@ -262,7 +268,7 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
         if not active.numel():
             break
         candidate = Theta[active] - solve(G[active]).to(Theta.dtype)
-        g_new = batched_grad(candidate, xs[active], ts[active]).detach()
+        g_new = batched_grad(candidate, xs[active], ts[active], ws[active]).detach()
         new_norms = g_new.norm(dim=1)
         slow = new_norms > 0.5 * norms[active]  # not contracting: leave it to Newton
         fallback[active[slow]] = True
@@ -275,8 +281,8 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
         g = float(G[b].norm())
         if bool(fallback[b]) or g > float(target[b]):
             single = ResponseObjective(objective.model, objective.X, objective.T, theta_s,
-                                       xs[b], ts[b], objective.epsilon, objective.damping,
-                                       objective.bregman)
+                                       xs[b], ts[b], ws[b], objective.epsilon,
+                                       objective.damping, objective.bregman)
             results.append(minimize_response(single, tol=tol, max_iter=max_iter))
         else:
             results.append(MinimizeResult(Theta[b].clone(), g, float(g0[b]), int(n_iter[b]),

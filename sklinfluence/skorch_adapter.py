@@ -162,7 +162,7 @@ class SkorchAdapter:
     def retrain_batch(self, model: FunctionalModel, X: Tensor, T: Tensor, removed: list, *,
                       start: Tensor, seed: int | None, max_epochs: int, anchor: Tensor,
                       proximity: float) -> Tensor:
-        """Leave-one-out copies for every row in ``removed`` at once, ``(B, P)``."""
+        """One retrained copy per set of rows in ``removed`` (equal sizes), ``(B, P)``."""
         return retrain_ensemble(self.net, model, X, T, removed, start=start, seed=seed,
                                 max_epochs=max_epochs, anchor=anchor, proximity=proximity)
 

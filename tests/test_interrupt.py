@@ -17,7 +17,7 @@ import pytest
 import torch
 from numpy.testing import assert_array_equal
 
-import sklinfluence.response as response
+import sklinfluence.rungs as rungs
 from nets import make_net, toy_data
 from sklinfluence import LOOEstimator, PBRFEstimator
 from sklinfluence.cli import main
@@ -32,7 +32,7 @@ def data():
     return toy_data("CrossEntropyLoss", n=30)
 
 
-#: ``(id, estimator factory, the response.py function computing one task, samples per task)``
+#: ``(id, estimator factory, the rungs.py function computing one task, samples per task)``
 CASES = (
     ("loo_one_at_a_time", lambda **kw: LOOEstimator(
         make_net("CrossEntropyLoss", 4, max_epochs=4), warm_start=True, removal_batch_size=1,
@@ -77,11 +77,11 @@ def test_interrupted_run_leaves_valid_entries_and_resumes_the_rest(
     fresh = make().fit(X, y).param_change(rows)  # uninterrupted, no memory
     RESPONSE_CACHE.clear()
 
-    original = getattr(response, seam)
+    original = getattr(rungs, seam)
     threads = torch.get_num_threads()
     interrupted = make(memory=str(tmp_path)).fit(X, y)
     counter = Counting(original, interrupt_at=3)
-    monkeypatch.setattr(response, seam, counter)
+    monkeypatch.setattr(rungs, seam, counter)
     with pytest.raises(KeyboardInterrupt):
         interrupted.param_change(rows)
     assert torch.get_num_threads() == threads  # the worker's thread setting is restored
@@ -93,7 +93,7 @@ def test_interrupted_run_leaves_valid_entries_and_resumes_the_rest(
 
     RESPONSE_CACHE.clear()
     counter = Counting(original)
-    monkeypatch.setattr(response, seam, counter)
+    monkeypatch.setattr(rungs, seam, counter)
     resumed = make(memory=str(tmp_path)).fit(X, y)
     result = resumed.param_change(rows)
     assert counter.samples == N_REMOVED - finished  # only the missing ones

@@ -1,0 +1,144 @@
+"""The unit of work of the response layer: a removal, a set of rows with weights.
+
+Removing the set ``S`` is the objective ``J(θ) − Σ_{m∈S} w_m ε L_m(θ)``
+(SPEC §7); one row with weight 1 is the classic leave-one-out. Every rung
+computes, caches, batches, parallelises and resumes :class:`Removal` objects,
+so single rows, groups (a data source, a class, the rows one labeller
+touched) and the random halves of the linear datamodeling score are the same
+kind of work.
+
+:func:`single_removals` makes one removal per row; :func:`group_removals`
+one per distinct label of a ``groups`` array, as scikit-learn's group
+splitters read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Removal", "single_removals", "group_removals", "sample_key"]
+
+
+def sample_key(x: Tensor, t: Tensor) -> str:
+    """Digest of one sample (input row and target)."""
+    digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+@dataclass(frozen=True, eq=False)
+class Removal:
+    """Rows removed together: inputs, targets, training positions and weights.
+
+    Attributes
+    ----------
+    X, T : Tensor
+        The rows and their targets, ``(k, ...)``.
+    index : tuple of int
+        Each row's position among the training rows (−1 for a row that is
+        not one; retraining rungs need training rows).
+    weights : tuple of float or None
+        Multiplicity of each row in the removal (``None``: 1 each; ``2``
+        removes two copies' worth; negative values add copies). Retraining
+        rungs accept weights of 1 only.
+    """
+
+    X: Tensor
+    T: Tensor
+    index: tuple
+    weights: tuple | None = None
+    _key: list = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        k = int(self.X.shape[0])
+        if k == 0 or int(self.T.shape[0]) != k or len(self.index) != k:
+            raise ValueError(f"a removal needs at least one row and one target and index per "
+                             f"row; got {k} rows, {int(self.T.shape[0])} targets and "
+                             f"{len(self.index)} indices.")
+        if self.weights is not None and len(self.weights) != k:
+            raise ValueError(f"a removal of {k} rows needs {k} weights, got "
+                             f"{len(self.weights)}.")
+
+    @property
+    def size(self) -> int:
+        """Number of rows."""
+        return int(self.X.shape[0])
+
+    @property
+    def unweighted(self) -> bool:
+        """Whether every row has weight 1 (a plain set)."""
+        return self.weights is None or all(w == 1 for w in self.weights)
+
+    def weight_tensor(self, like: Tensor) -> Tensor:
+        """The weights as a tensor of ``like``'s dtype and device, ``(k,)``."""
+        values = [1.0] * self.size if self.weights is None else list(self.weights)
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+    @property
+    def key(self) -> str:
+        """Digest of the rows, targets and weights (the single row's own digest for
+        one unweighted row, so that stored single-row responses stay valid)."""
+        if not self._key:
+            if self.size == 1 and self.unweighted:
+                self._key.append(sample_key(self.X[0], self.T[0]))
+            else:
+                digest = hashlib.sha256(b"removal")
+                for i in range(self.size):
+                    digest.update(sample_key(self.X[i], self.T[i]).encode())
+                digest.update(np.asarray(self.weights if self.weights is not None else [],
+                                         dtype=np.float64).tobytes())
+                self._key.append(digest.hexdigest()[:32])
+        return self._key[0]
+
+
+def single_removals(X: Tensor, T: Tensor, index: np.ndarray) -> list[Removal]:
+    """One removal per row."""
+    return [Removal(X[i:i + 1], T[i:i + 1], (int(index[i]),)) for i in range(X.shape[0])]
+
+
+def group_removals(X: Tensor, T: Tensor, index: np.ndarray, groups: Any,
+                   sample_weight: Any = None) -> tuple[list[Removal], np.ndarray]:
+    """One removal per distinct label of ``groups``; returns the removals and the labels.
+
+    Parameters
+    ----------
+    X, T : Tensor
+        The rows and their targets.
+    index : ndarray of int
+        Their training positions (−1: not a training row).
+    groups : array-like of shape (n_rows,)
+        A label per row; rows with the same label are removed together.
+        Removals come in the order of :func:`numpy.unique` of the labels.
+    sample_weight : array-like of shape (n_rows,), optional
+        Each row's weight in its removal (default 1).
+
+    Returns
+    -------
+    removals : list of Removal
+    labels : ndarray
+        The group label of each removal.
+    """
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or groups.shape[0] != X.shape[0]:
+        raise ValueError(f"groups must be 1-D with one label per row: {X.shape[0]} rows but "
+                         f"groups of shape {groups.shape}.")
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype=np.float64)
+        if sample_weight.shape != (X.shape[0],) or not np.all(np.isfinite(sample_weight)):
+            raise ValueError(f"sample_weight must be {X.shape[0]} finite numbers, one per row; "
+                             f"got shape {sample_weight.shape}.")
+    labels, inverse = np.unique(groups, return_inverse=True)
+    removals = []
+    for g in range(len(labels)):
+        rows = np.flatnonzero(inverse == g)
+        weights = None if sample_weight is None else tuple(float(w) for w in sample_weight[rows])
+        position = torch.as_tensor(rows, device=X.device)
+        removals.append(Removal(X[position], T[position], tuple(int(index[i]) for i in rows),
+                                weights))
+    return removals, labels
