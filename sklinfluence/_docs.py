@@ -20,6 +20,13 @@ removal_batch_size : int, default=32
     bytes up to 5,000 parameters (the matrix, its factor and the build's
     accumulator; plus ``4096 K P`` for ``K`` outputs when some parameters
     are outside ``nn.Linear`` layers).""",
+    "measure": """\
+measure : {"loss", "linear"}, default="loss"
+    How a response is turned into a score (:mod:`sklinfluence.measure`):
+    ``"loss"``, the change of the loss at the response,
+    ``Q(θˢ + Δθ) − Q(θˢ)``; ``"linear"``, its first-order form
+    ``∇Q(θˢ)ᵀ Δθ`` (for the influence rungs the classic influence function,
+    :class:`~sklinfluence.InfluenceEstimator`'s default).""",
     "execution": """\
 n_jobs : int, default=None
     joblib workers over removed samples (``None``: 1 unless in a

@@ -24,7 +24,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .adapters import make_adapter
 from .execution import resolve_memory
-from .removal import single_removals
+from .measure import linear_change, loss_change, own_change, to_numpy
+from .removal import Removal, group_removals, single_removals
 from .response import ResponseContext, Rung, rung
 from .threads import compute_section
 
@@ -74,6 +75,7 @@ class BaseResponseEstimator(BaseEstimator):
         "weight_decay": [StrOptions({"auto"}), Interval(Real, 0, None, closed="left")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
+        "measure": [StrOptions({"linear", "loss"})],
     }
     #: Constraints of the ground-truth estimators' execution parameters.
     _execution_constraints: dict = {
@@ -230,15 +232,24 @@ class BaseResponseEstimator(BaseEstimator):
             same[torch.as_tensor(known)] = ~diff.any(dim=1).cpu()
         return Xt, Tt, np.where(same.numpy(), index, -1)
 
-    def _own_loss_change(self, X: torch.Tensor, T: torch.Tensor,
-                         delta: torch.Tensor) -> np.ndarray:
-        """``L_m(θˢ + Δθ_m) − L_m(θˢ)`` for each row ``m``."""
-        model, theta = self.model_, self.model_.params
-        with torch.no_grad():
-            after = torch.stack([model.losses(theta + d, X[i:i + 1], T[i:i + 1])[0]
-                                 for i, d in enumerate(delta)]) if len(delta) else delta[:, 0]
-            before = model.losses(theta, X, T)
-        return (after - before).to(torch.float64).cpu().numpy()
+    def _removals(self, X: Any, y: Any, groups: Any = None) -> tuple[list[Removal], Any]:
+        """The removals the rows of ``X`` describe: one per row, or one per group label.
+
+        Returns the removals and the sorted group labels (``None`` without
+        ``groups``).
+        """
+        Xt, Tt, index = self._targets_for(X, y)
+        if groups is None:
+            return single_removals(Xt, Tt, index), None
+        return group_removals(Xt, Tt, index, groups)
+
+    def _measure(self) -> str:
+        return getattr(self, "measure", "loss")
+
+    def _own_change(self, removals: list[Removal], deltas: torch.Tensor) -> np.ndarray:
+        """Each removal's own loss change under its response (``measure``)."""
+        return to_numpy(own_change(self.model_, removals, deltas, self._measure(),
+                                   self.batch_size))
 
     def _eval_targets(self, X_eval: Any, y_eval: Any) -> tuple:
         if X_eval is None:
@@ -255,21 +266,20 @@ class RungViewMixin:
     """The outputs of an estimator that is a view of one rung of the ladder.
 
     The estimator names its rung in ``_rung()`` and builds ``responder_`` in
-    ``fit``; ``param_change``, ``score_samples`` and ``loss_change`` follow.
-    Mixed in left of :class:`BaseResponseEstimator`.
+    ``fit``; ``param_change``, ``score_samples``, ``loss_change`` and
+    ``score`` follow. Mixed in left of :class:`BaseResponseEstimator`.
     """
 
     def _rung(self) -> Rung:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
-    def _responses(self, X: Any, y: Any) -> tuple:
-        Xt, Tt, index = self._targets_for(X, y)
-        return Xt, Tt, self.responder_.param_change(self._rung(),
-                                                    single_removals(Xt, Tt, index))
+    def _responses(self, X: Any, y: Any, groups: Any = None) -> tuple:
+        removals, _ = self._removals(X, y, groups)
+        return removals, self.responder_.param_change(self._rung(), removals)
 
     @compute_section
-    def param_change(self, X: Any, y: Any = None) -> np.ndarray:
-        """Parameter response ``θ_after − θˢ`` to removing each sample.
+    def param_change(self, X: Any, y: Any = None, groups: Any = None) -> np.ndarray:
+        """Parameter response ``θ_after − θˢ`` to removing each sample (or group).
 
         Parameters
         ----------
@@ -277,21 +287,27 @@ class RungViewMixin:
             Samples to remove.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs), default=None
             Their targets; ``None`` looks the rows up among the training rows.
+        groups : array-like of shape (n_samples,), default=None
+            A label per row: the rows sharing a label are removed together,
+            one removal per distinct label, in sorted label order
+            (``numpy.unique``). ``None``: each row is removed on its own.
 
         Returns
         -------
-        ndarray of shape (n_samples, n_params)
-            One row per sample, flattened in the order of
+        ndarray of shape (n_samples or n_groups, n_params)
+            One row per removal, flattened in the order of
             ``net_.module_.parameters()`` (trainable parameters only).
         """
-        return self._responses(X, y)[2].to(torch.float64).cpu().numpy()
+        return to_numpy(self._responses(X, y, groups)[1])
 
     @compute_section
-    def score_samples(self, X: Any, y: Any = None) -> np.ndarray:
-        """Change of each sample's own loss when it is removed.
+    def score_samples(self, X: Any, y: Any = None, groups: Any = None) -> np.ndarray:
+        """Change of each sample's (or group's) own loss when it is removed.
 
-        ``L_m(θˢ + Δθ_m) − L_m(θˢ)``: large values flag samples the model had
-        to bend to fit (often mislabeled ones).
+        ``L_m(θˢ + Δθ_m) − L_m(θˢ)`` (``measure="loss"``) or ``∇L_m(θˢ)ᵀ Δθ_m``
+        (``measure="linear"``); for a group, the change of its rows' summed
+        loss. Large values flag samples the model had to bend to fit (often
+        mislabeled ones).
 
         Parameters
         ----------
@@ -299,19 +315,22 @@ class RungViewMixin:
             Samples to score.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs), default=None
             Their targets; ``None`` looks the rows up among the training rows.
+        groups : array-like of shape (n_samples,), default=None
+            A label per row; rows sharing a label are removed together (see
+            ``param_change``).
 
         Returns
         -------
-        ndarray of shape (n_samples,)
+        ndarray of shape (n_samples,) or (n_groups,)
             Positive = removing the sample increases its own loss (it helped
             itself).
         """
-        return self._own_loss_change(*self._responses(X, y))
+        return self._own_change(*self._responses(X, y, groups))
 
     @compute_section
     def loss_change(self, X: Any, y: Any = None, X_eval: Any = None,
-                    y_eval: Any = None) -> np.ndarray:
-        """Change of each evaluation loss when each sample is removed.
+                    y_eval: Any = None, groups: Any = None) -> np.ndarray:
+        """Change of each evaluation loss when each sample (or group) is removed.
 
         Parameters
         ----------
@@ -323,21 +342,22 @@ class RungViewMixin:
             Evaluation inputs (e.g. test points).
         y_eval : array-like, default=None
             Their targets; ``None`` looks them up among the training rows.
+        groups : array-like of shape (n_samples,), default=None
+            A label per row of ``X``; rows sharing a label are removed
+            together (see ``param_change``).
 
         Returns
         -------
-        ndarray of shape (n_samples, n_eval)
-            Entry ``[m, e]`` is ``L_e(θˢ + Δθ_m) − L_e(θˢ)``; positive = removing
-            sample ``m`` increases the loss on point ``e`` (``m`` helped ``e``).
+        ndarray of shape (n_samples or n_groups, n_eval)
+            Entry ``[m, e]`` is ``L_e(θˢ + Δθ_m) − L_e(θˢ)`` (``measure="loss"``)
+            or ``∇L_e(θˢ)ᵀ Δθ_m`` (``"linear"``); positive = removing sample
+            ``m`` increases the loss on point ``e`` (``m`` helped ``e``).
         """
         Xe, Te = self._eval_targets(X_eval, y_eval)
-        _, _, delta = self._responses(X, y)
-        model, theta = self.model_, self.model_.params
-        with torch.no_grad():
-            before = model.losses(theta, Xe, Te)
-            rows = [model.losses(theta + d, Xe, Te) - before for d in delta]
-        result = torch.stack(rows) if rows else before.new_zeros((0, len(before)))
-        return result.to(torch.float64).cpu().numpy()
+        _, delta = self._responses(X, y, groups)
+        if self._measure() == "linear":
+            return to_numpy(linear_change(self.model_, delta, Xe, Te, self.batch_size))
+        return to_numpy(loss_change(self.model_, delta, Xe, Te))
 
     @compute_section
     def score(self, X: Any, y: Any = None, *, reference: str = "loo",
@@ -348,7 +368,7 @@ class RungViewMixin:
         rank like a reference response on the same samples — what
         ``GridSearchCV`` maximises (use :class:`~sklinfluence.RemovalSplit`
         as ``cv``). The reference is computed on this estimator's own fitted
-        net.
+        net, and measured by the actual change of each sample's own loss.
 
         Parameters
         ----------
@@ -371,8 +391,7 @@ class RungViewMixin:
 
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {sorted(REFERENCES)}, got {reference!r}")
-        Xt, Tt, index = self._targets_for(X, y)
+        removals, _ = self._removals(X, y)
         estimate = self.score_samples(X, y)
-        delta = self.responder_.param_change(rung(REFERENCES[reference]),
-                                             single_removals(Xt, Tt, index))
-        return agreement(estimate, self._own_loss_change(Xt, Tt, delta), metric)
+        delta = self.responder_.param_change(rung(REFERENCES[reference]), removals)
+        return agreement(estimate, to_numpy(own_change(self.model_, removals, delta)), metric)

@@ -15,7 +15,7 @@ from ._docs import fill_doc
 from .base import BaseResponseEstimator
 from .curvature import CURVATURES
 from .ground_truth import warm_start_epochs
-from .removal import single_removals
+from .measure import mean_losses, to_numpy
 from .response import LADDER, TERMS, Responder
 from .solvers import SOLVERS
 from .threads import compute_section
@@ -86,6 +86,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         ``pbrf_tol`` of the one-at-a-time answer), the retraining rungs as
         the vectorised ensemble of :class:`~sklinfluence.LOOEstimator` where
         the recipe allows (equal to rounding); memory as documented there.
+    {measure}
     {execution}
     random_state : int, RandomState instance or None, default=None
         Seeds the original fit; the retrainings reuse its seed.
@@ -154,7 +155,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
                  tol: float = 1e-10, max_iter: int | None = None, pbrf_tol: float = 1e-9,
                  pbrf_max_iter: int = 50, batch_size: int | None = None,
                  removal_batch_size: int = 32, n_jobs: int | None = None,
-                 memory: Any = None, verbose: int = 0,
+                 memory: Any = None, verbose: int = 0, measure: str = "loss",
                  random_state: Any = None) -> None:
         self.net = net
         self.damping = damping
@@ -173,6 +174,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         self.n_jobs = n_jobs
         self.memory = memory
         self.verbose = verbose
+        self.measure = measure
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)
@@ -213,17 +215,16 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
             self.T_eval_ = None
         return self
 
-    def _deltas(self, X: Any, y: Any) -> tuple:
-        """Samples, targets and every rung's response ``θ_k − θˢ``, shape ``(n, 6, P)``."""
+    def _deltas(self, X: Any, y: Any, groups: Any = None) -> tuple:
+        """The removals and every rung's response ``θ_k − θˢ``, shape ``(n, 6, P)``."""
         check_is_fitted(self, "responder_")
-        Xt, Tt, index = self._targets_for(X, y)
-        removals = single_removals(Xt, Tt, index)
+        removals, _ = self._removals(X, y, groups)
         deltas = [self.responder_.param_change(r, removals) for r in LADDER]
-        return Xt, Tt, torch.stack(deltas, dim=1)
+        return removals, torch.stack(deltas, dim=1)
 
     @compute_section
-    def rung_responses(self, X: Any, y: Any = None) -> dict:
-        """Each rung's parameter response ``θ_k − θˢ`` to removing each sample.
+    def rung_responses(self, X: Any, y: Any = None, groups: Any = None) -> dict:
+        """Each rung's parameter response ``θ_k − θˢ`` to removing each sample (or group).
 
         Parameters
         ----------
@@ -231,18 +232,23 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
             Training rows to remove.
         y : array-like, default=None
             Their targets (``None``: looked up).
+        groups : array-like of shape (n_samples,), default=None
+            A label per row; rows sharing a label are removed together, one
+            removal per distinct label in sorted order (``numpy.unique``).
 
         Returns
         -------
-        dict of str to ndarray of shape (n_samples, n_params)
+        dict of str to ndarray of shape (n_samples or n_groups, n_params)
             Keyed by rung name, in ladder order.
         """
-        deltas = self._deltas(X, y)[2].to(torch.float64).cpu().numpy()
+        deltas = to_numpy(self._deltas(X, y, groups)[1])
         return {r.name: deltas[:, k] for k, r in enumerate(LADDER)}
 
     @compute_section
-    def rung_losses(self, X: Any, y: Any = None) -> np.ndarray:
-        """Mean evaluation loss ``Q(θ_k)`` at each rung, shape ``(n_samples, 6)``.
+    def rung_losses(self, X: Any, y: Any = None, groups: Any = None) -> np.ndarray:
+        """Mean evaluation loss ``Q(θ_k)`` at each rung, shape ``(n_removals, 6)``.
+
+        With ``measure="linear"``, its first-order model ``Q(θˢ) + ∇Q(θˢ)ᵀ Δθ_k``.
 
         Parameters
         ----------
@@ -250,30 +256,33 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
             Training rows to remove.
         y : array-like, default=None
             Their targets (``None``: looked up).
+        groups : array-like of shape (n_samples,), default=None
+            A label per row; rows sharing a label are removed together.
 
         Returns
         -------
-        ndarray of shape (n_samples, 6)
+        ndarray of shape (n_samples or n_groups, 6)
             Columns in ladder order (cold-start LOO … influence).
         """
         check_is_fitted(self, "responder_")
         if self.T_eval_ is None:
             raise ValueError("rung_losses needs evaluation targets: fit with y_eval.")
-        deltas = self._deltas(X, y)[2]  # checks fitted first
-        thetas = self.model_.params + deltas
-        with torch.no_grad():
-            q = torch.stack([torch.stack([self.model_.losses(th, self.X_eval_, self.T_eval_).mean()
-                                          for th in row]) for row in thetas]) \
-                if len(thetas) else thetas.new_zeros((0, len(LADDER)))
-        return q.to(torch.float64).cpu().numpy()
+        deltas = self._deltas(X, y, groups)[1]
+        q = [mean_losses(self.model_, deltas[:, k], self.X_eval_, self.T_eval_, self.measure,
+                         self.batch_size) for k in range(len(LADDER))]
+        return to_numpy(torch.stack(q, dim=1))
 
     @compute_section
-    def rung_scores(self, X: Any, y: Any = None) -> np.ndarray:
-        """Each rung's self-influence: ``L_m(θ_k) − L_m(θˢ)``, shape ``(n_samples, 6)``.
+    def rung_scores(self, X: Any, y: Any = None, groups: Any = None) -> np.ndarray:
+        """Each rung's self-influence, shape ``(n_removals, 6)``.
 
-        The per-rung counterpart of the estimators' ``score_samples`` (rungs 4
-        and 5 evaluated at ``θˢ + Δθ``), for comparing how the rungs rank the
-        same samples. Positive = removing the sample increases its own loss.
+        ``L_m(θ_k) − L_m(θˢ)`` (``measure="loss"``; rungs 4 and 5 evaluated at
+        ``θˢ + Δθ``) or ``∇L_m(θˢ)ᵀ Δθ_k`` (``"linear"``; column 5 is then
+        :meth:`InfluenceEstimator.score_samples <sklinfluence.InfluenceEstimator.score_samples>`
+        with the same solver); for a group, the change of its rows' summed
+        loss. The per-rung counterpart of the estimators' ``score_samples``,
+        for comparing how the rungs rank the same samples. Positive =
+        removing the sample increases its own loss.
 
         Parameters
         ----------
@@ -281,19 +290,22 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
             Training rows to remove.
         y : array-like, default=None
             Their targets (``None``: looked up).
+        groups : array-like of shape (n_samples,), default=None
+            A label per row; rows sharing a label are removed together.
 
         Returns
         -------
-        ndarray of shape (n_samples, 6)
+        ndarray of shape (n_samples or n_groups, 6)
             Columns in ladder order (cold-start LOO … influence).
         """
-        Xt, Tt, deltas = self._deltas(X, y)
-        return np.column_stack([self._own_loss_change(Xt, Tt, deltas[:, k])
-                                for k in range(len(LADDER))]).reshape(len(Xt), len(LADDER))
+        removals, deltas = self._deltas(X, y, groups)
+        return np.column_stack([self._own_change(removals, deltas[:, k])
+                                for k in range(len(LADDER))]).reshape(len(removals),
+                                                                      len(LADDER))
 
     @compute_section
-    def transform(self, X: Any, y: Any = None) -> np.ndarray:
-        """The five terms for each removed sample.
+    def transform(self, X: Any, y: Any = None, groups: Any = None) -> np.ndarray:
+        """The five terms for each removed sample (or group).
 
         Parameters
         ----------
@@ -301,16 +313,20 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
             Training rows to remove.
         y : array-like, default=None
             Their targets (``None``: looked up among the training rows).
+        groups : array-like of shape (n_samples,), default=None
+            A label per row; rows sharing a label are removed together, one
+            row of terms per distinct label in sorted order
+            (``numpy.unique``).
 
         Returns
         -------
-        ndarray of shape (n_samples, 5)
+        ndarray of shape (n_samples or n_groups, 5)
             Columns ``warm_start_gap, proximity_gap, non_convergence_gap,
             linearization_error, solver_error`` (see ``metric``).
         """
         if self.metric == "loss":
-            return np.diff(self.rung_losses(X, y), axis=1)
-        deltas = self._deltas(X, y)[2]  # checks fitted first
+            return np.diff(self.rung_losses(X, y, groups), axis=1)
+        deltas = self._deltas(X, y, groups)[1]  # checks fitted first
         thetas = self.model_.params + deltas
         with torch.no_grad():
             rows = []
@@ -318,7 +334,58 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
                 outputs = torch.stack([self.model_.forward(th, self.X_eval_) for th in row])
                 rows.append((outputs[1:] - outputs[:-1]).norm(dim=-1).mean(dim=-1))
         result = torch.stack(rows) if rows else thetas.new_zeros((0, len(TERMS)))
-        return result.to(torch.float64).cpu().numpy()
+        return to_numpy(result)
+
+    @compute_section
+    def non_additivity(self, X: Any, y: Any = None, *, groups: Any) -> np.ndarray:
+        """How far each group's response is from the sum of its members' responses.
+
+        For each rung, the metric between the network after removing the
+        group together, ``θˢ + Δθ_S``, and after adding up its members'
+        single responses, ``θˢ + Σ_{m∈S} Δθ_m``: the mean output distance
+        over the evaluation inputs (``metric="output_l2"``) or the signed
+        difference of the mean evaluation loss, group minus sum
+        (``metric="loss"``). Influence (rungs 4 and 5) is additive, so its
+        columns are zero up to rounding; the others grow with the group's
+        size and coherence (Koh et al., 2019).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows to remove.
+        y : array-like, default=None
+            Their targets (``None``: looked up).
+        groups : array-like of shape (n_samples,)
+            A label per row; rows sharing a label are removed together.
+
+        Returns
+        -------
+        ndarray of shape (n_groups, 6)
+            Rows in sorted label order, columns in ladder order.
+        """
+        if groups is None:
+            raise ValueError("non_additivity compares groups with their members: pass groups.")
+        removals, grouped = self._deltas(X, y, groups)
+        singles = self._deltas(X, y)[1]
+        inverse = torch.as_tensor(np.unique(np.asarray(groups), return_inverse=True)[1])
+        summed = torch.zeros_like(grouped).index_add_(0, inverse.reshape(-1), singles)
+        theta = self.model_.params
+        if self.metric == "loss":
+            if self.T_eval_ is None:
+                raise ValueError("metric='loss' needs evaluation targets: fit with y_eval.")
+            columns = [mean_losses(self.model_, grouped[:, k], self.X_eval_, self.T_eval_,
+                                   self.measure, self.batch_size)
+                       - mean_losses(self.model_, summed[:, k], self.X_eval_, self.T_eval_,
+                                     self.measure, self.batch_size)
+                       for k in range(len(LADDER))]
+            return to_numpy(torch.stack(columns, dim=1))
+        with torch.no_grad():
+            result = torch.stack([
+                torch.stack([(self.model_.forward(theta + a, self.X_eval_)
+                              - self.model_.forward(theta + b, self.X_eval_)).norm(dim=-1).mean()
+                             for a, b in zip(group, total)])
+                for group, total in zip(grouped, summed)])
+        return to_numpy(result)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         """Names of the five terms, in column order.

@@ -54,6 +54,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
     batch_size : int, default=None
         Samples per batch for per-sample gradients.
     {pbrf_batch}
+    {measure}
     {execution}
     random_state : int, RandomState instance or None, default=None
         Seeds the net's training in ``fit``.
@@ -108,6 +109,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
                  weight_decay: str | float = "auto", tol: float = 1e-9, max_iter: int = 50,
                  batch_size: int | None = None, removal_batch_size: int = 32,
                  n_jobs: int | None = None, memory: Any = None, verbose: int = 0,
+                 measure: str = "loss",
                  random_state: Any = None) -> None:
         self.net = net
         self.damping = damping
@@ -120,6 +122,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         self.n_jobs = n_jobs
         self.memory = memory
         self.verbose = verbose
+        self.measure = measure
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)
@@ -202,6 +205,7 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
         ``B`` rows, ``d`` input features and summed layer widths ``W``
         (parameters, gradients and optimiser state; the mini-batch and its
         activations, forward and backward).
+    {measure}
     {execution}
     random_state : int, RandomState instance or None, default=None
         Seeds the original fit; every retraining reuses that seed.
@@ -258,7 +262,7 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
                  damping: float = 1e-3, warm_start_fraction: float = 0.5,
                  weight_decay: str | float = "auto", batch_size: int | None = None,
                  removal_batch_size: int = 32, n_jobs: int | None = None, memory: Any = None,
-                 verbose: int = 0, random_state: Any = None) -> None:
+                 verbose: int = 0, measure: str = "loss", random_state: Any = None) -> None:
         self.net = net
         self.warm_start = warm_start
         self.proximal = proximal
@@ -270,6 +274,7 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
         self.n_jobs = n_jobs
         self.memory = memory
         self.verbose = verbose
+        self.measure = measure
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)

@@ -15,6 +15,7 @@ from .base import BaseResponseEstimator, RungViewMixin
 from .curvature import CURVATURES
 from .functional import iterate_batches
 from .response import Responder, Rung, rung
+from .measure import MEASURES, to_numpy
 from .solvers import SOLVERS
 from .threads import compute_section
 
@@ -90,6 +91,12 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         products, and the chunk in which the larger side of an influence
         matrix is streamed (``None``: all). Bounds memory, never changes
         results.
+    measure : {"linear", "loss"}, default="linear"
+        How a response is turned into a score (:mod:`sklinfluence.measure`):
+        ``"linear"``, the first-order change ``∇Q(θˢ)ᵀ Δθ`` — the classic
+        influence function ``ε ∇Q(θˢ)ᵀ (C + λI)⁻¹ ∇L_m(θˢ)``; ``"loss"``, the
+        change of the loss at the response, ``Q(θˢ + Δθ) − Q(θˢ)`` (what the
+        ground-truth estimators and the Decomposer report by default).
     random_state : int, RandomState instance or None, default=None
         Seeds what the net draws in ``fit`` — the module's initial weights
         when ``net.module`` is a class, the batch order when it shuffles,
@@ -170,6 +177,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         "curvature": [StrOptions(set(CURVATURES))],
         "tol": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [None, Interval(Integral, 1, None, closed="left")],
+        "measure": [StrOptions(set(MEASURES))],
     }
 
     def __init__(
@@ -185,6 +193,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         tol: float = 1e-10,
         max_iter: int | None = None,
         batch_size: int | None = None,
+        measure: str = "linear",
         random_state: Any = None,
     ) -> None:
         self.net = net
@@ -197,6 +206,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         self.tol = tol
         self.max_iter = max_iter
         self.batch_size = batch_size
+        self.measure = measure
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)
@@ -249,11 +259,27 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         solves.append(self.solver_.last_solve)
         return X
 
-    @compute_section
-    def score_samples(self, X: Any, y: Any = None) -> np.ndarray:
-        """Estimated change of each sample's own loss when it is removed.
+    def _linear_parts(self, removals: list) -> tuple:
+        """Chunks of removals of at most ``batch_size`` rows each (one removal at least)."""
+        chunks, current, rows = [], [], 0
+        for removal in removals:
+            if current and self.batch_size and rows + removal.size > self.batch_size:
+                chunks.append(current)
+                current, rows = [], 0
+            current.append(removal)
+            rows += removal.size
+        return chunks + ([current] if current else [])
 
-        Self-influence ``ε ∇L_m(θˢ)ᵀ (C + λI)⁻¹ ∇L_m(θˢ)``: large values flag
+    def _forces(self, removals: list) -> torch.Tensor:
+        return self._rung().forces(self.responder_.context, removals)
+
+    @compute_section
+    def score_samples(self, X: Any, y: Any = None, groups: Any = None) -> np.ndarray:
+        """Estimated change of each sample's (or group's) own loss when it is removed.
+
+        Self-influence ``ε ∇L_m(θˢ)ᵀ (C + λI)⁻¹ ∇L_m(θˢ)`` (``measure="linear"``;
+        for a group, ``ε gᵀ (C + λI)⁻¹ g`` with ``g = Σ_{m∈S} ∇L_m(θˢ)``), or
+        ``L_m(θˢ + Δθ_m) − L_m(θˢ)`` (``measure="loss"``): large values flag
         samples the model had to bend to fit (often mislabeled ones).
 
         Parameters
@@ -262,28 +288,33 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
             Samples to score.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs), default=None
             Their targets; ``None`` looks the rows up among the training rows.
+        groups : array-like of shape (n_samples,), default=None
+            A label per row; rows sharing a label are removed together, one
+            score per distinct label in sorted order (``numpy.unique``).
 
         Returns
         -------
-        ndarray of shape (n_samples,)
+        ndarray of shape (n_samples,) or (n_groups,)
             Positive = removing the sample increases its own loss (it was
             helpful to itself, as every training sample is with ``C`` PSD).
         """
-        Xt, Tt, _ = self._targets_for(X, y)
+        if self.measure == "loss":
+            return super().score_samples(X, y, groups)
+        removals, _ = self._removals(X, y, groups)
         scores, solves, gradient_seconds = [], [], 0.0
-        for xb, tb in iterate_batches(Xt, Tt, self.batch_size):
+        for chunk in self._linear_parts(removals):
             start = time.perf_counter()
-            G = self._grads(xb, tb)
+            G = self._forces(chunk)
             gradient_seconds += time.perf_counter() - start
             scores.append((G.to(torch.float64) * self._solve(G, solves)).sum(dim=1))
         self._record(gradient_seconds, solves)
         result = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
-        return (self.epsilon_ * result).cpu().numpy()
+        return to_numpy(self.epsilon_ * result)
 
     @compute_section
     def loss_change(self, X: Any, y: Any = None, X_eval: Any = None,
-                    y_eval: Any = None) -> np.ndarray:
-        """Estimated change of each evaluation loss when each sample is removed.
+                    y_eval: Any = None, groups: Any = None) -> np.ndarray:
+        """Estimated change of each evaluation loss when each sample (or group) is removed.
 
         Parameters
         ----------
@@ -295,31 +326,39 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
             Evaluation inputs (e.g. test points).
         y_eval : array-like, default=None
             Their targets; ``None`` looks them up among the training rows.
+        groups : array-like of shape (n_samples,), default=None
+            A label per row of ``X``; rows sharing a label are removed
+            together, one row of the result per distinct label in sorted
+            order.
 
         Returns
         -------
-        ndarray of shape (n_samples, n_eval)
-            Entry ``[m, e]`` is ``ε ∇L_e(θˢ)ᵀ (C + λI)⁻¹ ∇L_m(θˢ)``; positive =
-            removing sample ``m`` increases the loss on point ``e`` (``m``
-            helped ``e``).
+        ndarray of shape (n_samples or n_groups, n_eval)
+            Entry ``[m, e]`` is ``ε ∇L_e(θˢ)ᵀ (C + λI)⁻¹ ∇L_m(θˢ)``
+            (``measure="linear"``) or ``L_e(θˢ + Δθ_m) − L_e(θˢ)``
+            (``"loss"``); positive = removing sample ``m`` increases the loss on
+            point ``e`` (``m`` helped ``e``).
         """
+        if self.measure == "loss":
+            return super().loss_change(X, y, X_eval, y_eval, groups)
         Xe, Te = self._eval_targets(X_eval, y_eval)
-        Xt, Tt, _ = self._targets_for(X, y)
-        eval_side = Xe.shape[0] <= Xt.shape[0]  # solve on the side with fewer vectors
-        (Xs, Ts), (Xb, Tb) = ((Xe, Te), (Xt, Tt)) if eval_side else ((Xt, Tt), (Xe, Te))
+        removals, _ = self._removals(X, y, groups)
+        eval_side = Xe.shape[0] <= len(removals)  # solve on the side with fewer vectors
         solves: list = []
         start = time.perf_counter()
-        G_small = self._grads(Xs, Ts)
+        G_small = self._grads(Xe, Te) if eval_side else self._forces(removals)
         gradient_seconds = time.perf_counter() - start
         S = self._solve(G_small, solves)  # (n_small, P)
         del G_small
         blocks = []
-        for xb, tb in iterate_batches(Xb, Tb, self.batch_size):  # stream the larger side
+        streamed = self._linear_parts(removals) if eval_side else \
+            iterate_batches(Xe, Te, self.batch_size)
+        for part in streamed:  # stream the larger side
             start = time.perf_counter()
-            G = self._grads(xb, tb).to(torch.float64)
+            G = (self._forces(part) if eval_side else self._grads(*part)).to(torch.float64)
             gradient_seconds += time.perf_counter() - start
             blocks.append(G @ S.T)
         self._record(gradient_seconds, solves)
         result = torch.cat(blocks) if blocks else S.new_zeros((0, S.shape[0]))
         result = result if eval_side else result.T
-        return (self.epsilon_ * result).cpu().numpy()
+        return to_numpy(self.epsilon_ * result)

@@ -33,10 +33,13 @@ def _loo(**kw):
 def test_n_jobs_gives_identical_results(data):
     X, y = data
     rows = X[:8]
-    sequential = _loo(n_jobs=1).fit(X, y).param_change(rows)
+    groups = [3, 3, 2, 1, 1, 1, 0, 4]
+    sequential = _loo(n_jobs=1).fit(X, y)
+    sequential = sequential.param_change(rows), sequential.param_change(rows, groups=groups)
     RESPONSE_CACHE.clear()
-    parallel = _loo(n_jobs=2).fit(X, y).param_change(rows)
-    assert_array_equal(parallel, sequential)
+    parallel = _loo(n_jobs=2).fit(X, y)
+    assert_array_equal(parallel.param_change(rows), sequential[0])
+    assert_array_equal(parallel.param_change(rows, groups=groups), sequential[1])
     RESPONSE_CACHE.clear()
     pbrf_1 = PBRFEstimator(make_net("CrossEntropyLoss", 4), damping=0.5, random_state=0)
     pbrf_2 = PBRFEstimator(make_net("CrossEntropyLoss", 4), damping=0.5, random_state=0,
@@ -53,15 +56,19 @@ def test_dask_local_cluster_gives_identical_results(data):
     rows = X[:6]
     dec = Decomposer(make_net("CrossEntropyLoss", 4, max_epochs=6), damping=0.5,
                      random_state=0, n_jobs=2)
+    groups = [0, 0, 1, 2, 2, 2]
     sequential = dec.fit(X, y).transform(rows)
+    sequential_groups = dec.transform(rows, groups=groups)
     RESPONSE_CACHE.clear()
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         with joblib.parallel_config(backend="dask"):
             on_dask = dec.fit(X, y).transform(rows)
+            on_dask_groups = dec.transform(rows, groups=groups)
         assert len(client.scheduler_info()["workers"]) == 2
     assert_array_equal(on_dask, sequential)
+    assert_array_equal(on_dask_groups, sequential_groups)
 
 
 def test_memory_persists_each_sample_and_detects_corruption(data, tmp_path):
@@ -96,18 +103,22 @@ SCRIPT = textwrap.dedent("""
     X, y = toy_data("CrossEntropyLoss", n=40)
     est = LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs={epochs}), random_state=0,
                        memory={memory!r}, removal_batch_size=1)
-    est.fit(X, y).param_change(X[:{n}])
+    est.fit(X, y).param_change(X[:{n}], groups={groups})
     print("finished")
 """)
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_redoing_finished_work(data, tmp_path):
+@pytest.mark.parametrize("groups", [None, [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7, 8, 8, 9, 10, 11, 11,
+                                           12, 13, 14, 15, 16, 17]], ids=["rows", "groups"])
+def test_killed_run_resumes_without_redoing_finished_work(data, tmp_path, groups):
     X, y = data
-    n, epochs = 12, 60
+    n, epochs = (12, 60) if groups is None else (24, 60)
+    n_removals = n if groups is None else len(set(groups))
     memory = tmp_path / "cache"
     script = tmp_path / "run.py"
-    script.write_text(SCRIPT.format(tests=str(HERE), epochs=epochs, memory=str(memory), n=n))
+    script.write_text(SCRIPT.format(tests=str(HERE), epochs=epochs, memory=str(memory), n=n,
+                                    groups=groups))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(script)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -118,15 +129,16 @@ def test_killed_run_resumes_without_redoing_finished_work(data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(store_files())
-    assert 3 <= done < n, f"the run was not interrupted mid-way ({done} of {n} finished)"
+    assert 3 <= done < n_removals, \
+        f"the run was not interrupted mid-way ({done} of {n_removals} finished)"
 
     resumed = LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs=epochs), random_state=0,
                            memory=str(memory), removal_batch_size=1).fit(X, y)
-    result = resumed.param_change(X[:n])
-    assert len(resumed.responder_.timings["cold_start_loo"]) == n - done
+    result = resumed.param_change(X[:n], groups=groups)
+    assert len(resumed.responder_.timings["cold_start_loo"]) == n_removals - done
     RESPONSE_CACHE.clear()
-    fresh = LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs=epochs),
-                         random_state=0, removal_batch_size=1).fit(X, y).param_change(X[:n])
+    fresh = LOOEstimator(make_net("CrossEntropyLoss", 4, max_epochs=epochs), random_state=0,
+                         removal_batch_size=1).fit(X, y).param_change(X[:n], groups=groups)
     assert_array_equal(result, fresh)
 
 

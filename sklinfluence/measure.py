@@ -1,0 +1,116 @@
+"""Measuring a response: how much a loss changes when the parameters move by ``Δθ``.
+
+The training objective decides the response ``Δθ`` of a removal; a
+*measurement* ``Q`` — a loss on evaluation points, or the removed rows' own
+loss — turns it into a score (Kronfluence's split of training loss from
+measurement). Two named measurements, the same for every rung and estimator
+(the ``measure`` parameter):
+
+- ``"loss"``: ``Q(θˢ + Δθ) − Q(θˢ)``, the change of the loss at the
+  response parameters;
+- ``"linear"``: ``∇Q(θˢ)ᵀ Δθ``, its first-order form. For the influence
+  rungs (``Δθ = ε (C + λI)⁻¹ g``) this is the classic influence function
+  ``ε ∇Q(θˢ)ᵀ (C + λI)⁻¹ g`` of Koh & Liang (2017).
+
+A removal's own loss is the weighted sum over its rows,
+``Σ_{m∈S} w_m L_m`` (one row: ``L_m``). :func:`to_numpy` is the one place
+where results leave torch.
+
+Sign convention (SPEC §4): a positive change means that the removal
+increases the measured loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .functional import FunctionalModel, iterate_batches
+from .removal import Removal
+
+__all__ = ["MEASURES", "to_numpy", "loss_change", "linear_change", "own_change",
+           "mean_losses"]
+
+MEASURES = ("linear", "loss")
+
+
+def to_numpy(values: Tensor) -> np.ndarray:
+    """A result as a float64 numpy array on the CPU (the library's numpy/torch boundary)."""
+    return values.detach().to(torch.float64).cpu().numpy()
+
+
+def loss_change(model: FunctionalModel, deltas: Tensor, X: Tensor, T: Tensor) -> Tensor:
+    """``L_e(θˢ + Δ_j) − L_e(θˢ)`` for each response ``j`` and evaluation row ``e``, ``(n, m)``."""
+    theta = model.params
+    with torch.no_grad():
+        before = model.losses(theta, X, T)
+        if not len(deltas):
+            return before.new_zeros((0, len(before)))
+        return torch.stack([model.losses(theta + d, X, T) - before for d in deltas])
+
+
+def linear_change(model: FunctionalModel, deltas: Tensor, X: Tensor, T: Tensor,
+                  batch_size: int | None = None) -> Tensor:
+    """``∇L_e(θˢ)ᵀ Δ_j`` for each response ``j`` and evaluation row ``e``, ``(n, m)``.
+
+    The evaluation gradients are computed in chunks of ``batch_size`` rows.
+    """
+    blocks = [deltas.to(torch.float64) @ model.per_sample_grads(
+        model.params, xb, tb, batch_size).to(torch.float64).T
+        for xb, tb in iterate_batches(X, T, batch_size)]
+    return torch.cat(blocks, dim=1) if blocks else deltas.new_zeros((len(deltas), 0))
+
+
+def own_change(model: FunctionalModel, removals: list[Removal], deltas: Tensor,
+               measure: str = "loss", batch_size: int | None = None) -> Tensor:
+    """Change of each removal's own (weighted, summed) loss under its response, ``(n,)``.
+
+    Parameters
+    ----------
+    model : FunctionalModel
+    removals : list of Removal
+    deltas : Tensor of shape (n, P)
+        ``deltas[j]`` is the response to ``removals[j]``.
+    measure : {"loss", "linear"}
+        See the module docstring.
+    batch_size : int, optional
+        Rows per gradient chunk (``"linear"``).
+    """
+    theta = model.params
+    if not removals:
+        return theta.new_zeros(0)
+    X = torch.cat([removal.X for removal in removals])
+    T = torch.cat([removal.T for removal in removals])
+    w = torch.cat([removal.weight_tensor(theta) for removal in removals])
+    owner = torch.repeat_interleave(torch.arange(len(removals), device=theta.device),
+                                    torch.tensor([r.size for r in removals], device=theta.device))
+    if measure == "linear":  # Σ_S w_m ∇L_m(θˢ)ᵀ Δ_S
+        rows = torch.cat([model.per_sample_grads(theta, xb, tb, batch_size).to(torch.float64)
+                          for xb, tb in iterate_batches(X, T, batch_size)])
+        per_row = (rows * deltas.to(torch.float64)[owner]).sum(dim=1)
+    else:
+        with torch.no_grad():
+            before = model.losses(theta, X, T)
+            after = torch.cat([model.losses(theta + delta, r.X, r.T)
+                               for r, delta in zip(removals, deltas)])
+        per_row = after - before
+    if all(r.size == 1 and r.weights is None for r in removals):
+        return per_row
+    return per_row.new_zeros(len(removals)).index_add_(0, owner, w.to(per_row.dtype) * per_row)
+
+
+def mean_losses(model: FunctionalModel, deltas: Tensor, X: Tensor, T: Tensor,
+                measure: str = "loss", batch_size: int | None = None) -> Tensor:
+    """The mean evaluation loss ``Q`` at ``θˢ + Δ_j`` for each response, ``(n,)``.
+
+    With ``measure="linear"``, its first-order model ``Q(θˢ) + ∇Q(θˢ)ᵀ Δ_j``.
+    """
+    theta = model.params
+    with torch.no_grad():
+        base = model.losses(theta, X, T).mean()
+    if measure == "linear":
+        return base + linear_change(model, deltas, X, T, batch_size).mean(dim=1)
+    with torch.no_grad():
+        return torch.stack([model.losses(theta + d, X, T).mean() for d in deltas]) \
+            if len(deltas) else base.new_zeros(0)
