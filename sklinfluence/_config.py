@@ -3,7 +3,7 @@
 - ``n_threads``: torch threads inside the library's compute sections
   (``None``: chosen by the library, see :mod:`sklinfluence._threads`).
 - ``response_cache_bytes``: the size of the in-process response cache
-  (see :class:`sklinfluence.response.ResponseCache`); ``0`` turns it off.
+  (see :class:`sklinfluence.cache.ResponseCache`); ``0`` turns it off.
 
 :func:`set_config` changes them, :func:`get_config` reads them and
 :func:`config_context` changes them for a ``with`` block only.
@@ -73,9 +73,12 @@ def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep") -> N
         Bytes of computed responses kept in memory (default 256 MiB), so
         that a grid search's candidates share an expensive reference
         (leave-one-out retrainings, PBRF solves) instead of recomputing it.
-        Responses are kept for an estimator and its clones only, and
-        released when the last of them is garbage collected. ``0`` turns
-        the cache off (and empties it).
+        Responses are kept on behalf of the estimators that computed or
+        reused them and their clones, and released when the last of these
+        is garbage collected; a smaller bound evicts the least recently
+        used first. ``0`` turns the cache off (and empties it). See
+        :class:`~sklinfluence.cache.ResponseCache` and the user guide's
+        "Caching of responses".
 
     Examples
     --------
@@ -94,9 +97,9 @@ def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep") -> N
     with _lock:
         _config.update(changes)
     if "response_cache_bytes" in changes:
-        from .response import RESPONSE_CACHE  # noqa: PLC0415 - response imports this module
+        from .cache import RESPONSE_CACHE  # noqa: PLC0415 - cache imports this module
 
-        RESPONSE_CACHE.resize(changes["response_cache_bytes"])
+        RESPONSE_CACHE.resize(None)  # follow the new setting, evicting to meet it
 
 
 @contextmanager

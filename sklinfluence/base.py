@@ -24,6 +24,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .adapters import make_adapter
 from .execution import resolve_memory
+from .cache import CacheOwner
 from .measure import linear_change, loss_change, own_change, to_numpy
 from .removal import Removal, group_removals, single_removals
 from .response import ResponseContext, Rung, rung
@@ -150,8 +151,31 @@ class BaseResponseEstimator(BaseEstimator):
             n_jobs=getattr(self, "n_jobs", None),
             store=resolve_memory(getattr(self, "memory", None)),
             verbose=int(getattr(self, "verbose", 0)),
-            removal_batch_size=int(getattr(self, "removal_batch_size", 1)), **options,
+            removal_batch_size=int(getattr(self, "removal_batch_size", 1)),
+            cache_owner=self._cache_owner_token(), **options,
         )
+
+    # --------------------------------------------------------------- cloning
+    def _cache_owner_token(self) -> CacheOwner:
+        """This estimator family's :class:`~sklinfluence.cache.CacheOwner`, made on first use.
+
+        Stored as ``_cache_owner``: private and without a trailing underscore,
+        so it is neither a parameter nor fitted state.
+        """
+        return self.__dict__.setdefault("_cache_owner", CacheOwner())
+
+    def __sklearn_clone__(self) -> BaseResponseEstimator:
+        """scikit-learn's clone, sharing this estimator's response-cache owner.
+
+        The clone's parameters are those of :func:`sklearn.base.clone`; it
+        also gets the token that owns this estimator's cached responses, so
+        that clones — a grid search's candidates, fitted and scored one after
+        another — reuse each other's responses for as long as any of them (or
+        the original) is alive.
+        """
+        twin = super().__sklearn_clone__()
+        twin._cache_owner = self._cache_owner_token()
+        return twin
 
     @staticmethod
     def _binary_classes(classes: np.ndarray) -> np.ndarray:

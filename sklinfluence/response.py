@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
+from .cache import RESPONSE_CACHE, CacheOwner, ResponseCache
 from .curvature import Curvature
 from .execution import run_responses
 from .functional import FunctionalModel
@@ -33,7 +33,7 @@ from .rungs import LADDER, TERMS, Rung, rung
 from .solvers import EXACT_MAX_PARAMS, make_solver, resolve_solver
 
 __all__ = ["Rung", "LADDER", "TERMS", "ResponseContext", "Responder", "ResponseCache",
-           "RESPONSE_CACHE", "rung"]
+           "CacheOwner", "RESPONSE_CACHE", "rung"]
 
 
 @dataclass
@@ -71,7 +71,12 @@ class ResponseContext:
     verbose : int
         > 0 shows a progress bar over removed samples.
     removal_batch_size : int
-        Removed samples whose PBRF is solved together (1: one at a time).
+        Removals whose PBRF is solved (or whose retraining is run) together
+        (1: one at a time).
+    cache_owner : CacheOwner or None
+        The token of the estimator family that owns this net's cached
+        responses (see :class:`~sklinfluence.cache.ResponseCache`); ``None``:
+        the :class:`Responder` owns them itself.
     """
 
     model: FunctionalModel
@@ -96,55 +101,7 @@ class ResponseContext:
     store: Any = None
     verbose: int = 0
     removal_batch_size: int = 1
-
-
-class ResponseCache:
-    """In-process LRU of computed responses, bounded by the bytes it holds.
-
-    Keys are :meth:`Responder.rung_key` digests plus the removed sample, so
-    a response is reused only where it would be recomputed identically —
-    across calls, estimators and grid-search candidates in one process.
-    ``clear()`` empties it; ``max_bytes=0`` disables it.
-    """
-
-    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict = OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: tuple) -> tuple | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: tuple, value: tuple) -> None:
-        size = value[0].numel() * value[0].element_size()
-        if size > self.max_bytes:
-            return
-        self._items[key] = value
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, (old, _) = self._items.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
-
-    def resize(self, max_bytes: int) -> None:
-        """Set the bound, evicting the least recently used entries to meet it."""
-        self.max_bytes = max_bytes
-        while self._bytes > self.max_bytes:
-            _, (old, _) = self._items.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
-
-    def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-#: The process-wide response cache (see :class:`ResponseCache`).
-RESPONSE_CACHE = ResponseCache()
+    cache_owner: CacheOwner | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -152,7 +109,9 @@ class Responder:
     """Computes parameter responses ``θ_after − θˢ`` of any rung to a list of removals.
 
     Non-closed-form rungs are computed removal by removal (or in batches, as
-    the rung plans) and kept in :data:`RESPONSE_CACHE`.
+    the rung plans) and kept in :data:`~sklinfluence.cache.RESPONSE_CACHE` on
+    behalf of ``context.cache_owner`` (or of the responder itself when it has
+    none).
 
     ``last_info`` holds per-removal diagnostics of the latest call: wall time,
     and for the PBRF the final and initial gradient norms and the iterations.
@@ -165,6 +124,15 @@ class Responder:
     timings: dict = field(default_factory=dict)
     _solvers: dict = field(default_factory=dict, repr=False)
     _keys: dict = field(default_factory=dict, repr=False)
+    _owner: CacheOwner | None = field(default=None, repr=False)
+
+    def cache_owner(self) -> CacheOwner:
+        """The token that owns this responder's entries in the response cache."""
+        if self.context.cache_owner is not None:
+            return self.context.cache_owner
+        if self._owner is None:
+            self._owner = CacheOwner()
+        return self._owner
 
     def rung_key(self, r: Rung) -> str:
         """Digest of everything that determines rung ``r``'s responses.
@@ -238,11 +206,12 @@ class Responder:
             self.timings.setdefault(r.name, []).append(self.last_info["seconds"])
             return delta
         rung_key = self.rung_key(r)
+        owner = self.cache_owner()
         keys = [removal.key for removal in removals]
         known: dict = {}
         missing: dict = {}
         for removal, key in zip(removals, keys):
-            found = RESPONSE_CACHE.get((rung_key, key))
+            found = RESPONSE_CACHE.get((rung_key, key), owner)
             if found is not None:
                 known[key] = found
             elif key not in missing:
@@ -253,7 +222,7 @@ class Responder:
             verbose=ctx.verbose, desc=r.name, batch=batch, like=ctx.model.params)
         stopped = []
         for key, (delta, info, fresh) in computed.items():
-            RESPONSE_CACHE.put((rung_key, key), (delta, info))
+            RESPONSE_CACHE.put((rung_key, key), (delta, info), owner=owner)
             known[key] = (delta, info)
             if fresh:
                 self.timings.setdefault(r.name, []).append(info["seconds"])
