@@ -88,3 +88,32 @@ def minimiser(X: np.ndarray, y: np.ndarray, mu: float, extra: np.ndarray | None 
 def grads(X: np.ndarray, y: np.ndarray, theta: np.ndarray) -> np.ndarray:
     Phi = design(X)
     return 2.0 * (Phi @ theta - y)[:, None] * Phi
+
+
+def mean_loss(theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``Q(θ)``: skorch's MSE, the mean over rows of ``(φᵀθ − t)²`` (one per row of θ)."""
+    return ((design(X) @ np.atleast_2d(theta).T - y[:, None]) ** 2).mean(axis=0)
+
+
+def replay_recipe(net, X: np.ndarray, y: np.ndarray, start: np.ndarray, epochs: int,
+                  proximity: float = 0.0, anchor: np.ndarray | None = None) -> np.ndarray:
+    """``recipe``'s training in numpy, independently of skorch and the library.
+
+    Full-batch ``torch.optim.SGD`` (heavy ball, dampening 0, fresh momentum buffer)
+    on the mean squared error over the rows of ``X`` plus ``(proximity/2)‖θ − anchor‖²``,
+    weight decay ``μ`` added to the gradient: ``g = ∇ + μθ``, ``b ← momentum·b + g``
+    (``b = g`` at the first step), ``θ ← θ − lr·b``, once per epoch.
+    """
+    params = net.get_params()
+    lr, momentum = params["lr"], params["optimizer__momentum"]
+    mu = params["optimizer__weight_decay"]
+    assert params["batch_size"] > len(X)  # one full batch per epoch
+    Phi = design(X)
+    theta, buf = np.array(start, dtype=np.float64), None
+    for _ in range(epochs):
+        g = 2.0 / len(X) * Phi.T @ (Phi @ theta - y) + mu * theta
+        if proximity:
+            g = g + proximity * (theta - anchor)
+        buf = g if buf is None else momentum * buf + g
+        theta = theta - lr * buf
+    return theta

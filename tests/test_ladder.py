@@ -8,10 +8,10 @@ import pytest
 from numpy.testing import assert_allclose
 from sklearn.exceptions import ConvergenceWarning
 
-from linear_problems import (curvature, design, grads, minimiser, recipe, theta_of,
+from linear_problems import (curvature, design, grads, mean_loss, minimiser, recipe, theta_of,
                              well_conditioned_data)
 from sklinfluence import Decomposer, LOOEstimator, PBRFEstimator
-from tolerances import LADDER_ATOL_REL, RETRAIN_RTOL
+from tolerances import LADDER_ATOL_REL, LOSS_AT_RUNGS_ATOL_REL, RETRAIN_RTOL
 
 MU, LAM = 0.1, 0.05
 REMOVED = [0, 7, 19]
@@ -62,26 +62,32 @@ def test_converged_loo_equals_sherman_morrison_with_the_n_minus_1_weight_decay(c
     assert np.array_equal(cold.initial_params_.numpy(), theta_0.numpy())
 
 
+def _converged_rungs(X, y, theta_s, m):
+    """SPEC §5's six rungs for removing row ``m`` of a converged fit (the retraining
+    rungs with the ``μ(N−1)/N`` weight decay of the recipe on ``N − 1`` rows, §2)."""
+    N = len(X)
+    keep = np.arange(N) != m
+    mu_ = MU * (N - 1) / N
+    loo = minimiser(X[keep], y[keep], mu_, extra=N)
+    prox = minimiser(X[keep], y[keep], mu_, extra=N, lam=LAM, anchor=theta_s)
+    x = design(X[m:m + 1])[0]
+    g = grads(X[m:m + 1], y[m:m + 1], theta_s)[0]
+    A_lam = curvature(X, MU) + LAM * np.eye(len(theta_s))
+    pbrf = theta_s + np.linalg.solve(A_lam - 2 * np.outer(x, x) / N, g / N)
+    influence = theta_s + np.linalg.solve(A_lam, g / N)
+    return np.array([loo, loo, prox, pbrf, influence, influence])
+
+
 def test_converged_decomposition_matches_closed_forms(converged):
     X, y, cold = converged
-    N = len(X)
     dec = Decomposer(cold.net, damping=LAM, warm_start_fraction=1.0, random_state=0).fit(X, y)
     theta_s = theta_of(dec.net_)
-    A = curvature(X, MU)
-    mu_ = MU * (N - 1) / N
     Phi = design(X)
     out = lambda th: Phi @ th
     terms = dec.transform(X[REMOVED])
     responses = dec.rung_responses(X[REMOVED])
     for row, m in enumerate(REMOVED):
-        keep = np.arange(N) != m
-        loo = minimiser(X[keep], y[keep], mu_, extra=N)
-        prox = minimiser(X[keep], y[keep], mu_, extra=N, lam=LAM, anchor=theta_s)
-        g, H_m = grads(X[m:m + 1], y[m:m + 1], theta_s)[0], 2 * np.outer(Phi[m], Phi[m])
-        A_lam = A + LAM * np.eye(len(theta_s))
-        pbrf = theta_s + np.linalg.solve(A_lam - H_m / N, g / N)
-        influence = theta_s + np.linalg.solve(A_lam, g / N)
-        expected = [loo, loo, prox, pbrf, influence, influence]
+        expected = _converged_rungs(X, y, theta_s, m)
         for k, name in enumerate(responses):
             _close(responses[name][row], expected[k] - theta_s)
         distance = [np.abs(out(expected[k + 1]) - out(expected[k])).mean() for k in range(5)]
@@ -161,14 +167,25 @@ def test_over_parameterised_warm_start_gap():
     assert np.all(np.abs(terms[0, 1:]) < 1e-9 * terms[0, 0])  # r = 0: every other rung at θˢ
 
 
-def test_signed_loss_metric_telescopes(converged):
+def test_signed_loss_terms_are_loss_changes_between_closed_form_rungs(converged):
+    """``metric="loss"``: each term is ``Q(θ_{k+1}) − Q(θ_k)``, ``Q`` the mean training
+    loss, recomputed here with numpy at SPEC §5's closed-form parameters of every rung,
+    and the five terms telescope to ``Q(θ_5) − Q(θ_0)``."""
     X, y, cold = converged
-    dec = Decomposer(cold.net, damping=LAM, metric="loss", warm_start_fraction=0.2,
-                     random_state=0).fit(X, y)
+    dec = Decomposer(cold.net, damping=LAM, metric="loss", warm_start_fraction=1.0,
+                     pbrf_tol=1e-12, random_state=0).fit(X, y)
+    theta_s = theta_of(dec.net_)
     terms = dec.transform(X[REMOVED])
     q = dec.rung_losses(X[REMOVED])
+    for row, m in enumerate(REMOVED):
+        Q = mean_loss(_converged_rungs(X, y, theta_s, m), X, y)  # Q(θ_0), ..., Q(θ_5)
+        atol = LOSS_AT_RUNGS_ATOL_REL * np.abs(Q).max()
+        assert np.abs(np.diff(Q)[1:4]).min() > 1e4 * atol  # the terms tested are not ~0
+        assert_allclose(q[row], Q, rtol=0, atol=atol)
+        assert_allclose(terms[row], np.diff(Q), rtol=0, atol=atol)
+        assert_allclose(terms[row].sum(), Q[-1] - Q[0], rtol=0, atol=atol)
+    # telescoping: the five terms sum to the change between the ends, to rounding
     assert_allclose(terms.sum(axis=1), q[:, -1] - q[:, 0], rtol=0, atol=1e-15 * np.abs(q).max())
-    assert_allclose(terms, np.diff(q, axis=1), rtol=0, atol=0)
 
 
 def test_solver_error_is_zero_for_exact_and_grows_when_cg_is_cut_short(converged):

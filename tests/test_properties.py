@@ -3,8 +3,11 @@
 - every solver meets its residual bound on random SPD least-squares systems;
 - influence scores do not depend on ``batch_size`` nor on the order of the
   training rows;
-- the Decomposer's signed loss terms telescope to (influence − cold-start LOO),
-  measured independently, and its distances obey the triangle inequality;
+- the Decomposer's signed loss terms and distances equal those of every rung
+  recomputed without the library (a numpy replay of the training recipe for
+  the retraining rungs, SPEC §5's closed forms for the others); the loss terms
+  telescope to (influence − cold-start LOO) and the distances obey the
+  triangle inequality;
 - every supported loss's Bregman divergence is ≥ 0, exactly 0 at its centre
   with zero gradient and Hessian ``H`` there.
 
@@ -24,7 +27,8 @@ from numpy.testing import assert_allclose
 from sklearn.frozen import FrozenEstimator
 from torch.func import grad, hessian
 
-from linear_problems import Linear, design, recipe, well_conditioned_data
+from linear_problems import (Linear, curvature, design, grads, mean_loss, recipe,
+                             replay_recipe, well_conditioned_data)
 from nets import CRITERIA, make_net, toy_data
 from sklinfluence import Decomposer, InfluenceEstimator, LOOEstimator
 from sklinfluence.curvature import Curvature
@@ -32,7 +36,8 @@ from sklinfluence.functional import FunctionalModel
 from sklinfluence.losses import output_loss_from_criterion
 from sklinfluence.response import RESPONSE_CACHE
 from sklinfluence.solvers import make_solver
-from tolerances import CLOSED_FORM_RTOL, INVARIANCE_RTOL, SOLVE_RESIDUAL_PER_CONDITION
+from tolerances import (CLOSED_FORM_RTOL, INVARIANCE_RTOL, LOSS_AT_RUNGS_ATOL_REL,
+                        SOLVE_RESIDUAL_PER_CONDITION)
 
 EPS = np.finfo(np.float64).eps
 
@@ -176,9 +181,29 @@ def test_scores_do_not_depend_on_batch_size_or_row_order(criterion, seed, solver
 
 
 # ------------------------------------------------------ decomposer: telescoping
-def _mean_loss(theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``Q(θ)``: skorch's MSE, mean over rows of ``(φᵀθ − t)²`` (one per row of θ)."""
-    return ((design(X) @ theta.T - y[:, None]) ** 2).mean(axis=0)
+def _independent_rungs(net, X, y, theta_0, removed, mu, damping, epochs):
+    """The six rungs' parameters for removing each row of ``removed``, computed here
+    without the library: the retraining rungs (0–2) by replaying the recipe in numpy
+    (cold start from ``θ⁰``; warm and proximal from ``θˢ`` for the default
+    ``warm_start_fraction`` 0.5 of the epochs, the proximal term ``λN/(N−1)``, SPEC
+    §2/§7), the PBRF and influence (3–5) by SPEC §5's closed forms for any ``θˢ``."""
+    N = len(X)
+    theta_s = replay_recipe(net, X, y, theta_0, epochs)
+    warm_epochs = max(1, int(round(0.5 * epochs)))
+    A_lam = curvature(X, mu) + damping * np.eye(len(theta_s))
+    rungs = []
+    for m in removed:
+        keep = np.arange(N) != m
+        x, g = design(X[m:m + 1])[0], grads(X[m:m + 1], y[m:m + 1], theta_s)[0]
+        influence = theta_s + np.linalg.solve(A_lam, g / N)
+        rungs.append([
+            replay_recipe(net, X[keep], y[keep], theta_0, epochs),
+            replay_recipe(net, X[keep], y[keep], theta_s, warm_epochs),
+            replay_recipe(net, X[keep], y[keep], theta_s, warm_epochs,
+                          proximity=damping * N / (N - 1), anchor=theta_s),
+            theta_s + np.linalg.solve(A_lam - 2 * np.outer(x, x) / N, g / N),
+            influence, influence])
+    return theta_s, np.array(rungs)  # (len(removed), 6, P)
 
 
 @pytest.mark.slow
@@ -194,39 +219,54 @@ def test_signed_terms_telescope_to_influence_minus_cold_start_loo(
     removed = np.sort(rng.choice(n, 2, replace=False))
     X_ev, y_ev = (rng.normal(size=(4, d)), rng.normal(size=4)) if own_eval_set else (X, y)
     net = recipe(X, mu, max_epochs=epochs)
-    dec = Decomposer(net, damping=damping, metric="loss", random_state=random_state)
+    dec = Decomposer(net, damping=damping, metric="loss", pbrf_tol=1e-12,
+                     random_state=random_state)
     dec.fit(X, y, *((X_ev, y_ev) if own_eval_set else ()))
     terms = dec.transform(X[removed])
     q = dec.rung_losses(X[removed])
     assert terms.shape == (2, 5)
-    # the two ends of the ladder, recomputed by their own estimators
+    # every rung recomputed without the library: Q at each rung, term by term
+    theta_s, thetas = _independent_rungs(net, X, y, dec.initial_params_.numpy(), removed, mu,
+                                         damping, epochs)
+    assert_allclose(dec.model_.params.numpy(), theta_s, rtol=1e-13, atol=1e-14)
+    Q = np.array([mean_loss(rungs, X_ev, y_ev) for rungs in thetas])  # (2, 6)
+    atol = LOSS_AT_RUNGS_ATOL_REL * np.abs(Q).max()
+    # the PBRF is solved to a gradient norm ≤ pbrf_tol × its initial one, ‖∇L_m/N‖: its
+    # parameters are off by at most ‖K⁻¹‖ times that, its loss by ‖∇Q‖ times that
+    N, Phi_ev = len(X), design(X_ev)
+    K_inv = [np.linalg.norm(np.linalg.inv(curvature(X, mu) + damping * np.eye(d + 1)
+                                          - 2 * np.outer(design(X[[m]])[0], design(X[[m]])[0]) / N),
+                            2) for m in removed]
+    pbrf_slack = np.array([
+        1e-12 * K_inv[i] * np.linalg.norm(grads(X[[m]], y[[m]], theta_s)[0] / N)
+        * np.linalg.norm(2 / len(X_ev) * Phi_ev.T @ (Phi_ev @ thetas[i, 3] - y_ev))
+        for i, m in enumerate(removed)])
+    slack = np.zeros((2, 6))
+    slack[:, 3] = pbrf_slack
+    assert np.all(np.abs(q - Q) <= atol + slack), (q - Q, atol + slack)
+    slack_terms = slack[:, 1:] + slack[:, :-1]
+    assert np.all(np.abs(terms - np.diff(Q, axis=1)) <= atol + slack_terms)
+    # telescoping: the five terms sum to influence minus cold-start LOO ...
+    assert_allclose(terms.sum(axis=1), Q[:, -1] - Q[:, 0], rtol=0, atol=atol)
+    assert_allclose(terms.sum(axis=1), q[:, -1] - q[:, 0], rtol=0, atol=1e-15 * np.abs(q).max())
+    # ... which the two ends' own estimators give too
     RESPONSE_CACHE.clear()
     loo = LOOEstimator(net, random_state=random_state).fit(X, y)
     influence = InfluenceEstimator(net, damping=damping, random_state=random_state).fit(X, y)
-    theta_s = influence.model_.params.numpy()
-    assert np.array_equal(loo.model_.params.numpy(), theta_s)
-    q_loo = _mean_loss(theta_s + loo.param_change(X[removed]), X_ev, y_ev)
-    q_if = _mean_loss(theta_s + influence.param_change(X[removed]), X_ev, y_ev)
-    scale = np.abs(np.concatenate([q_loo, q_if])).max()
-    assert_allclose(q[:, 0], q_loo, rtol=1e-12, atol=1e-13 * scale)
-    assert_allclose(q[:, -1], q_if, rtol=1e-12, atol=1e-13 * scale)
-    assert_allclose(terms.sum(axis=1), q_if - q_loo, rtol=0, atol=1e-12 * scale)
-    # ... term by term: Q at consecutive rungs, from the rungs' own responses
-    responses = dec.rung_responses(X[removed])
-    q_rungs = np.column_stack([_mean_loss(theta_s + v, X_ev, y_ev) for v in responses.values()])
-    assert_allclose(terms, np.diff(q_rungs, axis=1), rtol=0, atol=1e-12 * scale)
+    assert np.array_equal(loo.model_.params.numpy(), dec.model_.params.numpy())
+    q_loo = mean_loss(dec.model_.params.numpy() + loo.param_change(X[removed]), X_ev, y_ev)
+    q_if = mean_loss(dec.model_.params.numpy() + influence.param_change(X[removed]), X_ev, y_ev)
+    assert_allclose(q[:, 0], q_loo, rtol=1e-12, atol=1e-13 * np.abs(Q).max())
+    assert_allclose(q[:, -1], q_if, rtol=1e-12, atol=1e-13 * np.abs(Q).max())
 
     # the function-space distances: each rung pair's ‖Δf‖, and the triangle inequality
-    dist = Decomposer(net, damping=damping, random_state=random_state).fit(X, y)
+    dist = Decomposer(net, damping=damping, pbrf_tol=1e-12, random_state=random_state).fit(X, y)
     distances = dist.transform(X[removed])
-    out = {k: design(X) @ (theta_s + v).T  # (N, 2) each
-           for k, v in dist.rung_responses(X[removed]).items()}
-    names = list(out)
-    out_scale = max(np.abs(f).max() for f in out.values())
-    for k in range(5):
-        expected = np.abs(out[names[k + 1]] - out[names[k]]).mean(axis=0)
-        assert_allclose(distances[:, k], expected, rtol=1e-9, atol=1e-13 * out_scale)
-    end_to_end = np.abs(out[names[-1]] - out[names[0]]).mean(axis=0)
+    out = design(X) @ thetas.transpose(0, 2, 1)  # (2, N, 6): each rung's outputs
+    expected = np.abs(np.diff(out, axis=2)).mean(axis=1)  # (2, 5)
+    out_scale = np.abs(out).max()
+    assert_allclose(distances, expected, rtol=1e-9, atol=1e-13 * out_scale)
+    end_to_end = np.abs(out[:, :, -1] - out[:, :, 0]).mean(axis=1)
     assert np.all(end_to_end <= distances.sum(axis=1) * (1 + 1e-12) + 1e-15)
 
 

@@ -26,3 +26,11 @@ INVARIANCE_RTOL = 1e-10
 #: Relative residual ‖b − A x‖/‖b‖ of a backward-stable solve, per unit of the condition
 #: number κ(A) (64 unit roundoffs; measured worst ≈ 1.3 on random least squares).
 SOLVE_RESIDUAL_PER_CONDITION = 64 * 2.220446049250313e-16
+#: Mean loss at a ladder rung (library vs numpy at closed-form or replayed parameters),
+#: float64, as a fraction of the largest loss compared (measured worst ≈ 1e-14 with the
+#: PBRF solved to ``pbrf_tol=1e-12``).
+LOSS_AT_RUNGS_ATOL_REL = 5e-14
+#: Vectorised leave-one-out ensemble vs one-at-a-time retraining (same recipe, float64):
+#: largest difference as a fraction of the largest entry (measured worst 3.8e-15 over the
+#: 4 losses × 2 optimisers × 3 rungs of ``test_execution.py``).
+ENSEMBLE_VS_ONE_AT_A_TIME_REL = 1e-14
