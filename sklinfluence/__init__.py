@@ -10,16 +10,21 @@ Then What is the Question?", as scikit-learn estimators:
 - :class:`Decomposer` — the five terms between them;
 - :class:`RemovalSplit` and :func:`agreement_scorer` — grid search of the
   damping against a ground-truth reference;
+- :class:`LinearDatamodelingScore` and :func:`lds_scorer` — the linear
+  datamodeling score of any attribution matrix against models retrained on
+  random subsets (or their PBRF);
 - :func:`set_config`, :func:`get_config`, :func:`config_context` — threads
   and the in-process response cache.
 """
 
 from ._config import config_context, get_config, set_config
 from .agreement import RemovalSplit, agreement_scorer
+from .datamodeling import LinearDatamodelingScore, lds_scorer
 from .decomposer import Decomposer
 from .ground_truth import LOOEstimator, PBRFEstimator
 from .influence import InfluenceEstimator
 
 __all__ = ["Decomposer", "InfluenceEstimator", "LOOEstimator", "PBRFEstimator",
+           "LinearDatamodelingScore", "lds_scorer",
            "RemovalSplit", "agreement_scorer", "config_context", "get_config", "set_config"]
 __version__ = "0.1.0"

@@ -4,7 +4,8 @@ import torch
 from skorch import NeuralNetRegressor
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from sklinfluence import Decomposer, InfluenceEstimator, LOOEstimator, PBRFEstimator
+from sklinfluence import (Decomposer, InfluenceEstimator, LinearDatamodelingScore, LOOEstimator,
+                          PBRFEstimator)
 
 
 class AnyWidthMLP(torch.nn.Module):
@@ -44,7 +45,8 @@ EXPECTED_FAILED_CHECKS: dict = {
      PBRFEstimator(_net(), damping=1.0, random_state=0),
      LOOEstimator(_net(), random_state=0),
      LOOEstimator(_net(), warm_start=True, proximal=True, random_state=0),
-     Decomposer(_net(), damping=1.0, random_state=0)],
+     Decomposer(_net(), damping=1.0, random_state=0),
+     LinearDatamodelingScore(_net(), n_subsets=2, random_state=0)],
     expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS.get(type(est).__name__, {}),
 )
 def test_sklearn_compatible_estimator(estimator, check):

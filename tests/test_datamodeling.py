@@ -1,0 +1,112 @@
+"""The linear datamodeling score (SPEC §9) on linear least squares, where every subset's
+model is a closed form."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from scipy.stats import rankdata
+from sklearn.model_selection import GridSearchCV
+
+from linear_problems import (curvature, design, minimiser, recipe, theta_of,
+                             well_conditioned_data)
+from sklinfluence import (InfluenceEstimator, LinearDatamodelingScore, RemovalSplit,
+                          lds_scorer)
+from tolerances import RETRAIN_RTOL
+
+MU = 0.1
+N_SUBSETS = 12
+
+
+@pytest.fixture(scope="module")
+def problem():
+    X, y = well_conditioned_data(n=30)
+    net = recipe(X, MU, max_epochs=120)
+    X_eval, y_eval = X[:6] + 0.1, y[:6]
+    lds = LinearDatamodelingScore(net, n_subsets=N_SUBSETS, random_state=0).fit(
+        X, y, X_eval, y_eval)
+    return X, y, X_eval, y_eval, net, lds
+
+
+def test_each_subset_model_is_the_recipe_on_that_subset(problem):
+    X, y, X_eval, y_eval, _, lds = problem
+    N = len(X)
+    assert lds.subsets_.shape == (N_SUBSETS, N)
+    assert np.all(lds.subsets_.sum(axis=1) == N // 2)
+    assert len({row.tobytes() for row in lds.subsets_}) == N_SUBSETS
+    theta_s = theta_of(lds.net_)
+    for j, kept in enumerate(lds.subsets_):
+        # the recipe on the kept rows minimises J − Σ_C L_m/N with μ(N−|C|)/N (SPEC §7)
+        theta = minimiser(X[kept], y[kept], MU * kept.sum() / N, extra=N)
+        scale = np.abs(theta - theta_s).max()
+        assert_allclose(lds.param_changes_[j], theta - theta_s, rtol=RETRAIN_RTOL,
+                        atol=1e-9 * scale)
+        expected = (design(X_eval) @ theta - y_eval) ** 2
+        assert_allclose(lds.measurements_[j], expected, rtol=1e-7)
+    assert_allclose(lds.base_losses_, (design(X_eval) @ theta_s - y_eval) ** 2, rtol=1e-12)
+
+
+def test_score_is_the_mean_rank_correlation_of_the_additive_predictions(problem):
+    X, _, _, _, _, lds = problem
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(len(X), 6))
+    result = lds.score_attributions(scores)
+    removed = ~lds.subsets_
+    for z in range(6):
+        prediction = lds.base_losses_[z] + np.array([scores[c, z].sum() for c in removed])
+        ranks = np.corrcoef(rankdata(prediction), rankdata(lds.measurements_[:, z]))[0, 1]
+        assert_allclose(result.per_point[z], ranks, rtol=1e-12)
+        assert_allclose(result.predictions[:, z], prediction, rtol=1e-12)
+    assert_allclose(result.mean, result.per_point.mean(), rtol=1e-12)
+    assert abs(result.mean) < 0.5 and result.bootstrap_std > 0
+
+
+def test_influence_on_a_linear_model_predicts_the_subsets_and_noise_does_not(problem):
+    X, y, X_eval, y_eval, net, lds = problem
+    est = InfluenceEstimator(net, damping=1e-6, solver="exact", measure="loss",
+                             random_state=0).fit(X, y)
+    good = lds.score_attributions(est.loss_change(X, y, X_eval, y_eval))
+    assert good.mean > 0.8, good.per_point
+    shuffled = lds.score_attributions(
+        np.random.default_rng(0).permutation(est.loss_change(X, y, X_eval, y_eval)))
+    assert shuffled.mean < good.mean - 0.4
+
+
+def test_same_subsets_give_the_same_models_and_batching_changes_nothing(problem):
+    X, y, X_eval, y_eval, net, lds = problem
+    again = LinearDatamodelingScore(net, subsets=lds.subsets_, removal_batch_size=1,
+                                    random_state=0).fit(X, y, X_eval, y_eval)
+    assert_array_equal(again.subsets_, lds.subsets_)
+    scale = np.abs(lds.param_changes_).max()
+    assert_allclose(again.param_changes_, lds.param_changes_, rtol=0, atol=1e-13 * scale)
+
+
+def test_lds_scorer_picks_the_damping_in_a_grid_search(problem):
+    X, y, _, _, net, lds = problem
+    search = GridSearchCV(InfluenceEstimator(net, solver="exact", random_state=0),
+                          {"damping": [1e-6, 10.0]}, cv=RemovalSplit(n_remove=5, n_splits=1),
+                          scoring=lds_scorer(lds)).fit(X, y)
+    assert search.best_params_ == {"damping": 1e-6}
+    scores = search.cv_results_["mean_test_score"]
+    assert scores[0] > scores[1]
+
+
+def test_pbrf_reference_and_bad_input(problem):
+    X, y, X_eval, y_eval, net, lds = problem
+    pbrf = LinearDatamodelingScore(net, subsets=lds.subsets_[:4], reference="pbrf",
+                                   damping=1e-2, random_state=0).fit(X, y, X_eval, y_eval)
+    theta_s = theta_of(pbrf.net_)
+    N = len(X)
+    A_lam = curvature(X, MU) + 1e-2 * np.eye(len(theta_s))
+    for j, kept in enumerate(lds.subsets_[:4]):
+        Phi_C = design(X[~kept])
+        g = (2 * (Phi_C @ theta_s - y[~kept])[:, None] * Phi_C).sum(axis=0)
+        expected = np.linalg.solve(A_lam - 2 * Phi_C.T @ Phi_C / N, g / N)  # SPEC §7
+        assert_allclose(pbrf.param_changes_[j], expected, rtol=1e-9,
+                        atol=1e-12 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="must have shape"):
+        lds.score_attributions(np.zeros((3, 6)))
+    with pytest.raises(ValueError, match="NaN"):
+        lds.score_attributions(np.full((len(X), 6), np.nan))
+    with pytest.raises(ValueError, match="boolean mask"):
+        LinearDatamodelingScore(net, subsets=np.zeros((3, 5)), random_state=0).fit(
+            X, y, X_eval, y_eval)
