@@ -15,6 +15,7 @@ from .base import BaseResponseEstimator, RungViewMixin
 from .curvature import CURVATURES
 from .functional import iterate_batches
 from .response import Responder, Rung, rung
+from .rungs import removal_forces
 from .measure import MEASURES, to_numpy
 from .solvers import SOLVERS
 from .threads import compute_section
@@ -271,7 +272,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         return chunks + ([current] if current else [])
 
     def _forces(self, removals: list) -> torch.Tensor:
-        return self._rung().forces(self.responder_.context, removals)
+        return removal_forces(self.responder_.context, removals)
 
     @compute_section
     def score_samples(self, X: Any, y: Any = None, groups: Any = None) -> np.ndarray:

@@ -48,7 +48,7 @@ from .removal import Removal
 if TYPE_CHECKING:  # pragma: no cover
     from .response import Responder, ResponseContext
 
-__all__ = ["Rung", "Retrain", "Minimize", "Linear", "LADDER", "TERMS", "rung",
+__all__ = ["Rung", "Retrain", "Minimize", "Linear", "LADDER", "TERMS", "rung", "removal_forces",
            "compute_each", "compute_pbrf_batch", "compute_retrain_batch"]
 
 
@@ -292,25 +292,31 @@ class Linear(Rung):
         return [ctx.damping, self.exact, ctx.curvature, ctx.solver,
                 sorted((ctx.solver_params or {}).items()), ctx.tol, ctx.max_iter]
 
-    def forces(self, ctx: ResponseContext, removals: list[Removal]) -> Tensor:
-        """``Σ_{m∈S} w_m ∇L_m(θˢ)`` for each removal, ``(n, P)``."""
-        rows_X = torch.cat([removal.X for removal in removals])
-        rows_T = torch.cat([removal.T for removal in removals])
-        grads = ctx.model.per_sample_grads(ctx.model.params, rows_X, rows_T, ctx.batch_size)
-        if all(removal.size == 1 and removal.weights is None for removal in removals):
-            return grads
-        owner = torch.repeat_interleave(
-            torch.arange(len(removals), device=grads.device),
-            torch.tensor([removal.size for removal in removals], device=grads.device))
-        weights = torch.cat([removal.weight_tensor(grads) for removal in removals])
-        return grads.new_zeros((len(removals), grads.shape[1])).index_add_(
-            0, owner, weights[:, None] * grads)
-
     def responses(self, responder: Responder, removals: list[Removal]) -> Tensor:
         """All removals' responses in one solve, ``(n, P)``."""
         ctx = responder.context
         return ctx.epsilon * responder.solver(self.exact).solve(
-            self.forces(ctx, removals)).to(ctx.model.dtype)
+            removal_forces(ctx, removals)).to(ctx.model.dtype)
+
+
+def removal_forces(ctx: ResponseContext, removals: list[Removal]) -> Tensor:
+    """The driving force of each removal at ``θˢ``, ``Σ_{m∈S} w_m ∇L_m(θˢ)``, ``(n, P)``.
+
+    Per-sample gradients of all removed rows (in chunks of ``batch_size``),
+    summed per removal with the rows' weights; one unweighted row per
+    removal returns the gradients themselves.
+    """
+    rows_X = torch.cat([removal.X for removal in removals])
+    rows_T = torch.cat([removal.T for removal in removals])
+    grads = ctx.model.per_sample_grads(ctx.model.params, rows_X, rows_T, ctx.batch_size)
+    if all(removal.size == 1 and removal.weights is None for removal in removals):
+        return grads
+    owner = torch.repeat_interleave(
+        torch.arange(len(removals), device=grads.device),
+        torch.tensor([removal.size for removal in removals], device=grads.device))
+    weights = torch.cat([removal.weight_tensor(grads) for removal in removals])
+    return grads.new_zeros((len(removals), grads.shape[1])).index_add_(
+        0, owner, weights[:, None] * grads)
 
 
 LADDER: tuple[Rung, ...] = (
