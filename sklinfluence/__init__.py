@@ -13,18 +13,21 @@ Then What is the Question?", as scikit-learn estimators:
 - :class:`LinearDatamodelingScore` and :func:`lds_scorer` — the linear
   datamodeling score of any attribution matrix against models retrained on
   random subsets (or their PBRF);
+- :class:`TracInCP` and :func:`training_loss` — baselines in the same sign
+  convention (grad-dot is ``InfluenceEstimator(solver="identity")``);
 - :func:`set_config`, :func:`get_config`, :func:`config_context` — threads
   and the in-process response cache.
 """
 
 from ._config import config_context, get_config, set_config
 from .agreement import RemovalSplit, agreement_scorer
+from .baselines import TracInCP, training_loss
 from .datamodeling import LinearDatamodelingScore, lds_scorer
 from .decomposer import Decomposer
 from .ground_truth import LOOEstimator, PBRFEstimator
 from .influence import InfluenceEstimator
 
 __all__ = ["Decomposer", "InfluenceEstimator", "LOOEstimator", "PBRFEstimator",
-           "LinearDatamodelingScore", "lds_scorer",
+           "LinearDatamodelingScore", "lds_scorer", "TracInCP", "training_loss",
            "RemovalSplit", "agreement_scorer", "config_context", "get_config", "set_config"]
 __version__ = "0.1.0"

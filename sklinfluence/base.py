@@ -86,7 +86,7 @@ class BaseResponseEstimator(BaseEstimator):
     }
 
     # ------------------------------------------------------------------ fit
-    def _fit_net(self, X: Any, y: Any) -> None:
+    def _fit_net(self, X: Any, y: Any, checkpoints: list | None = None) -> None:
         epsilon = getattr(self, "epsilon", None)
         if epsilon is not None and epsilon == 0:
             raise ValueError(
@@ -129,7 +129,9 @@ class BaseResponseEstimator(BaseEstimator):
             self.seed_ = int(torch.randint(np.iinfo(np.int32).max, (1,)))
         else:
             self.seed_ = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        self.net_, self.initial_params_ = adapter.fit(X, encoded, self.seed_)
+        self.net_, self.initial_params_ = adapter.fit(X, encoded, self.seed_,
+                                                      **({} if checkpoints is None
+                                                         else {"checkpoints": checkpoints}))
         self._adapter = adapter
         self.model_ = adapter.functional_model(self.net_, self.weight_decay)
         self.X_train_, self.T_train_ = self._tensors(X, encoded)

@@ -272,7 +272,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         return chunks + ([current] if current else [])
 
     def _forces(self, removals: list) -> torch.Tensor:
-        return removal_forces(self.responder_.context, removals)
+        return removal_forces(self.model_, removals, self.batch_size)
 
     @compute_section
     def score_samples(self, X: Any, y: Any = None, groups: Any = None) -> np.ndarray:

@@ -101,8 +101,12 @@ class LinearAdapter:
             return T[:, 0] if T.ndim == 2 and T.shape[1] == 1 else T
         return T
 
-    def fit(self, X: np.ndarray, encoded: np.ndarray, seed: int) -> tuple[Any, None]:
+    def fit(self, X: np.ndarray, encoded: np.ndarray, seed: int,
+            checkpoints: list | None = None) -> tuple[Any, None]:
         """Fit a clone with scikit-learn (``seed`` unused: the fit is convex)."""
+        if checkpoints is not None:
+            raise ValueError(f"{type(self.est).__name__} is fitted by scikit-learn's solver, "
+                             "which has no epochs to checkpoint; TracIn needs a skorch net.")
         self.n_samples, self.n_outputs = X.shape[0], (encoded.shape[1] if encoded.ndim == 2 else 1)
         if self.frozen:
             return self.est, None

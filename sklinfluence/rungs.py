@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
+from .functional import FunctionalModel
 from .pbrf import ResponseObjective, minimize_response, minimize_responses_batched
 from .removal import Removal
 
@@ -296,19 +297,21 @@ class Linear(Rung):
         """All removals' responses in one solve, ``(n, P)``."""
         ctx = responder.context
         return ctx.epsilon * responder.solver(self.exact).solve(
-            removal_forces(ctx, removals)).to(ctx.model.dtype)
+            removal_forces(ctx.model, removals, ctx.batch_size)).to(ctx.model.dtype)
 
 
-def removal_forces(ctx: ResponseContext, removals: list[Removal]) -> Tensor:
-    """The driving force of each removal at ``θˢ``, ``Σ_{m∈S} w_m ∇L_m(θˢ)``, ``(n, P)``.
+def removal_forces(model: FunctionalModel, removals: list[Removal],
+                   batch_size: int | None = None, theta: Tensor | None = None) -> Tensor:
+    """The driving force of each removal, ``Σ_{m∈S} w_m ∇L_m(θ)``, ``(n, P)``.
 
-    Per-sample gradients of all removed rows (in chunks of ``batch_size``),
-    summed per removal with the rows' weights; one unweighted row per
-    removal returns the gradients themselves.
+    Per-sample gradients at ``theta`` (default ``θˢ``) of all removed rows, in
+    chunks of ``batch_size``, summed per removal with the rows' weights; one
+    unweighted row per removal returns the gradients themselves.
     """
+    theta = model.params if theta is None else theta
     rows_X = torch.cat([removal.X for removal in removals])
     rows_T = torch.cat([removal.T for removal in removals])
-    grads = ctx.model.per_sample_grads(ctx.model.params, rows_X, rows_T, ctx.batch_size)
+    grads = model.per_sample_grads(theta, rows_X, rows_T, batch_size)
     if all(removal.size == 1 and removal.weights is None for removal in removals):
         return grads
     owner = torch.repeat_interleave(

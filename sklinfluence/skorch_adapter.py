@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import clone
+from skorch.callbacks import Callback
 from torch import Tensor
 
 from .ensemble import ensemble_supported, retrain_ensemble
@@ -30,6 +31,17 @@ def _criterion_name(net: Any) -> str:
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+class _Checkpoints(Callback):
+    """skorch callback: appends ``(θ, learning rate)`` to ``sink`` after each epoch."""
+
+    def __init__(self, sink: list) -> None:
+        self.sink = sink
+
+    def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
+        self.sink.append((get_flat_params(net.module_).clone(),
+                          float(net.optimizer_.param_groups[0]["lr"])))
 
 
 class SkorchAdapter:
@@ -77,14 +89,25 @@ class SkorchAdapter:
         known = getattr(self.net, "classes_", None) if self.frozen else None
         return None if known is None else np.asarray(known)
 
-    def fit(self, X: np.ndarray, encoded: np.ndarray, seed: int) -> tuple[Any, Tensor | None]:
+    def fit(self, X: np.ndarray, encoded: np.ndarray, seed: int,
+            checkpoints: list | None = None) -> tuple[Any, Tensor | None]:
         """Train a clone on exactly ``X`` (no validation split) under ``seed``.
 
-        Returns the fitted net and ``θ⁰`` (``None`` for a frozen net).
+        Returns the fitted net and ``θ⁰`` (``None`` for a frozen net). With a
+        ``checkpoints`` list, ``(θ, learning rate)`` is appended to it at the
+        end of every epoch (TracIn-CP).
         """
         if self.frozen:
+            if checkpoints is not None:
+                raise ValueError(
+                    "checkpoints are recorded while the estimator trains the net; a "
+                    "FrozenEstimator net was trained elsewhere. Pass the unfitted net.")
             return self.net, None
         fitted = clone(self.net).set_params(train_split=None)
+        if checkpoints is not None:
+            own = fitted.callbacks
+            fitted.set_params(callbacks=[*(own if own not in (None, "disable") else []),
+                                         ("sklinfluence_checkpoints", _Checkpoints(checkpoints))])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             initialize_net(fitted, X)
@@ -93,6 +116,10 @@ class SkorchAdapter:
             np_dtype = numpy_dtype(module_dtype(fitted))
             targets = encoded if encoded.dtype == np.int64 else encoded.astype(np_dtype)
             fitted.partial_fit(X.astype(np_dtype), targets)
+        if checkpoints is not None:  # the fitted net keeps the user's callbacks only
+            fitted.callbacks = own
+            fitted.callbacks_ = [(name, cb) for name, cb in fitted.callbacks_
+                                 if name != "sklinfluence_checkpoints"]
         return fitted, theta_0
 
     @staticmethod

@@ -32,7 +32,7 @@ class GradDot(Rung):
 
     def responses(self, responder, removals):
         ctx = responder.context
-        return ctx.epsilon * removal_forces(ctx, removals) / ctx.damping
+        return ctx.epsilon * removal_forces(ctx.model, removals, ctx.batch_size) / ctx.damping
 # -- end of the examples ----------------------------------------------------------------
 
 
