@@ -22,9 +22,10 @@ from sklinfluence import InfluenceEstimator
 from sklinfluence.curvature import Curvature
 from sklinfluence.kfac import KroneckerFactors
 from sklinfluence.lowrank import top_eigenpairs
-from sklinfluence.solvers import (EXACT_MAX_PARAMS, LissaDivergenceError, LissaSolver,
-                                  make_solver, resolve_solver)
-from tolerances import CG_VS_EXACT_RTOL, CLOSED_FORM_RTOL, INVARIANCE_RTOL
+from sklinfluence.solvers import (EXACT_MAX_PARAMS, ArnoldiSolver, LissaDivergenceError,
+                                  LissaSolver, make_solver, resolve_solver)
+from tolerances import (ARNOLDI_EIGSH_TOL, ARNOLDI_VS_CLOSED_FORM_RTOL, CG_VS_EXACT_RTOL,
+                        CLOSED_FORM_RTOL, INVARIANCE_RTOL)
 
 #: (solver, solver_params, tol) that are exact up to ``tol``.
 EXACT_UP_TO_TOL = [
@@ -275,3 +276,57 @@ def test_cg_on_a_float32_net_reports_what_float32_can_reach():
         est.score_samples(X[:5].astype(np.float32))
     assert not est.diagnostics_["converged"]  # tol=1e-10 is beyond float32
     assert est.diagnostics_["max_relative_residual"] > 1e-10
+
+
+# ---------------------------------------------------------------- Arnoldi below full rank
+MU, LAMBDA = 0.05, 0.01  # weight decay well above the damping: μ̄ matters off the top
+
+
+def _low_rank_closed_form(dense: torch.Tensor, rank: int, rest: float, B: torch.Tensor):
+    """``Q diag(1/ν) Qᵀ b + (I − QQᵀ) b / (μ̄ + λ)`` for each row ``b`` of ``B``, from
+    the dense eigendecomposition; and the relative gap after the top ``rank``."""
+    values, vectors = torch.linalg.eigh(dense)
+    values, vectors = values.flip(0), vectors.flip(1)
+    nu, Q = values[:rank], vectors[:, :rank]
+    coefficients = B @ Q
+    expected = (coefficients / nu) @ Q.T + (B - coefficients @ Q.T) / rest
+    return expected, float((values[rank - 1] - values[rank]) / values[0])
+
+
+def test_low_rank_arnoldi_equals_its_closed_form():
+    """Top-``rank`` eigenpairs by Lanczos (P > 200: ARPACK, not the dense fallback)
+    plus ``1/(μ̄ + λ)`` on the complement, against the same formula from ``eigh``."""
+    X, y = toy_data("CrossEntropyLoss", n=50)
+    est = InfluenceEstimator(make_net("CrossEntropyLoss", X.shape[1], hidden=40, max_epochs=10),
+                             damping=LAMBDA, weight_decay=MU, solver="cg", max_iter=1,
+                             random_state=0).fit(X, y)
+    C = Curvature(est.model_, est.X_train_, est.T_train_, damping=LAMBDA)
+    rank = 10
+    assert C.n_params > max(200, 3 * rank)  # the Lanczos path of top_eigenpairs
+    B = est.model_.per_sample_grads(est.model_.params, est.X_train_[:6], est.T_train_[:6])
+    expected, gap = _low_rank_closed_form(C.dense(), rank, MU + LAMBDA, B)
+    assert gap >= 0.05  # the top-rank eigenspace is well defined (ARNOLDI_VS_CLOSED_FORM_RTOL)
+    got = ArnoldiSolver(C, rank=rank, tol=ARNOLDI_EIGSH_TOL).solve(B)
+    assert_allclose(got.numpy(), expected.numpy(), rtol=ARNOLDI_VS_CLOSED_FORM_RTOL,
+                    atol=ARNOLDI_VS_CLOSED_FORM_RTOL * float(expected.abs().max()))
+
+
+def test_low_rank_arnoldi_through_the_estimator_equals_its_closed_form():
+    X, y = toy_data("CrossEntropyLoss", n=40)
+    net = make_net("CrossEntropyLoss", X.shape[1], hidden=8, max_epochs=10)
+    rank = 4  # of 67: P ≤ 200, top_eigenpairs' dense path
+    est = InfluenceEstimator(net, damping=LAMBDA, weight_decay=MU, solver="arnoldi",
+                             solver_params={"rank": rank}, random_state=0).fit(X, y)
+    model = est.model_
+    assert est.diagnostics_["rank"] == rank < model.n_params
+    dense = Curvature(model, est.X_train_, est.T_train_, damping=LAMBDA).dense()
+    G = model.per_sample_grads(model.params, est.X_train_, est.T_train_)
+    solved, gap = _low_rank_closed_form(dense, rank, MU + LAMBDA, G[:9])
+    assert gap >= 0.05
+    expected = est.epsilon_ * (G[:9] * solved).sum(dim=1)
+    assert_allclose(est.score_samples(X[:9], y[:9]), expected.numpy(),
+                    rtol=ARNOLDI_VS_CLOSED_FORM_RTOL)
+    matrix = est.epsilon_ * (G @ solved[:4].T)  # removing every row, on 4 points
+    assert_allclose(est.loss_change(X, y, X[:4], y[:4]), matrix.numpy(),
+                    rtol=ARNOLDI_VS_CLOSED_FORM_RTOL,
+                    atol=ARNOLDI_VS_CLOSED_FORM_RTOL * float(matrix.abs().max()))
