@@ -46,7 +46,7 @@ from .curvature import Curvature
 from .execution import run_responses, sample_key
 from .functional import FunctionalModel
 from .pbrf import ResponseObjective, minimize_response, minimize_responses_batched
-from .solvers import EXACT_MAX_PARAMS, make_solver
+from .solvers import dense_fits, make_solver
 
 __all__ = ["Rung", "LADDER", "TERMS", "ResponseContext", "Responder", "ResponseCache",
            "RESPONSE_CACHE", "rung"]
@@ -265,11 +265,11 @@ class Responder:
         """``(G + μI + λI)⁻¹``, shared by the batched PBRF solves.
 
         The exact rung-4 solver (dense Cholesky) up to
-        :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` parameters, batched CG
-        to 1e-8 above.
+        :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` parameters
+        (:func:`~sklinfluence.solvers.dense_fits`), batched CG to 1e-8 above.
         """
         ctx = self.context
-        if ctx.model.n_params <= EXACT_MAX_PARAMS:
+        if dense_fits(ctx.model.n_params):
             return self.solver(exact=True)
         if "chord" not in self._solvers:
             curvature = Curvature(ctx.model, ctx.X, ctx.T, kind="ggn", damping=ctx.damping,

@@ -51,7 +51,7 @@ from .lowrank import bottom_eigenvalue, top_eigenpairs, top_eigenvalue
 
 __all__ = ["ExactSolver", "CGSolver", "LissaSolver", "KroneckerSolver", "ArnoldiSolver",
            "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "SolveInfo", "LissaDivergenceError",
-           "make_solver", "resolve_solver"]
+           "dense_fits", "make_solver", "resolve_solver"]
 
 SOLVERS = ("auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi")
 #: The ``solver_params`` each solver accepts (besides ``tol``/``max_iter``).
@@ -61,7 +61,9 @@ SOLVER_PARAMS = {
     "ekfac": (), "kfac": (), "arnoldi": ("rank",),
 }
 #: ``"auto"`` uses the exact solver up to this many parameters (8 P² bytes:
-#: 200 MB at 5,000), mixed-precision block CG above.
+#: 200 MB at 5,000), mixed-precision block CG above. Read at call time by
+#: :func:`dense_fits` (private knob: the tests lower it to run the large-net
+#: paths on small nets).
 EXACT_MAX_PARAMS = 5000
 PRECONDITIONERS = (None, "ekfac", "kfac", "arnoldi")
 #: Safety factor on the measured float32 rounding level in mixed-precision CG.
@@ -72,6 +74,16 @@ MAX_REFINEMENTS = 8
 
 class LissaDivergenceError(ValueError):
     """LiSSA's series diverged: the scale is below half the top eigenvalue."""
+
+
+def dense_fits(n_params: int) -> bool:
+    """Whether a dense ``P × P`` solve is the default for ``n_params`` parameters.
+
+    True up to :data:`EXACT_MAX_PARAMS` (read at call time). Decides what
+    ``solver="auto"`` means (:func:`resolve_solver`) and which factor the
+    batched PBRF solves share (``Responder.chord_solver``).
+    """
+    return n_params <= EXACT_MAX_PARAMS
 
 
 @dataclass
@@ -605,7 +617,7 @@ class ArnoldiSolver(_DirectSolver):
 def resolve_solver(name: str, curvature: Curvature) -> tuple[str, dict]:
     """What ``"auto"`` means for this curvature: ``(solver, solver_params)``.
 
-    Exact up to :data:`EXACT_MAX_PARAMS` parameters; above, block CG with
+    Exact up to :data:`EXACT_MAX_PARAMS` parameters (:func:`dense_fits`); above, block CG with
     mixed precision for float64 models (float32 products, float64 residuals:
     the same answer for about half the cost) and no preconditioner (on the
     benchmark's MLP an EK-FAC preconditioner doubled the block iterations,
@@ -614,7 +626,7 @@ def resolve_solver(name: str, curvature: Curvature) -> tuple[str, dict]:
     """
     if name != "auto":
         return name, {}
-    if curvature.n_params <= EXACT_MAX_PARAMS:
+    if dense_fits(curvature.n_params):
         return "exact", {}
     return "cg", {"mixed_precision": curvature.model.dtype == torch.float64}
 

@@ -22,10 +22,12 @@ from sklinfluence import InfluenceEstimator
 from sklinfluence.curvature import Curvature
 from sklinfluence.kfac import KroneckerFactors
 from sklinfluence.lowrank import top_eigenpairs
-from sklinfluence.solvers import (EXACT_MAX_PARAMS, ArnoldiSolver, LissaDivergenceError,
-                                  LissaSolver, make_solver, resolve_solver)
+from sklinfluence import solvers
+from sklinfluence.solvers import (EXACT_MAX_PARAMS, ArnoldiSolver, CGSolver,
+                                  LissaDivergenceError, LissaSolver, make_solver,
+                                  resolve_solver)
 from tolerances import (ARNOLDI_EIGSH_TOL, ARNOLDI_VS_CLOSED_FORM_RTOL, CG_VS_EXACT_RTOL,
-                        CLOSED_FORM_RTOL, INVARIANCE_RTOL)
+                        CLOSED_FORM_RTOL, INVARIANCE_RTOL, SOLVE_RESIDUAL_PER_CONDITION)
 
 #: (solver, solver_params, tol) that are exact up to ``tol``.
 EXACT_UP_TO_TOL = [
@@ -330,3 +332,38 @@ def test_low_rank_arnoldi_through_the_estimator_equals_its_closed_form():
     assert_allclose(est.loss_change(X, y, X[:4], y[:4]), matrix.numpy(),
                     rtol=ARNOLDI_VS_CLOSED_FORM_RTOL,
                     atol=ARNOLDI_VS_CLOSED_FORM_RTOL * float(matrix.abs().max()))
+
+
+# ---------------------------------------------------------------- above EXACT_MAX_PARAMS
+def test_auto_above_the_threshold_is_mixed_precision_cg_and_equals_exact(trained, monkeypatch):
+    """``"auto"`` above :data:`EXACT_MAX_PARAMS` (lowered below this net's size: the
+    knob ``dense_fits`` reads at call time) is float32-product block CG refined in
+    float64 to ``tol``, and its answers are the exact ones to what the residuals
+    allow: a solve with relative residual ``r`` errs by ``‖x − x*‖ ≤ r ‖g_m‖/λ_min``,
+    so ``|gₑᵀ(x − x*)| ≤ r ‖gₑ‖ ‖g_m‖/λ_min``, with ``r = tol`` for CG plus
+    ``SOLVE_RESIDUAL_PER_CONDITION · κ`` for the exact reference."""
+    net, X, y = trained
+    tol = 1e-10
+    exact = influence(net, X, y, solver="exact")
+    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", exact.model_.n_params - 1)
+    auto = influence(net, X, y, tol=tol)
+    assert auto.diagnostics_["requested_solver"] == "auto"
+    assert auto.diagnostics_["solver"] == "cg" and auto.diagnostics_["mixed_precision"]
+    assert isinstance(auto.solver_, CGSolver) and auto.solver_._low is not None
+    products = []  # which curvature each block solve used: float32 only, no float64 rescue
+    block_solve = auto.solver_._solve_blocks
+    monkeypatch.setattr(auto.solver_, "_solve_blocks", lambda B, curvature, tol: (
+        products.append(curvature.model.dtype), block_solve(B, curvature, tol))[1])
+    model = exact.model_
+    eigenvalues = torch.linalg.eigvalsh(
+        Curvature(model, exact.X_train_, exact.T_train_, damping=0.3).dense())
+    lowest, condition = float(eigenvalues[0]), float(eigenvalues[-1] / eigenvalues[0])
+    residual = tol + SOLVE_RESIDUAL_PER_CONDITION * condition
+    norms = model.per_sample_grads(model.params, exact.X_train_,
+                                   exact.T_train_).norm(dim=1).numpy()
+    bound = exact.epsilon_ * residual / lowest * np.outer(norms, norms)
+    got, ref = auto.loss_change(X, y, X[:7], y[:7]), exact.loss_change(X, y, X[:7], y[:7])
+    assert auto.diagnostics_["converged"] and auto.diagnostics_["max_relative_residual"] <= tol
+    assert products and set(products) == {torch.float32}
+    assert np.all(np.abs(got - ref) <= bound[:, :7])
+    assert np.all(np.abs(auto.score_samples(X) - exact.score_samples(X)) <= np.diag(bound))
