@@ -61,8 +61,10 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           when the curvature is ill-conditioned;
         - ``"ekfac"`` / ``"kfac"``: (eigenvalue-corrected) Kronecker-factored
           Gauss–Newton of ``nn.Linear`` layers — approximate, fast, no
-          iterations;
-        - ``"arnoldi"``: top-``rank`` eigenpairs plus damping — approximate;
+          iterations; each solve measures its relative residual under the
+          true curvature on up to 8 right-hand sides (``diagnostics_``);
+        - ``"arnoldi"``: top-``rank`` eigenpairs plus damping — approximate
+          below full rank, its residual measured as for EK-FAC;
         - ``"auto"``: ``"exact"`` up to 5,000 parameters, block CG above
           (mixed precision for float64 nets: float32 products refined to
           ``tol`` in float64).
@@ -117,11 +119,17 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         ``solver_.last_solve`` records the latest solve.
     diagnostics_ : dict
         What the solver did: set by ``fit`` (``solver``, the solver ``"auto"``
-        chose, set-up times such as ``build_seconds``/``fit_seconds``,
-        ``memory_bytes``, eigenvalue estimates ``top_eigenvalue`` … where
-        computed) and updated by every scoring call (``n_rhs``, ``n_iter``,
-        ``max_relative_residual``, ``converged``, ``gradient_seconds``,
-        ``solve_seconds``).
+        chose, ``approximate`` — whether it applies an approximate inverse
+        (EK-FAC, K-FAC, Arnoldi below full rank) —, set-up times such as
+        ``build_seconds``/``fit_seconds``, ``memory_bytes``, eigenvalue
+        estimates ``top_eigenvalue`` … where computed) and updated by every
+        scoring call (``n_rhs``, ``n_iter``, ``approximate``,
+        ``max_relative_residual`` — the largest ``‖b − (C + λI)x‖/‖b‖`` under
+        the true curvature over the ``n_measured`` right-hand sides it was
+        measured on: all of them for CG and LiSSA, up to 8 per solve for the
+        approximations, ``None`` for the exact solver —, ``converged`` —
+        whether CG/LiSSA met ``tol``, ``True`` for the exact solver, ``None``
+        for an approximation —, ``gradient_seconds``, ``solve_seconds``).
     epsilon_ : float
         The ``ε`` in use.
     n_train_ : int
@@ -243,14 +251,22 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         return self.model_.per_sample_grads(self.model_.params, X, T, self.batch_size)
 
     def _record(self, gradient_seconds: float, solves: list) -> None:
-        """Merge the latest call's solves into ``diagnostics_``."""
+        """Merge the latest call's solves into ``diagnostics_``.
+
+        ``converged`` is ``None`` when any solve was an approximation (which
+        has no stopping rule), else whether all met ``tol``.
+        """
         residuals = [s.max_relative_residual for s in solves
                      if s.max_relative_residual is not None]
+        verdicts = [s.converged for s in solves]
         self.diagnostics_.update({
             "n_rhs": sum(s.n_rhs for s in solves),
             "n_iter": max((s.n_iter for s in solves), default=0),
+            "approximate": any(s.approximate for s in solves) if solves
+            else self.solver_.info["approximate"],
             "max_relative_residual": max(residuals) if residuals else None,
-            "converged": all(s.converged for s in solves),
+            "n_measured": sum(s.n_measured for s in solves),
+            "converged": None if None in verdicts else all(verdicts),
             "gradient_seconds": gradient_seconds,
             "solve_seconds": sum(s.seconds for s in solves),
         })

@@ -30,7 +30,7 @@ from .execution import run_responses
 from .functional import FunctionalModel
 from .removal import Removal
 from .rungs import LADDER, TERMS, Rung, rung
-from .solvers import EXACT_MAX_PARAMS, make_solver, resolve_solver
+from .solvers import dense_fits, make_solver, resolve_solver
 
 __all__ = ["Rung", "LADDER", "TERMS", "ResponseContext", "Responder", "ResponseCache",
            "CacheOwner", "RESPONSE_CACHE", "rung"]
@@ -183,11 +183,11 @@ class Responder:
         """``(G + μI + λI)⁻¹``, shared by the batched PBRF solves.
 
         The exact rung-4 solver (dense Cholesky) up to
-        :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` parameters, batched CG
-        to 1e-8 above.
+        :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` parameters
+        (:func:`~sklinfluence.solvers.dense_fits`), batched CG to 1e-8 above.
         """
         ctx = self.context
-        if ctx.model.n_params <= EXACT_MAX_PARAMS:
+        if dense_fits(ctx.model.n_params):
             return self.solver(exact=True)
         if "chord" not in self._solvers:
             self._solvers["chord"] = make_solver("cg", self._curvature("ggn"), tol=1e-8)

@@ -4,7 +4,9 @@ Every solver has the same interface: it is built from a
 :class:`~sklinfluence.curvature.Curvature` and solves for many right-hand
 sides at once with ``solve(B)`` (``B`` of shape ``(k, P)``, one right-hand side
 per row).  What it did is recorded in ``info`` (set-up) and ``last_solve``
-(the latest call).
+(the latest call, a :class:`SolveInfo`): the approximations (EK-FAC, K-FAC,
+Arnoldi below full rank) say so and report the residual they measure under
+the true curvature on a few right-hand sides.
 
 - :class:`ExactSolver` builds the dense matrix in float64 and factorises it
   once (Cholesky; for an indefinite Hessian it raises with the most negative
@@ -50,8 +52,9 @@ from .kfac import KroneckerFactors
 from .lowrank import bottom_eigenvalue, top_eigenpairs, top_eigenvalue
 
 __all__ = ["ExactSolver", "CGSolver", "LissaSolver", "KroneckerSolver", "ArnoldiSolver",
-           "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "SolveInfo", "LissaDivergenceError",
-           "make_solver", "resolve_solver"]
+           "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "RESIDUAL_CHECKS", "SolveInfo",
+           "LissaDivergenceError", "dense_fits", "make_solver", "measured_rows",
+           "resolve_solver"]
 
 SOLVERS = ("auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi")
 #: The ``solver_params`` each solver accepts (besides ``tol``/``max_iter``).
@@ -61,8 +64,13 @@ SOLVER_PARAMS = {
     "ekfac": (), "kfac": (), "arnoldi": ("rank",),
 }
 #: ``"auto"`` uses the exact solver up to this many parameters (8 P² bytes:
-#: 200 MB at 5,000), mixed-precision block CG above.
+#: 200 MB at 5,000), mixed-precision block CG above. Read at call time by
+#: :func:`dense_fits` (private knob: the tests lower it to run the large-net
+#: paths on small nets).
 EXACT_MAX_PARAMS = 5000
+#: Right-hand sides whose residual an approximate direct solve (EK-FAC, K-FAC,
+#: Arnoldi) measures under the true curvature (:func:`measured_rows`).
+RESIDUAL_CHECKS = 8
 PRECONDITIONERS = (None, "ekfac", "kfac", "arnoldi")
 #: Safety factor on the measured float32 rounding level in mixed-precision CG.
 ROUNDING_MARGIN = 30.0
@@ -72,6 +80,28 @@ MAX_REFINEMENTS = 8
 
 class LissaDivergenceError(ValueError):
     """LiSSA's series diverged: the scale is below half the top eigenvalue."""
+
+
+def dense_fits(n_params: int) -> bool:
+    """Whether a dense ``P × P`` solve is the default for ``n_params`` parameters.
+
+    True up to :data:`EXACT_MAX_PARAMS` (read at call time). Decides what
+    ``solver="auto"`` means (:func:`resolve_solver`) and which factor the
+    batched PBRF solves share (``Responder.chord_solver``).
+    """
+    return n_params <= EXACT_MAX_PARAMS
+
+
+def measured_rows(n_rhs: int) -> Tensor:
+    """Rows of ``B`` whose residual an approximate direct solve measures.
+
+    Up to :data:`RESIDUAL_CHECKS` of the ``n_rhs`` right-hand sides, evenly
+    spaced from the first to the last (all of them when there are few):
+    deterministic, so a repeated call reports the same number.
+    """
+    if n_rhs <= RESIDUAL_CHECKS:
+        return torch.arange(n_rhs)
+    return torch.linspace(0, n_rhs - 1, RESIDUAL_CHECKS, dtype=torch.float64).round().long()
 
 
 @dataclass
@@ -86,20 +116,36 @@ class SolveInfo:
         Iterations (0 for a direct solve), summed over CG's blocks and
         refinement rounds; ``max_iter`` caps each block of each round.
     max_relative_residual : float or None
-        Largest ``‖b − A x‖ / ‖b‖`` over the right-hand sides, recomputed
-        from the returned solution (``None`` for a direct solve, which is
-        backward stable and would pay a full curvature product to check).
-    converged : bool
-        Whether every right-hand side met ``tol``.
+        Largest ``‖b − A x‖ / ‖b‖`` over the right-hand sides it was measured
+        on (``n_measured`` of them), ``A`` the true damped curvature,
+        recomputed from the returned solution. CG and LiSSA measure every
+        right-hand side (mixed-precision CG reports an upper bound); the
+        approximate direct solvers (EK-FAC, K-FAC, Arnoldi) measure up to
+        :data:`RESIDUAL_CHECKS` of them (:func:`measured_rows`), one batched
+        curvature product — their actual error; ``None`` for the exact
+        solver, which is backward stable and would pay a full curvature
+        product to check.
+    converged : bool or None
+        Whether every right-hand side met ``tol`` (CG, LiSSA); ``True`` for
+        an exact direct solve; ``None`` for an approximation (``approximate``),
+        which has no stopping rule to meet — read ``max_relative_residual``.
     seconds : float
         Wall time of the call.
+    approximate : bool, default=False
+        Whether the solver applies an approximate inverse whatever its
+        settings (EK-FAC, K-FAC, Arnoldi below full rank), as opposed to one
+        exact up to rounding or ``tol``.
+    n_measured : int, default=0
+        Right-hand sides ``max_relative_residual`` covers.
     """
 
     n_rhs: int
     n_iter: int
     max_relative_residual: float | None
-    converged: bool
+    converged: bool | None
     seconds: float
+    approximate: bool = False
+    n_measured: int = 0
 
 
 @dataclass
@@ -122,14 +168,41 @@ class _SolverBase:
 
 
 class _DirectSolver(_SolverBase):
-    """A solver that applies a fixed (exact or approximate) inverse: no iterations."""
+    """A solver that applies a fixed (exact or approximate) inverse: no iterations.
+
+    An approximate one (``approximate``) measures its relative residual under
+    the true curvature on :func:`measured_rows` of each ``B`` (one batched
+    curvature product of at most :data:`RESIDUAL_CHECKS` vectors) and reports
+    ``converged=None``; an exact one reports ``converged=True`` and no residual.
+    """
+
+    #: Whether the inverse is an approximation (set by each solver).
+    approximate: bool = False
+    #: Whether ``solve`` measures residuals (every solver but the exact one).
+    measures_residual: bool = True
+
+    def apply(self, B: Tensor) -> Tensor:
+        """The inverse applied to each row of ``B``, float64, recording nothing.
+
+        What a preconditioner calls (every CG iteration): no residual check.
+        """
+        return self._apply(B.to(torch.float64))
 
     def solve(self, B: Tensor) -> Tensor:
-        """The inverse applied to each row of ``B``; float64 result."""
+        """The inverse applied to each row of ``B``; float64 result.
+
+        Records ``last_solve``; see the class notes for its residual.
+        """
         start = time.perf_counter()
         X = self._apply(B.to(torch.float64))
-        self.last_solve = SolveInfo(int(B.shape[0]), 0, None, True,
-                                    time.perf_counter() - start)
+        residual, n_measured = None, 0
+        if self.measures_residual and B.shape[0]:
+            rows = measured_rows(int(B.shape[0])).to(B.device)
+            residual = float(self._relative_residual(X[rows], B[rows]).max())
+            n_measured = int(rows.numel())
+        self.last_solve = SolveInfo(int(B.shape[0]), 0, residual,
+                                    None if self.approximate else True,
+                                    time.perf_counter() - start, self.approximate, n_measured)
         return X
 
 
@@ -148,6 +221,8 @@ class ExactSolver(_DirectSolver):
         eigenvalues and too little damping); the message names the most
         negative eigenvalue and the damping that would fix it.
     """
+
+    measures_residual = False
 
     def __init__(self, curvature: Curvature) -> None:
         super().__init__(curvature)
@@ -180,6 +255,7 @@ class ExactSolver(_DirectSolver):
         self._factor = factor
         self.info = {
             "solver": "exact",
+            "approximate": False,
             "build_seconds": built - start,
             "factor_seconds": time.perf_counter() - built,
             "n_params": curvature.n_params,
@@ -216,8 +292,9 @@ class CGSolver(_SolverBase):
         Iteration cap; default ``10 P`` (as scipy's ``cg``).
     preconditioner : object with ``solve(B)``, optional
         An approximate inverse ``M⁻¹ ≈ (C + λI)⁻¹`` (symmetric positive
-        definite), e.g. :class:`KroneckerSolver` or :class:`ArnoldiSolver`.
-        It changes the iterations needed, never the answer.
+        definite), e.g. :class:`KroneckerSolver` or :class:`ArnoldiSolver`
+        (called through their ``apply``, which skips the residual check of
+        ``solve``). It changes the iterations needed, never the answer.
     block_size : int, default=512
         Most right-hand sides per block (they are split into equal blocks);
         more share a larger Krylov space (fewer
@@ -253,18 +330,21 @@ class CGSolver(_SolverBase):
         self.mixed_precision = bool(mixed_precision) and curvature.model.dtype == torch.float64
         self._low = curvature.astype(torch.float32) if self.mixed_precision else None
         self._eta: float | None = None
-        self.info = {"solver": "cg", "tol": self.tol, "max_iter": self.max_iter,
+        self.info = {"solver": "cg", "approximate": False, "tol": self.tol,
+                     "max_iter": self.max_iter,
                      "block_size": self.block_size, "mixed_precision": self.mixed_precision,
                      "n_params": curvature.n_params,
                      "preconditioner": None if preconditioner is None else preconditioner.name}
         if preconditioner is not None:
             self.info.update({f"preconditioner_{k}": v for k, v in preconditioner.info.items()
-                              if k not in ("solver", "n_params")})
+                              if k not in ("solver", "n_params", "approximate")})
 
     def _precondition(self, R: Tensor) -> Tensor:
         if self.preconditioner is None:
             return R
-        return self.preconditioner.solve(R).to(R.dtype)
+        # a direct solver's apply() skips the residual check solve() makes
+        apply = getattr(self.preconditioner, "apply", self.preconditioner.solve)
+        return apply(R).to(R.dtype)
 
     @staticmethod
     def _orthonormal_rows(W: Tensor) -> Tensor:
@@ -412,7 +492,7 @@ class CGSolver(_SolverBase):
         if n_left == 0 and B.dtype != torch.float64 and worst > self.tol:
             n_left = int((residual > self.tol).sum())  # the recurrence met tol, the truth did not
         self.last_solve = SolveInfo(int(B.shape[0]), n_iter, worst, n_left == 0,
-                                    time.perf_counter() - start)
+                                    time.perf_counter() - start, False, int(B.shape[0]))
         if n_left:
             self._warn_short("CG", n_left, B.shape[0], worst)
         return X
@@ -454,7 +534,8 @@ class LissaSolver(_SolverBase):
         self.tol = float(tol)
         self.max_iter = 1000 if max_iter is None else int(max_iter)
         start = time.perf_counter()
-        self.info = {"solver": "lissa", "tol": self.tol, "max_iter": self.max_iter,
+        self.info = {"solver": "lissa", "approximate": False, "tol": self.tol,
+                     "max_iter": self.max_iter,
                      "n_params": curvature.n_params}
         if scale is None:
             top = top_eigenvalue(curvature)
@@ -493,7 +574,8 @@ class LissaSolver(_SolverBase):
         if first is not None and not worst <= first:
             self._diverged(n_iter, worst / first, last, worst)
         self.last_solve = SolveInfo(int(B.shape[0]), n_iter, worst,
-                                    bool(worst <= self.tol), time.perf_counter() - start)
+                                    bool(worst <= self.tol), time.perf_counter() - start,
+                                    False, int(B.shape[0]))
         if worst > self.tol:
             self._warn_short("LiSSA", int((residual > self.tol).sum()), B.shape[0], worst)
         return X
@@ -519,8 +601,13 @@ class KroneckerSolver(_DirectSolver):
     """EK-FAC (``corrected=True``) or K-FAC inverse of the damped Gauss–Newton.
 
     See :mod:`sklinfluence.kfac`. Only ``curvature="ggn"``: the Kronecker
-    factors are built from the Gauss–Newton decomposition.
+    factors are built from the Gauss–Newton decomposition. An approximation
+    (exact only for one linear layer with one output and the squared loss):
+    ``solve`` reports the relative residual it measures under the true
+    curvature and ``converged=None`` (:class:`SolveInfo`).
     """
+
+    approximate = True
 
     def __init__(self, curvature: Curvature, corrected: bool = True) -> None:
         super().__init__(curvature)
@@ -534,7 +621,7 @@ class KroneckerSolver(_DirectSolver):
         self.factors = KroneckerFactors(curvature.model, curvature.X, curvature.T,
                                         damping=curvature.damping, corrected=corrected,
                                         theta=curvature.theta, batch_size=curvature.batch_size)
-        self.info = {"solver": self.name, "n_params": curvature.n_params,
+        self.info = {"solver": self.name, "approximate": True, "n_params": curvature.n_params,
                      "memory_bytes": self.factors.memory_bytes, **self.factors.info}
 
     @staticmethod
@@ -553,7 +640,10 @@ class ArnoldiSolver(_DirectSolver):
     the symmetric form of the Arnoldi iteration) and ``μ̄`` the mean weight
     decay: directions outside the top eigenspace are treated as carrying only
     weight decay and damping. Exact when ``rank`` covers every direction with
-    curvature beyond that. A non-positive eigenvalue (an indefinite Hessian;
+    curvature beyond that; ``approximate`` below full rank (``rank < P``),
+    when ``solve`` reports ``converged=None`` — every solve reports the
+    relative residual it measures under the true curvature (:class:`SolveInfo`).
+    A non-positive eigenvalue (an indefinite Hessian;
     for ``curvature="hessian"`` the smallest eigenvalue is checked too) raises
     ``ValueError``.
 
@@ -589,7 +679,9 @@ class ArnoldiSolver(_DirectSolver):
             raise ValueError(
                 "solver='arnoldi' needs damping > 0 (or weight decay) for the directions "
                 "outside the top eigenspace; got damping=0 and no weight decay.")
-        self.info = {"solver": "arnoldi", "rank": len(self.values),
+        self.approximate = len(self.values) < curvature.n_params
+        self.info = {"solver": "arnoldi", "approximate": self.approximate,
+                     "rank": len(self.values),
                      "n_params": curvature.n_params,
                      "top_eigenvalue": float(self.values[0]),
                      "smallest_kept_eigenvalue": float(self.values[-1]),
@@ -605,7 +697,7 @@ class ArnoldiSolver(_DirectSolver):
 def resolve_solver(name: str, curvature: Curvature) -> tuple[str, dict]:
     """What ``"auto"`` means for this curvature: ``(solver, solver_params)``.
 
-    Exact up to :data:`EXACT_MAX_PARAMS` parameters; above, block CG with
+    Exact up to :data:`EXACT_MAX_PARAMS` parameters (:func:`dense_fits`); above, block CG with
     mixed precision for float64 models (float32 products, float64 residuals:
     the same answer for about half the cost) and no preconditioner (on the
     benchmark's MLP an EK-FAC preconditioner doubled the block iterations,
@@ -614,7 +706,7 @@ def resolve_solver(name: str, curvature: Curvature) -> tuple[str, dict]:
     """
     if name != "auto":
         return name, {}
-    if curvature.n_params <= EXACT_MAX_PARAMS:
+    if dense_fits(curvature.n_params):
         return "exact", {}
     return "cg", {"mixed_precision": curvature.model.dtype == torch.float64}
 

@@ -180,6 +180,69 @@ def test_batched_pbrf_equals_one_at_a_time():
     assert np.abs(batched - single).max() / scale.min() < 1e-7
 
 
+@pytest.mark.slow
+def test_batched_pbrf_above_the_threshold_uses_the_cg_chord_factor(data, monkeypatch):
+    """Above :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` (lowered below this net's
+    size: ``dense_fits`` reads it at call time) the batched PBRF's shared factor
+    ``(G + μI + λI)⁻¹`` is batched CG, not the dense Cholesky. Its answers equal the
+    one-at-a-time Newton solves and the dense-factor chord solves: each stops at a
+    gradient norm ``tol`` times the initial one, so each errs by at most about
+    ``κ(H) tol`` relative, ``H = H₀ − ε ∇²L_m`` the objective's Hessian: with
+    ``ε ‖∇²L_m‖ ≤ λ_min(H₀)/2`` (checked) ``κ(H) ≤ 3 κ(H₀)``. The chord iteration
+    must answer every sample itself: a wrong factor would hand them to Newton."""
+    import torch
+    from torch.func import hessian
+
+    from sklinfluence import pbrf, solvers
+    from sklinfluence.curvature import Curvature
+
+    X, y = data
+    rows, tol, damping = X[:6], 1e-9, 0.3
+    net = make_net("CrossEntropyLoss", 4, max_epochs=6, optimizer__weight_decay=1e-3)
+
+    def pbrf_est(batch):
+        RESPONSE_CACHE.clear()
+        return PBRFEstimator(net, damping=damping, tol=tol, removal_batch_size=batch,
+                             random_state=0).fit(X, y)
+
+    def met_tol(est):
+        info = est.responder_.last_info
+        return info["converged"].all() and (info["grad_norm"] <= tol * info["initial_grad_norm"]).all()
+
+    one = pbrf_est(1)
+    single = one.param_change(rows)
+    dense = pbrf_est(6)
+    dense_chord = dense.param_change(rows)
+    model = one.model_
+    assert isinstance(dense.responder_.chord_solver(), solvers.ExactSolver)
+    assert met_tol(one) and met_tol(dense)
+
+    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", model.n_params - 1)
+    newton = []  # samples the chord iteration handed to one-at-a-time Newton
+    minimize = pbrf.minimize_response
+    monkeypatch.setattr(pbrf, "minimize_response",
+                        lambda *a, **k: (newton.append(1), minimize(*a, **k))[1])
+    cg = pbrf_est(6)
+    cg_chord = cg.param_change(rows)
+    chord = cg.responder_.chord_solver()
+    assert isinstance(chord, solvers.CGSolver) and chord.last_solve is not None
+    assert ("ggn", "exact") not in cg.responder_._solvers  # no dense factor was built
+    assert not newton
+    assert met_tol(cg)
+
+    eigenvalues = torch.linalg.eigvalsh(
+        Curvature(model, one.X_train_, one.T_train_, damping=damping).dense())
+    Xt, Tt = one.X_train_[:6], one.T_train_[:6]
+    removed = max(float(torch.linalg.matrix_norm(hessian(
+        lambda th: model.losses(th, Xt[i:i + 1], Tt[i:i + 1])[0])(model.params), ord=2))
+        for i in range(6))
+    assert one.epsilon_ * removed <= float(eigenvalues[0]) / 2
+    bound = 2 * 3 * float(eigenvalues[-1] / eigenvalues[0]) * tol  # two solves, 3 κ(H₀) tol each
+    scale = np.linalg.norm(single, axis=1, keepdims=True)
+    for other in (cg_chord, dense_chord):
+        assert np.all(np.linalg.norm(other - single, axis=1, keepdims=True) <= bound * scale)
+
+
 @pytest.mark.parametrize("kind", ["MSELoss", "CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss"])
 @pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
 def test_vectorised_loo_ensemble_equals_one_at_a_time(kind, optimizer):

@@ -22,9 +22,12 @@ from sklinfluence import InfluenceEstimator
 from sklinfluence.curvature import Curvature
 from sklinfluence.kfac import KroneckerFactors
 from sklinfluence.lowrank import top_eigenpairs
-from sklinfluence.solvers import (EXACT_MAX_PARAMS, LissaDivergenceError, LissaSolver,
-                                  make_solver, resolve_solver)
-from tolerances import CG_VS_EXACT_RTOL, CLOSED_FORM_RTOL, INVARIANCE_RTOL
+from sklinfluence import solvers
+from sklinfluence.solvers import (EXACT_MAX_PARAMS, ArnoldiSolver, CGSolver,
+                                  LissaDivergenceError, LissaSolver, make_solver,
+                                  resolve_solver)
+from tolerances import (ARNOLDI_EIGSH_TOL, ARNOLDI_VS_CLOSED_FORM_RTOL, CG_VS_EXACT_RTOL,
+                        CLOSED_FORM_RTOL, INVARIANCE_RTOL, SOLVE_RESIDUAL_PER_CONDITION)
 
 #: (solver, solver_params, tol) that are exact up to ``tol``.
 EXACT_UP_TO_TOL = [
@@ -275,3 +278,92 @@ def test_cg_on_a_float32_net_reports_what_float32_can_reach():
         est.score_samples(X[:5].astype(np.float32))
     assert not est.diagnostics_["converged"]  # tol=1e-10 is beyond float32
     assert est.diagnostics_["max_relative_residual"] > 1e-10
+
+
+# ---------------------------------------------------------------- Arnoldi below full rank
+MU, LAMBDA = 0.05, 0.01  # weight decay well above the damping: μ̄ matters off the top
+
+
+def _low_rank_closed_form(dense: torch.Tensor, rank: int, rest: float, B: torch.Tensor):
+    """``Q diag(1/ν) Qᵀ b + (I − QQᵀ) b / (μ̄ + λ)`` for each row ``b`` of ``B``, from
+    the dense eigendecomposition; and the relative gap after the top ``rank``."""
+    values, vectors = torch.linalg.eigh(dense)
+    values, vectors = values.flip(0), vectors.flip(1)
+    nu, Q = values[:rank], vectors[:, :rank]
+    coefficients = B @ Q
+    expected = (coefficients / nu) @ Q.T + (B - coefficients @ Q.T) / rest
+    return expected, float((values[rank - 1] - values[rank]) / values[0])
+
+
+def test_low_rank_arnoldi_equals_its_closed_form():
+    """Top-``rank`` eigenpairs by Lanczos (P > 200: ARPACK, not the dense fallback)
+    plus ``1/(μ̄ + λ)`` on the complement, against the same formula from ``eigh``."""
+    X, y = toy_data("CrossEntropyLoss", n=50)
+    est = InfluenceEstimator(make_net("CrossEntropyLoss", X.shape[1], hidden=40, max_epochs=10),
+                             damping=LAMBDA, weight_decay=MU, solver="cg", max_iter=1,
+                             random_state=0).fit(X, y)
+    C = Curvature(est.model_, est.X_train_, est.T_train_, damping=LAMBDA)
+    rank = 10
+    assert C.n_params > max(200, 3 * rank)  # the Lanczos path of top_eigenpairs
+    B = est.model_.per_sample_grads(est.model_.params, est.X_train_[:6], est.T_train_[:6])
+    expected, gap = _low_rank_closed_form(C.dense(), rank, MU + LAMBDA, B)
+    assert gap >= 0.05  # the top-rank eigenspace is well defined (ARNOLDI_VS_CLOSED_FORM_RTOL)
+    got = ArnoldiSolver(C, rank=rank, tol=ARNOLDI_EIGSH_TOL).solve(B)
+    assert_allclose(got.numpy(), expected.numpy(), rtol=ARNOLDI_VS_CLOSED_FORM_RTOL,
+                    atol=ARNOLDI_VS_CLOSED_FORM_RTOL * float(expected.abs().max()))
+
+
+def test_low_rank_arnoldi_through_the_estimator_equals_its_closed_form():
+    X, y = toy_data("CrossEntropyLoss", n=40)
+    net = make_net("CrossEntropyLoss", X.shape[1], hidden=8, max_epochs=10)
+    rank = 4  # of 67: P ≤ 200, top_eigenpairs' dense path
+    est = InfluenceEstimator(net, damping=LAMBDA, weight_decay=MU, solver="arnoldi",
+                             solver_params={"rank": rank}, random_state=0).fit(X, y)
+    model = est.model_
+    assert est.diagnostics_["rank"] == rank < model.n_params
+    dense = Curvature(model, est.X_train_, est.T_train_, damping=LAMBDA).dense()
+    G = model.per_sample_grads(model.params, est.X_train_, est.T_train_)
+    solved, gap = _low_rank_closed_form(dense, rank, MU + LAMBDA, G[:9])
+    assert gap >= 0.05
+    expected = est.epsilon_ * (G[:9] * solved).sum(dim=1)
+    assert_allclose(est.score_samples(X[:9], y[:9]), expected.numpy(),
+                    rtol=ARNOLDI_VS_CLOSED_FORM_RTOL)
+    matrix = est.epsilon_ * (G @ solved[:4].T)  # removing every row, on 4 points
+    assert_allclose(est.loss_change(X, y, X[:4], y[:4]), matrix.numpy(),
+                    rtol=ARNOLDI_VS_CLOSED_FORM_RTOL,
+                    atol=ARNOLDI_VS_CLOSED_FORM_RTOL * float(matrix.abs().max()))
+
+
+# ---------------------------------------------------------------- above EXACT_MAX_PARAMS
+def test_auto_above_the_threshold_is_mixed_precision_cg_and_equals_exact(trained, monkeypatch):
+    """``"auto"`` above :data:`EXACT_MAX_PARAMS` (lowered below this net's size: the
+    knob ``dense_fits`` reads at call time) is float32-product block CG refined in
+    float64 to ``tol``, and its answers are the exact ones to what the residuals
+    allow: a solve with relative residual ``r`` errs by ``‖x − x*‖ ≤ r ‖g_m‖/λ_min``,
+    so ``|gₑᵀ(x − x*)| ≤ r ‖gₑ‖ ‖g_m‖/λ_min``, with ``r = tol`` for CG plus
+    ``SOLVE_RESIDUAL_PER_CONDITION · κ`` for the exact reference."""
+    net, X, y = trained
+    tol = 1e-10
+    exact = influence(net, X, y, solver="exact")
+    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", exact.model_.n_params - 1)
+    auto = influence(net, X, y, tol=tol)
+    assert auto.diagnostics_["requested_solver"] == "auto"
+    assert auto.diagnostics_["solver"] == "cg" and auto.diagnostics_["mixed_precision"]
+    assert isinstance(auto.solver_, CGSolver) and auto.solver_._low is not None
+    products = []  # which curvature each block solve used: float32 only, no float64 rescue
+    block_solve = auto.solver_._solve_blocks
+    monkeypatch.setattr(auto.solver_, "_solve_blocks", lambda B, curvature, tol: (
+        products.append(curvature.model.dtype), block_solve(B, curvature, tol))[1])
+    model = exact.model_
+    eigenvalues = torch.linalg.eigvalsh(
+        Curvature(model, exact.X_train_, exact.T_train_, damping=0.3).dense())
+    lowest, condition = float(eigenvalues[0]), float(eigenvalues[-1] / eigenvalues[0])
+    residual = tol + SOLVE_RESIDUAL_PER_CONDITION * condition
+    norms = model.per_sample_grads(model.params, exact.X_train_,
+                                   exact.T_train_).norm(dim=1).numpy()
+    bound = exact.epsilon_ * residual / lowest * np.outer(norms, norms)
+    got, ref = auto.loss_change(X, y, X[:7], y[:7]), exact.loss_change(X, y, X[:7], y[:7])
+    assert auto.diagnostics_["converged"] and auto.diagnostics_["max_relative_residual"] <= tol
+    assert products and set(products) == {torch.float32}
+    assert np.all(np.abs(got - ref) <= bound[:, :7])
+    assert np.all(np.abs(auto.score_samples(X) - exact.score_samples(X)) <= np.diag(bound))
