@@ -292,3 +292,162 @@ def test_kfac_is_s_kron_a_with_token_counts_for_embeddings():
     P = model.n_params
     index = _layout_index(block, P)
     assert index[1, 3] == 3 * 3 + 1
+
+
+# ----------------------------------------------------------- through the estimator
+class DigitsCNN(nn.Module):
+    """8×8 digits (flattened rows) → Conv2d–[BatchNorm2d]–ReLU–Conv2d–ReLU–Linear."""
+
+    def __init__(self, batchnorm: bool = False):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3),
+            *([nn.BatchNorm2d(4)] if batchnorm else []), nn.ReLU(), nn.Conv2d(4, 4, 3),
+            nn.ReLU(), nn.Flatten(), nn.Linear(64, 10))
+        self.double()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class TokenBag(nn.Module):
+    """Float token ids → Embedding → mean over tokens → [LayerNorm] → Linear."""
+
+    def __init__(self, layernorm: bool = False):
+        super().__init__()
+        self.net = Tokens(n_tokens=12, dim=4, padding_idx=0, n_out=3, norm=layernorm)
+        self.double()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class NormMLP(nn.Module):
+    """Linear → LayerNorm → Tanh → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+        self.double()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _digits(n=120):
+    X, y = load_digits(return_X_y=True)
+    return X[:n] / 16.0, y[:n]
+
+
+def _bag_data(n=90):
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 12, size=(n, 6))
+    y = (X % 3 == 0).sum(1).clip(0, 2)  # how many tokens are multiples of three
+    return X.astype(np.float64), y
+
+
+def _norm_data(n=60):
+    from nets import toy_data
+    return toy_data("CrossEntropyLoss", n=n)
+
+
+ESTIMATOR_NETS = {
+    "cnn": (lambda: DigitsCNN(), _digits),
+    "cnn_batchnorm": (lambda: DigitsCNN(batchnorm=True), _digits),
+    "embedding_bag": (lambda: TokenBag(), _bag_data),
+    "embedding_bag_layernorm": (lambda: TokenBag(layernorm=True), _bag_data),
+    "layernorm_mlp": (lambda: NormMLP(), _norm_data),
+}
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=pytest.mark.slow) if name.startswith("cnn") else name
+    for name in ESTIMATOR_NETS])  # the CNNs take 5-10 s (CG iterations on 838 parameters)
+def trained_net(request):
+    make, data = ESTIMATOR_NETS[request.param]
+    X, y = data()
+    torch.manual_seed(0)
+    net = NeuralNetClassifier(make(), criterion=nn.CrossEntropyLoss, max_epochs=8, lr=0.1,
+                              batch_size=32, optimizer__weight_decay=1e-3, train_split=None,
+                              verbose=0, iterator_train__shuffle=True).fit(X, y)
+    return request.param, net, X, y
+
+
+def _pearson(a, b):
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def test_ekfac_preconditioned_cg_equals_exact_on_conv_norm_and_embedding_nets(trained_net):
+    """On each net the EK-FAC- and K-FAC-preconditioned CG answers equal ``solver="exact"``
+    to the CG tolerance; EK-FAC runs as a solver on its own, and on the CNN its
+    self-influence correlates with the exact one better than K-FAC's."""
+    name, net, X, y = trained_net
+    kwargs = dict(damping=0.1, batch_size=60)
+    exact = InfluenceEstimator(FrozenEstimator(net), solver="exact", **kwargs).fit(X, y)
+    ref = exact.loss_change(X[:5], y[:5], X[:7], y[:7])
+    for pre in ("ekfac", "kfac"):
+        cg = InfluenceEstimator(FrozenEstimator(net), solver="cg", tol=1e-12, max_iter=5000,
+                                solver_params={"preconditioner": pre}, **kwargs).fit(X, y)
+        got = cg.loss_change(X[:5], y[:5], X[:7], y[:7])
+        assert_allclose(got, ref, rtol=CG_VS_EXACT_RTOL, atol=CG_VS_EXACT_RTOL * np.abs(ref).max())
+        assert cg.diagnostics_["converged"]
+    self_exact = exact.score_samples(X)
+    correlations = {}
+    for solver in ("ekfac", "kfac"):
+        est = InfluenceEstimator(FrozenEstimator(net), solver=solver, **kwargs).fit(X, y)
+        assert est.loss_change(X[:5], y[:5], X[:7], y[:7]).shape == ref.shape
+        correlations[solver] = _pearson(est.score_samples(X), self_exact)
+    print(f"\n{name}: self-influence Pearson correlation with exact: "
+          f"EK-FAC {correlations['ekfac']:.4f}, K-FAC {correlations['kfac']:.4f}")
+    if name == "cnn":  # measured 0.76 against 0.64 (elsewhere the two are within 0.02)
+        assert correlations["ekfac"] > correlations["kfac"]
+
+
+# ----------------------------------------------------------------------- refusals
+class _Refused(nn.Module):
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+        self.conv = nn.Conv2d(2, 2, 3, groups=2 if case == "grouped_conv" else 1)
+        self.head = nn.Linear(8, 3)
+        if case == "attention":
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        if case == "raw_parameter":
+            self.scale = nn.Parameter(torch.ones(8))
+        if case == "max_norm":
+            self.emb = nn.Embedding(5, 4, max_norm=1.0)
+        self.double()
+
+    def forward(self, x):
+        h = self.conv(x.reshape(-1, 2, 4, 4))  # (N, 2, 2, 2)
+        if self.case == "weight_outside":
+            h = h + self.conv.weight.sum()
+        h = h.flatten(1)
+        if self.case == "attention":
+            seq = h.reshape(-1, 2, 4)
+            h = self.attn(seq, seq, seq)[0].flatten(1)
+        if self.case == "raw_parameter":
+            h = h * self.scale
+        if self.case == "max_norm":
+            h = h + self.emb(x[:, :2].long().abs() % 5).flatten(1)
+        return self.head(torch.tanh(h))
+
+
+REFUSALS = {
+    "grouped_conv": r"Conv2d with groups=2.*groups=1 only.*solver='cg'",
+    "attention": r"layers only.*'attn.in_proj_weight'.*attn \(MultiheadAttention\).*solver='cg'",
+    "raw_parameter": r"layers only.*\['scale'\].*<module> \(_Refused\).*solver='cg'",
+    "max_norm": r"'emb' is an Embedding with max_norm=1.0.*solver='cg'",
+    "weight_outside": r"do not account for the parameters' gradients.*solver='cg'",
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_what_cannot_be_factored_is_refused_naming_the_layer(case):
+    module = _Refused(case)
+    model = _model(module, "CrossEntropyLoss")
+    X = torch.randn(6, 32, dtype=torch.float64)
+    T = torch.arange(6) % 3
+    with pytest.raises(UnsupportedLayerError, match=REFUSALS[case]) as error:
+        KroneckerFactors(model, X, T, damping=0.1)
+    assert isinstance(error.value, NotLinearError) and isinstance(error.value, ValueError)
