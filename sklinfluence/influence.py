@@ -58,8 +58,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           Lanczos estimate of the top eigenvalue; exact to ``tol`` but slow
           when the curvature is ill-conditioned;
         - ``"ekfac"`` / ``"kfac"``: (eigenvalue-corrected) Kronecker-factored
-          Gauss–Newton of ``nn.Linear`` layers — approximate, fast, no
-          iterations;
+          Gauss–Newton of ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and
+          normalisation layers (:mod:`sklinfluence.kfac`) — approximate, fast,
+          no iterations;
         - ``"arnoldi"``: top-``rank`` eigenpairs plus damping — approximate;
         - ``"auto"``: ``"exact"`` up to 5,000 parameters, block CG above
           (mixed precision for float64 nets: float32 products refined to

@@ -22,19 +22,19 @@ Gauss–Newton matrix *exactly*, not a Monte-Carlo sample of it as the
   ``Λ = (1/N) Σ_ik (Q_Sᵀ D_ik Q_A)²`` (elementwise) — the best diagonal
   approximation in that basis.
 
-Which layers, and how (:mod:`sklinfluence.layers`, one class per type):
+Which layers, and how (:mod:`sklinfluence.layers`, one class per type; memory
+in numbers, 8 bytes each):
 
-============================  ==============================================  =====================================
-layer                         factors                                         memory (numbers)
-============================  ==============================================  =====================================
-``nn.Linear``                 ``ā`` the input row (positions: middle dims)    ``d_out² + (d_in+1)² + d_out (d_in+1)``
-``nn.Conv2d`` (``groups=1``)  KFC: ``ā`` the unfolded patch at each output    ``C_out² + (C_in k²+1)² + C_out (C_in k²+1)``
-                              pixel, ``A`` summed over the ``T`` pixels,
-                              ``S`` averaged over them
-``nn.Embedding``              ``A`` diagonal (token counts), ``Q_A = I``      ``dim² + dim · num_embeddings``
-BatchNorm (eval), LayerNorm,  the exact ``2C × 2C`` block of the ``C``         ``(2C)² + 2C + 1``
-GroupNorm (affine)            scales and shifts (K-FAC = EK-FAC = exact)
-============================  ==============================================  =====================================
+- ``nn.Linear`` (inputs ``(N, ..., d_in)``, the middle dimensions are
+  positions): ``ā`` the input row. ``d_out² + (d_in+1)² + d_out (d_in+1)``.
+- ``nn.Conv2d`` with ``groups=1`` (KFC): ``ā`` the unfolded patch at each of
+  the ``T`` output pixels, ``A`` summed and ``S`` averaged over them.
+  ``C_out² + (C_in kh kw + 1)² + C_out (C_in kh kw + 1)``.
+- ``nn.Embedding``: ``A`` diagonal (token counts), ``Q_A = I`` never stored.
+  ``dim² + dim · num_embeddings``.
+- ``BatchNorm1d/2d/3d`` (eval mode), ``LayerNorm``, ``GroupNorm`` (affine):
+  the exact ``2C × 2C`` block of the ``C`` scales and shifts (K-FAC = EK-FAC
+  = exact block). ``(2C)² + 2C + 1``.
 
 Anything else with trainable parameters (``nn.Conv1d``, ``nn.MultiheadAttention``'s
 in-projection, an ``nn.Parameter`` used directly, a subclass with its own

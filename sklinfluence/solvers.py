@@ -519,7 +519,10 @@ class KroneckerSolver(_DirectSolver):
     """EK-FAC (``corrected=True``) or K-FAC inverse of the damped Gauss–Newton.
 
     See :mod:`sklinfluence.kfac`. Only ``curvature="ggn"``: the Kronecker
-    factors are built from the Gauss–Newton decomposition.
+    factors are built from the Gauss–Newton decomposition. Layers of the types
+    in :mod:`sklinfluence.layers` (Linear, Conv2d, Embedding, BatchNorm,
+    LayerNorm, GroupNorm); others raise
+    :class:`~sklinfluence.layers.UnsupportedLayerError` at construction.
     """
 
     def __init__(self, curvature: Curvature, corrected: bool = True) -> None:

@@ -76,7 +76,8 @@ def _dense_ggn(model, X, T):
 
 
 def _images(n, c, h, w, seed=0):
-    return torch.randn(n, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, dtype=torch.float64, generator=g)
 
 
 def _tokens(n, t, n_tokens=7, seed=0):
