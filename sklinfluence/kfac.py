@@ -61,7 +61,7 @@ its block for layers ``l`` and ``m`` is ``Σ_i (Σ_k g_ik^l g_ik^{mᵀ}) ⊗
 ā_i^l ā_i^{mᵀ}``, ``K`` times fewer operations than from per-sample
 Jacobians.
 
-On the first batch the parameter gradients the captured inputs and outputs
+On the first samples the parameter gradients the captured inputs and outputs
 imply, ``Σ_i D_ik``, are checked against autograd's, which catches a weight
 also used outside its layer's call.
 """
@@ -136,6 +136,11 @@ def _capture(module: torch.nn.Module, layers: list[KroneckerLayer]):
             handle.remove()
 
 
+#: Samples the first-batch gradient check differentiates: autograd's parameter
+#: gradient, batched over the ``K`` root columns, is the costliest part of a pass.
+CHECK_SAMPLES = 64
+
+
 def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
                      X: Tensor, T: Tensor, batch_size: int | None, *,
                      check: bool = True) -> Iterator[list[NamedTuple]]:
@@ -143,50 +148,56 @@ def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[Kroneck
     its recorded inputs with the back-propagated output-Hessian roots, float64.
 
     With ``check`` (a caller's first pass over the data), the parameter
-    gradients these imply on the first batch, ``Σ_i D_ik``, are checked
-    against autograd's: a weight also used outside its layer's call, or any
-    other way the layers' inputs and outputs miss part of the parameters'
-    effect, is caught there.
+    gradients the captures imply on the first ``CHECK_SAMPLES`` samples (at
+    most a batch), ``Σ_i D_ik``, are first checked against autograd's: a
+    weight also used outside its layer's call, or any other way the layers'
+    inputs and outputs miss part of the parameters' effect, is caught there.
 
     Raises
     ------
     UnsupportedLayerError
         If a layer is applied more than once per forward pass, to inputs
-        whose first dimension is not the samples, or the check fails (on the
-        first batch).
+        whose first dimension is not the samples, or the check fails.
     """
     theta = theta.detach().clone().requires_grad_(True)
-    for number, (xb, tb) in enumerate(iterate_batches(X, T, batch_size)):
-        verify = check and number == 0
-        with _capture(model.module, layers) as records, torch.enable_grad():
-            out = model.forward(theta, xb)
-            for layer in layers:
-                if len(records[layer.name]) != 1:
-                    raise UnsupportedLayerError(
-                        f"layer {layer.name!r} is applied {len(records[layer.name])} "
-                        "times per forward pass; solver='ekfac'/'kfac' needs each "
-                        "layer used once. Use solver='cg' or 'arnoldi'.")
-                a = records[layer.name][0][0]
-                if a.dim() < 1 or a.shape[0] != xb.shape[0]:
-                    raise UnsupportedLayerError(
-                        f"layer {layer.name!r} receives inputs of shape {tuple(a.shape)} "
-                        f"for {xb.shape[0]} samples; solver='ekfac'/'kfac' needs one "
-                        "row per sample (the samples along the first dimension). "
-                        "Use solver='cg' or 'arnoldi'.")
-            root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
-            cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
-            outputs = [records[layer.name][0][1] for layer in layers]
-            wrt = outputs + ([theta] if verify else [])
-            grads = torch.autograd.grad(out, wrt, grad_outputs=cotangents,
-                                        is_grads_batched=True, allow_unused=True)
-            grads = [torch.zeros((cotangents.shape[0], *w.shape), dtype=w.dtype,
-                                 device=w.device) if g is None else g  # output not used
-                     for g, w in zip(grads, wrt)]
-        captures = [layer.capture(records[layer.name][0][0], g)
-                    for layer, g in zip(layers, grads)]
-        if verify:
-            _check_gradients(layers, captures, grads[-1])
-        yield captures
+    if check:
+        n = min(CHECK_SAMPLES, batch_size or CHECK_SAMPLES)
+        _batch_captures(model, theta, layers, X[:n], T[:n], verify=True)
+    for xb, tb in iterate_batches(X, T, batch_size):
+        yield _batch_captures(model, theta, layers, xb, tb)
+
+
+def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
+                    xb: Tensor, tb: Tensor, verify: bool = False) -> list[NamedTuple]:
+    """One forward and one backward (batched over the root's ``K`` columns) pass."""
+    with _capture(model.module, layers) as records, torch.enable_grad():
+        out = model.forward(theta, xb)
+        for layer in layers:
+            if len(records[layer.name]) != 1:
+                raise UnsupportedLayerError(
+                    f"layer {layer.name!r} is applied {len(records[layer.name])} "
+                    "times per forward pass; solver='ekfac'/'kfac' needs each "
+                    "layer used once. Use solver='cg' or 'arnoldi'.")
+            a = records[layer.name][0][0]
+            if a.dim() < 1 or a.shape[0] != xb.shape[0]:
+                raise UnsupportedLayerError(
+                    f"layer {layer.name!r} receives inputs of shape {tuple(a.shape)} "
+                    f"for {xb.shape[0]} samples; solver='ekfac'/'kfac' needs one "
+                    "row per sample (the samples along the first dimension). "
+                    "Use solver='cg' or 'arnoldi'.")
+        root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
+        cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
+        outputs = [records[layer.name][0][1] for layer in layers]
+        wrt = outputs + ([theta] if verify else [])
+        grads = torch.autograd.grad(out, wrt, grad_outputs=cotangents,
+                                    is_grads_batched=True, allow_unused=True)
+        grads = [torch.zeros((cotangents.shape[0], *w.shape), dtype=w.dtype,
+                             device=w.device) if g is None else g  # output not used
+                 for g, w in zip(grads, wrt)]
+    captures = [layer.capture(records[layer.name][0][0], g) for layer, g in zip(layers, grads)]
+    if verify:
+        _check_gradients(layers, captures, grads[-1])
+    return captures
 
 
 def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock],

@@ -72,8 +72,9 @@ __all__ = ["KroneckerLayer", "LinearBlock", "Conv2dLayer", "EmbeddingLayer", "No
            "UnsupportedLayerError", "NotLinearError", "LAYER_TYPES", "register_layer",
            "kronecker_layers"]
 
-#: Elements of the per-sample gradient matrices formed at once (16 MiB in float64).
-WORK_ELEMENTS = 2 ** 21
+#: Elements of the per-sample gradient matrices formed at once (4 MiB in float64:
+#: small enough to stay in cache, measured faster than 16 or 64 MiB).
+WORK_ELEMENTS = 2 ** 19
 
 ADVICE = "Use solver='cg' or 'arnoldi' for this network."
 
@@ -281,13 +282,14 @@ class _PatchLayer(KroneckerLayer):
             aa = (cap.a.reshape(B, -1) @ self.Q_A) ** 2  # (B, n_cols)
             return ga.T @ aa.repeat_interleave(K, dim=0)
         a = cap.a @ self.Q_A  # (B, T, C)
-        g = (cap.g @ self.Q_S).transpose(-1, -2).reshape(B, K * O, T)
-        total = torch.zeros(K * O, a.shape[-1], dtype=torch.float64, device=a.device)
-        step = max(1, WORK_ELEMENTS // (K * O * a.shape[-1]))
+        C = a.shape[-1]
+        g = torch.matmul(self.Q_S.T, cap.g.transpose(-1, -2)).reshape(B, K * O, T)
+        total = torch.zeros(O, C, dtype=torch.float64, device=a.device)
+        step = max(1, WORK_ELEMENTS // (K * O * C))
         for s in range(0, B, step):  # chunks of samples bound the D_ik held at once
-            D = torch.bmm(g[s:s + step], a[s:s + step])  # (b, K·O, C) rotated D_ik
-            total += D.square_().sum(0)
-        return total.reshape(K, O, -1).sum(0)
+            D = torch.bmm(g[s:s + step], a[s:s + step])  # (b, K·O, C): Q_Sᵀ D_ik Q_A
+            total += D.square_().view(-1, O, C).sum(0)
+        return total
 
     def gradient_sums(self, cap: PatchCapture, absolute: bool = False) -> Tensor:
         g, a = (cap.g.abs(), cap.a.abs()) if absolute else (cap.g, cap.a)
