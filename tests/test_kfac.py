@@ -28,7 +28,7 @@ from sklinfluence.functional import FunctionalModel
 from sklinfluence.kfac import KroneckerFactors, UnsupportedLayerError, kronecker_passes
 from sklinfluence.layers import EmbeddingLayer, NotLinearError, NormLayer
 from sklinfluence.losses import output_loss_from_criterion
-from tolerances import CG_VS_EXACT_RTOL, CLOSED_FORM_ATOL, CLOSED_FORM_RTOL
+from tolerances import CG_VS_EXACT_RTOL, CLOSED_FORM_ATOL, CLOSED_FORM_RTOL, FLOAT32_RTOL
 
 DAMPING = 0.05
 MU = 0.01
@@ -126,6 +126,10 @@ def _single(case):
             torch.randn(30, 12, dtype=torch.float64)
     if case == "batchnorm":
         return _running_stats(nn.Sequential(nn.BatchNorm2d(3), nn.Flatten())), _images(30, 3, 2, 2)
+    if case == "batchnorm1d_frozen_scale":  # layout [β] only
+        module = _running_stats(nn.Sequential(nn.BatchNorm1d(5)))
+        module[0].weight.requires_grad_(False)
+        return module, torch.randn(30, 5, dtype=torch.float64)
     if case == "layernorm":
         return _running_stats(nn.Sequential(nn.Unflatten(1, (2, 3)), nn.LayerNorm(3),
                                             nn.Flatten())), torch.randn(30, 6, dtype=torch.float64)
@@ -133,7 +137,7 @@ def _single(case):
 
 
 EXACT_CASES = ["conv_one_pixel", "conv_padded", "conv_strided", "conv_same", "embedding",
-               "linear_positions", "batchnorm", "layernorm"]
+               "linear_positions", "batchnorm", "batchnorm1d_frozen_scale", "layernorm"]
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch pads a copy: fine
@@ -223,6 +227,22 @@ def test_ekfac_eigenvalues_are_the_exact_diagonal_of_every_layer_block(name):
             _close(error_kfac, 0.0, atol=1e-10 * float(G.norm()))
         else:
             assert error_ekfac < error_kfac
+
+
+def test_a_float32_net_gets_float64_factors_close_to_the_float64_ones():
+    """Captures are accumulated in float64 whatever the net's dtype."""
+    module, X = _cnn("batch")
+    model = _model(module, "CrossEntropyLoss")
+    T = _targets(model, X, "CrossEntropyLoss")
+    single = FunctionalModel(module.float(), model.loss, [MU] * len(model.param_numels))
+    reference = KroneckerFactors(model, X, T, damping=DAMPING)
+    factors = KroneckerFactors(single, X.float(), T, damping=DAMPING)
+    B = torch.randn(3, model.n_params, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    expected = reference.solve(B)
+    got = factors.solve(B)
+    assert got.dtype == torch.float64
+    _close(got, expected, rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL * float(expected.abs().max()))
 
 
 # ------------------------------------------------------------------ K-FAC factors
