@@ -1,94 +1,92 @@
-"""Kronecker-factored curvature of ``nn.Linear`` layers: K-FAC and EK-FAC.
+"""Kronecker-factored curvature: K-FAC and EK-FAC, layer by layer.
 
-For a linear layer ``s = W a + b`` the Gauss–Newton block of its parameters
-``[W | b]`` is
+A layer's Gauss–Newton block is built from its per-sample gradient matrices
+``D_ik`` (layout ``(d_out, d_in)``, e.g. ``[W | b]``):
 
-    ``G_l = (1/N) Σ_i Σ_k (g_ik ⊗ ā_i)(g_ik ⊗ ā_i)ᵀ``,
+    ``G_l = (1/N) Σ_i Σ_k vec(D_ik) vec(D_ik)ᵀ``,
 
-where ``ā_i = (a_i, 1)`` is the layer input (with a 1 for the bias) and
-``g_ik = (∂f/∂s)ᵀ L_i[:, k]`` the back-propagation of the ``k``-th column of a
-square root ``L_i L_iᵀ = H_i`` of the output Hessian (SPEC §1). The ``K``
-columns give the Gauss–Newton matrix *exactly*, not a Monte-Carlo sample of
-it as the "empirical/true Fisher" variants used by other libraries.
+where ``k`` runs over the ``K`` columns of a square root ``L_i L_iᵀ = H_i``
+of the output Hessian (SPEC §1), back-propagated to the layer's output — the
+Gauss–Newton matrix *exactly*, not a Monte-Carlo sample of it as the
+"empirical/true Fisher" variants used by other libraries. For a linear layer
+``s = W a + b`` it is ``D_ik = g_ik ā_iᵀ`` with ``ā_i = (a_i, 1)`` and
+``g_ik = (∂f/∂s)ᵀ L_i[:, k]``.
 
-- **K-FAC** (Martens & Grosse, 2015) approximates ``G_l ≈ S_l ⊗ A_l`` with
-  ``S_l = (1/N) Σ g gᵀ`` and ``A_l = (1/N) Σ ā āᵀ``; with the eigenbases
+- **K-FAC** (Martens & Grosse, 2015; KFC for convolutions, Grosse & Martens,
+  2016) approximates ``G_l ≈ S_l ⊗ A_l`` with ``A_l = (1/N) Σ ā āᵀ`` and
+  ``S_l`` the mean of ``Σ_k g gᵀ``; with the eigenbases
   ``S = Q_S Λ_S Q_Sᵀ``, ``A = Q_A Λ_A Q_Aᵀ`` its eigenvalues are
   ``Λ_S ⊗ Λ_A``.
 - **EK-FAC** (George et al., 2018) keeps the Kronecker eigenbasis and replaces
   the eigenvalues by the exact diagonal of ``G_l`` in that basis,
-  ``Λ_oc = (1/N) Σ_ik (Q_Sᵀ g_ik)_o² (Q_Aᵀ ā_i)_c²`` — the best diagonal
+  ``Λ = (1/N) Σ_ik (Q_Sᵀ D_ik Q_A)²`` (elementwise) — the best diagonal
   approximation in that basis.
+
+Which layers, and how (:mod:`sklinfluence.layers`, one class per type; memory
+in numbers, 8 bytes each):
+
+- ``nn.Linear`` (inputs ``(N, ..., d_in)``, the middle dimensions are
+  positions): ``ā`` the input row. ``d_out² + (d_in+1)² + d_out (d_in+1)``.
+- ``nn.Conv2d`` with ``groups=1`` (KFC): ``ā`` the unfolded patch at each of
+  the ``T`` output pixels, ``A`` summed and ``S`` averaged over them.
+  ``C_out² + (C_in kh kw + 1)² + C_out (C_in kh kw + 1)``.
+- ``nn.Embedding``: ``A`` diagonal (token counts), ``Q_A = I`` never stored.
+  ``dim² + dim · num_embeddings``.
+- ``BatchNorm1d/2d/3d`` (eval mode), ``LayerNorm``, ``GroupNorm`` (affine):
+  the exact ``2C × 2C`` block of the ``C`` scales and shifts (K-FAC = EK-FAC
+  = exact block). ``(2C)² + 2C + 1``.
+
+Anything else with trainable parameters (``nn.Conv1d``, ``nn.MultiheadAttention``'s
+in-projection, an ``nn.Parameter`` used directly, a subclass with its own
+``forward``, a grouped convolution) raises :class:`UnsupportedLayerError`
+(a ``ValueError``; :class:`NotLinearError` is the same class) naming the
+layer: use ``solver="cg"`` or ``"arnoldi"`` for those.
 
 Layers are treated independently (block-diagonal), the weight decay ``μ`` is
 the diagonal of ``diag(μ)`` in the same basis (exact when ``μ`` is the same for
-a layer's weight and bias) and the damping ``λ`` is added to every
-eigenvalue. For one layer with one output and the squared loss ``g_ik`` is a
-constant, the factorisation is exact and EK-FAC equals the exact inverse.
+a layer's parameters) and the damping ``λ`` is added to every eigenvalue.
 
-The same layer passes give the *exact* Gauss–Newton matrix cheaply
-(:func:`linear_ggn`): its block for layers ``l`` and ``m`` is
-``Σ_i (Σ_k g_ik^l g_ik^{mᵀ}) ⊗ ā_i^l ā_i^{mᵀ}``, ``K`` times fewer operations
-than from per-sample Jacobians.
+When the factorisation is exact (EK-FAC and K-FAC equal the exact damped
+inverse): one Linear layer with one output and the squared loss (``g_ik`` a
+constant); more generally a single Linear, Conv2d or Embedding layer whose
+(flattened) output *is* the network output under the squared loss, for any
+number of positions ``T`` — then ``g_itk = c e_(t,o)``, ``G = c² I ⊗ A`` and
+``S = c² I``, which pins the ``1/T`` in ``S`` (and, for Embedding, averaging
+``S`` over the non-padding tokens). Normalisation layers are always exact
+within their block.
 
-Only networks whose trainable parameters all belong to plain ``nn.Linear``
-layers, each with its own parameters and applied once per forward pass to
-one input row per sample, are supported; anything else raises
-:class:`NotLinearError` (a ``ValueError``) naming the layer (use
-``solver="cg"`` or ``"arnoldi"`` for those). On the first batch the parameter
-gradients the captured inputs and outputs imply are checked against
-autograd's, which catches a weight also used outside its layer.
+The same layer passes give the *exact* Gauss–Newton matrix cheaply for nets
+of ``nn.Linear`` layers applied to one row per sample (:func:`linear_ggn`):
+its block for layers ``l`` and ``m`` is ``Σ_i (Σ_k g_ik^l g_ik^{mᵀ}) ⊗
+ā_i^l ā_i^{mᵀ}``, ``K`` times fewer operations than from per-sample
+Jacobians.
+
+On the first samples the parameter gradients the captured inputs and outputs
+imply, ``Σ_i D_ik``, are checked against autograd's, which catches a weight
+also used outside its layer's call.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .functional import FunctionalModel, iterate_batches
+from .layers import (KroneckerLayer, LinearBlock, NotLinearError, UnsupportedLayerError,
+                     kronecker_layers)
 
-__all__ = ["KroneckerFactors", "LinearBlock", "NotLinearError", "linear_blocks", "layer_passes",
+__all__ = ["KroneckerFactors", "LinearBlock", "NotLinearError", "UnsupportedLayerError",
+           "kronecker_layers", "kronecker_passes", "linear_blocks", "layer_passes",
            "linear_ggn"]
-
-
-@dataclass
-class LinearBlock:
-    """One ``nn.Linear`` layer's place in the flat parameter vector and its factors."""
-
-    name: str
-    weight: slice
-    bias: slice | None
-    d_out: int
-    d_in: int
-    Q_S: Tensor | None = None
-    Q_A: Tensor | None = None
-    eigenvalues: Tensor | None = None  # (d_out, d_in + has_bias), without damping
-
-    def to_matrices(self, V: Tensor) -> Tensor:
-        """Rows of flat vectors → ``(k, d_out, d_in [+1])`` matrices ``[W | b]``."""
-        W = V[:, self.weight].reshape(-1, self.d_out, self.d_in)
-        if self.bias is None:
-            return W
-        return torch.cat([W, V[:, self.bias].unsqueeze(-1)], dim=-1)
-
-    def put(self, V: Tensor, M: Tensor) -> None:
-        """Write ``(k, d_out, d_in [+1])`` matrices into this layer's part of the rows of ``V``."""
-        V[:, self.weight] = M[..., :self.d_in].reshape(M.shape[0], -1)
-        if self.bias is not None:
-            V[:, self.bias] = M[..., self.d_in]
 
 
 #: Elements of work buffers :func:`linear_ggn` may always use (16 MiB in float64).
 WORK_ELEMENTS = 2 ** 21
-
-
-class NotLinearError(ValueError):
-    """The network has trainable parameters outside ``nn.Linear`` layers applied
-    once to 2-D inputs, so its curvature has no per-layer Kronecker structure."""
 
 
 def linear_blocks(model: FunctionalModel) -> list[LinearBlock]:
@@ -101,65 +99,36 @@ def linear_blocks(model: FunctionalModel) -> list[LinearBlock]:
         (subclasses with their own ``forward`` count as other layers), is
         shared by two layers, or a layer trains its bias but not its weight.
     """
-    offsets, start = {}, 0
-    for name, numel in zip(model.param_names, model.param_numels):
-        offsets[name] = slice(start, start + numel)
-        start += numel
-    trainable = {id(p): name for name, p in model.module.named_parameters()
-                 if name in offsets}
-    blocks, covered = [], set()
-    for layer_name, layer in model.module.named_modules():
-        if not isinstance(layer, torch.nn.Linear) or \
-                type(layer).forward is not torch.nn.Linear.forward:
-            continue
-        weight = trainable.get(id(layer.weight))
-        bias = trainable.get(id(layer.bias)) if layer.bias is not None else None
-        shared = {weight, bias} & covered - {None}
-        if shared:
-            raise NotLinearError(
-                f"layer {layer_name!r} shares the parameter {shared.pop()!r} with another "
-                "layer; solver='ekfac'/'kfac' needs every Linear layer to have its own. "
-                "Use solver='cg' or 'arnoldi'.")
-        if weight is None:
-            if bias is not None:
-                raise NotLinearError(
-                    f"layer {layer_name!r} has a frozen weight but a trainable bias; "
-                    "solver='ekfac'/'kfac' factors whole Linear layers. Freeze the bias "
-                    "too, or use solver='cg' or 'arnoldi'.")
-            continue
-        blocks.append(LinearBlock(layer_name or "<module>", offsets[weight],
-                                  None if bias is None else offsets[bias],
-                                  layer.out_features, layer.in_features))
-        covered.update({weight, bias} - {None})
-    others = [n for n in model.param_names if n not in covered]
+    layers = kronecker_layers(model)
+    others = [f"{layer.name!r} ({type(layer).__name__})" for layer in layers
+              if not isinstance(layer, LinearBlock)]
     if others:
         raise NotLinearError(
-            f"solver='ekfac'/'kfac' handles nn.Linear layers only, but the "
-            f"parameters {others[:3]} belong to other layers. Use solver='cg' or "
-            "solver='arnoldi' for this network."
-        )
-    return blocks
+            "the exact Kronecker build of the Gauss–Newton matrix handles nn.Linear layers "
+            f"only, but the network also trains {', '.join(others[:3])}; its matrix comes "
+            "from the Jacobians instead.")
+    return layers
 
 
 @contextmanager
-def _capture(module: torch.nn.Module, blocks: list[LinearBlock]):
-    """Hooks recording each Linear layer's input and output on a forward.
+def _capture(module: torch.nn.Module, layers: list[KroneckerLayer]):
+    """Hooks recording each layer's input (what the layer keeps of it) and output.
 
     The layer hands on a copy of its output, so that an in-place operation
     after it (``ReLU(inplace=True)``) cannot change the recorded one.
     """
     modules = dict(module.named_modules())
-    records: dict[str, list] = {b.name: [] for b in blocks}
+    records: dict[str, list] = {layer.name: [] for layer in layers}
 
-    def hook(name):
-        def record(layer, args, kwargs, output):
+    def hook(layer: KroneckerLayer):
+        def record(module_, args, kwargs, output):
             x = args[0] if args else kwargs["input"]
-            records[name].append((x.detach().clone(), output))
+            records[layer.name].append((layer.record(module_, x), output))
             return output.clone()
         return record
 
-    handles = [modules["" if b.name == "<module>" else b.name].register_forward_hook(
-        hook(b.name), with_kwargs=True) for b in blocks]
+    handles = [modules["" if layer.name == "<module>" else layer.name].register_forward_hook(
+        hook(layer), with_kwargs=True) for layer in layers]
     try:
         yield records
     finally:
@@ -167,79 +136,107 @@ def _capture(module: torch.nn.Module, blocks: list[LinearBlock]):
             handle.remove()
 
 
-def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock],
-                 X: Tensor, T: Tensor, batch_size: int | None, *, check: bool = True):
-    """Yield, per batch, ``[(ā, g)]`` per layer: inputs ``(B, d_in [+1])`` and
-    back-propagated output-Hessian roots ``(B·K, d_out)``, sample-major.
+#: Samples the first-batch gradient check differentiates: autograd's parameter
+#: gradient, batched over the ``K`` root columns, is the costliest part of a pass.
+CHECK_SAMPLES = 64
+
+
+def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
+                     X: Tensor, T: Tensor, batch_size: int | None, *,
+                     check: bool = True) -> Iterator[list[NamedTuple]]:
+    """Yield, per batch, every layer's capture (:meth:`KroneckerLayer.capture`):
+    its recorded inputs with the back-propagated output-Hessian roots, float64.
 
     With ``check`` (a caller's first pass over the data), the parameter
-    gradients these imply on the first batch, ``Σ_i g_ik ⊗ ā_i``, are checked
-    against autograd's: a weight also used outside its layer's call, or any
-    other way the layers' inputs and outputs miss part of the parameters'
-    effect, is caught there.
+    gradients the captures imply on the first ``CHECK_SAMPLES`` samples (at
+    most a batch), ``Σ_i D_ik``, are first checked against autograd's: a
+    weight also used outside its layer's call, or any other way the layers'
+    inputs and outputs miss part of the parameters' effect, is caught there.
+
+    Raises
+    ------
+    UnsupportedLayerError
+        If a layer is applied more than once per forward pass, to inputs
+        whose first dimension is not the samples, or the check fails.
+    """
+    theta = theta.detach().clone().requires_grad_(True)
+    if check:
+        n = min(CHECK_SAMPLES, batch_size or CHECK_SAMPLES)
+        _batch_captures(model, theta, layers, X[:n], T[:n], verify=True)
+    for xb, tb in iterate_batches(X, T, batch_size):
+        yield _batch_captures(model, theta, layers, xb, tb)
+
+
+def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
+                    xb: Tensor, tb: Tensor, verify: bool = False) -> list[NamedTuple]:
+    """One forward and one backward (batched over the root's ``K`` columns) pass."""
+    with _capture(model.module, layers) as records, torch.enable_grad():
+        out = model.forward(theta, xb)
+        for layer in layers:
+            if len(records[layer.name]) != 1:
+                raise UnsupportedLayerError(
+                    f"layer {layer.name!r} is applied {len(records[layer.name])} "
+                    "times per forward pass; solver='ekfac'/'kfac' needs each "
+                    "layer used once. Use solver='cg' or 'arnoldi'.")
+            a = records[layer.name][0][0]
+            if a.dim() < 1 or a.shape[0] != xb.shape[0]:
+                raise UnsupportedLayerError(
+                    f"layer {layer.name!r} receives inputs of shape {tuple(a.shape)} "
+                    f"for {xb.shape[0]} samples; solver='ekfac'/'kfac' needs one "
+                    "row per sample (the samples along the first dimension). "
+                    "Use solver='cg' or 'arnoldi'.")
+        root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
+        cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
+        outputs = [records[layer.name][0][1] for layer in layers]
+        wrt = outputs + ([theta] if verify else [])
+        grads = torch.autograd.grad(out, wrt, grad_outputs=cotangents,
+                                    is_grads_batched=True, allow_unused=True)
+        grads = [torch.zeros((cotangents.shape[0], *w.shape), dtype=w.dtype,
+                             device=w.device) if g is None else g  # output not used
+                 for g, w in zip(grads, wrt)]
+    captures = [layer.capture(records[layer.name][0][0], g) for layer, g in zip(layers, grads)]
+    if verify:
+        _check_gradients(layers, captures, grads[-1])
+    return captures
+
+
+def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock],
+                 X: Tensor, T: Tensor, batch_size: int | None, *, check: bool = True):
+    """Yield, per batch, ``[(ā, g)]`` per Linear layer: inputs ``(B, d_in [+1])`` and
+    back-propagated output-Hessian roots ``(B·K, d_out)``, sample-major, float64.
 
     Raises
     ------
     NotLinearError
-        If a layer is applied more than once per forward pass, to inputs that
-        are not one 2-D row per sample, or the check fails (on the first
-        batch).
+        As :func:`kronecker_passes`, and if a layer's input is not one 2-D row
+        per sample.
     """
-    theta = theta.detach().clone().requires_grad_(True)
-    for number, (xb, tb) in enumerate(iterate_batches(X, T, batch_size)):
-        verify = check and number == 0
-        with _capture(model.module, blocks) as records, torch.enable_grad():
-            out = model.forward(theta, xb)
-            for block in blocks:
-                if len(records[block.name]) != 1:
-                    raise NotLinearError(
-                        f"layer {block.name!r} is applied {len(records[block.name])} "
-                        "times per forward pass; solver='ekfac'/'kfac' needs each "
-                        "Linear layer used once. Use solver='cg' or 'arnoldi'.")
-                a = records[block.name][0][0]
-                if a.dim() != 2 or a.shape[0] != xb.shape[0]:
-                    raise NotLinearError(
-                        f"layer {block.name!r} receives inputs of shape {tuple(a.shape)} "
-                        f"for {xb.shape[0]} samples; solver='ekfac'/'kfac' needs one "
-                        "row per sample (2-D inputs). Use solver='cg' or 'arnoldi'.")
-            root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
-            cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
-            outputs = [records[b.name][0][1] for b in blocks]
-            wrt = outputs + ([theta] if verify else [])
-            grads = torch.autograd.grad(out, wrt, grad_outputs=cotangents,
-                                        is_grads_batched=True, allow_unused=True)
-            grads = [torch.zeros((cotangents.shape[0], *w.shape), dtype=w.dtype,
-                                 device=w.device) if g is None else g  # output not used
-                     for g, w in zip(grads, wrt)]
-        layers = [(_augment(records[b.name][0][0], b), g.transpose(0, 1).reshape(-1, b.d_out))
-                  for b, g in zip(blocks, grads)]
-        if verify:
-            _check_gradients(blocks, layers, grads[-1])
-        yield layers
+    for captures in kronecker_passes(model, theta, blocks, X, T, batch_size, check=check):
+        for block, cap in zip(blocks, captures):
+            if cap.a.shape[1] != 1:
+                raise NotLinearError(
+                    f"layer {block.name!r} receives {cap.a.shape[1]} rows per sample; the "
+                    "exact Kronecker build needs one row per sample (2-D inputs).")
+        yield [(cap.a[:, 0], cap.g.reshape(-1, block.d_out))
+               for block, cap in zip(blocks, captures)]
 
 
-def _check_gradients(blocks: list[LinearBlock], layers: list, expected: Tensor) -> None:
-    """Raise :class:`NotLinearError` unless ``Σ_i g_ik ⊗ ā_i`` is autograd's gradient."""
+def _check_gradients(layers: list[KroneckerLayer], captures: list, expected: Tensor) -> None:
+    """Raise :class:`UnsupportedLayerError` unless ``Σ_i D_ik`` is autograd's gradient."""
+    eps = torch.finfo(expected.dtype).eps  # the model's arithmetic
+    expected = expected.to(torch.float64)
     implied, scale = torch.zeros_like(expected), torch.zeros_like(expected)
-    for block, (a, g) in zip(blocks, layers):
-        g = g.reshape(a.shape[0], -1, block.d_out)
-        for target, (gg, aa) in ((implied, (g, a)), (scale, (g.abs(), a.abs()))):
-            total = torch.einsum("bko,bc->koc", gg, aa)
-            block.put(target, total)
+    for layer, cap in zip(layers, captures):
+        layer.put(implied, layer.gradient_sums(cap))
+        layer.put(scale, layer.gradient_sums(cap, absolute=True))
     error = float((implied - expected).norm())
-    if error > 1e3 * torch.finfo(expected.dtype).eps * float(scale.norm()):
-        raise NotLinearError(
-            "the Linear layers' inputs and outputs do not account for the parameters' "
+    if error > 1e3 * eps * float(scale.norm()):
+        raise UnsupportedLayerError(
+            "the layers' inputs and outputs do not account for the parameters' "
             f"gradients (relative difference {error / max(float(expected.norm()), 1e-300):.1e}"
             "): a weight is used outside its layer's call, or a layer's forward is "
-            "not the plain Linear one. solver='ekfac'/'kfac' cannot factor this network; "
+            "not the plain one. solver='ekfac'/'kfac' cannot factor this network; "
             "use solver='cg' or 'arnoldi'.")
-
-
-def _augment(a: Tensor, block: LinearBlock) -> Tensor:
-    if block.bias is None:
-        return a
-    return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
 
 
 class KroneckerFactors:
@@ -248,19 +245,22 @@ class KroneckerFactors:
     Parameters
     ----------
     model : FunctionalModel
-        The network; every trainable parameter must belong to an ``nn.Linear``.
+        The network; every trainable parameter must belong to a registered
+        layer type (:mod:`sklinfluence.layers`).
     X, T : Tensor
         Training inputs and targets.
     damping : float
         ``λ`` added to every eigenvalue.
     corrected : bool, default=True
         EK-FAC eigenvalues (``True``) or plain K-FAC ones (``False``).
+    theta : Tensor, optional
+        Where to linearise (default: the model's parameters).
     batch_size : int, optional
         Samples per forward/backward pass while accumulating (``None``: all).
 
     Attributes
     ----------
-    blocks : list of LinearBlock
+    blocks : list of KroneckerLayer
         The layers, with their eigenbases and (undamped) eigenvalues.
     info : dict
         ``fit_seconds`` and the smallest/largest approximate eigenvalues.
@@ -274,7 +274,7 @@ class KroneckerFactors:
         self.damping = float(damping)
         self.corrected = bool(corrected)
         start = time.perf_counter()
-        self.blocks = linear_blocks(model)
+        self.blocks = kronecker_layers(model)
         self._fit(X, T, batch_size)
         low = min(float(b.eigenvalues.min()) for b in self.blocks) + self.damping
         high = max(float(b.eigenvalues.max()) for b in self.blocks) + self.damping
@@ -283,41 +283,36 @@ class KroneckerFactors:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held: both eigenbases and the eigenvalues of every layer."""
-        return 8 * sum(b.Q_S.numel() + b.Q_A.numel() + b.eigenvalues.numel()
-                       for b in self.blocks)
+        """Bytes held: the eigenbases and the eigenvalues of every layer."""
+        return 8 * sum(b.memory_elements for b in self.blocks)
 
     # ------------------------------------------------------------------ fit
     def _fit(self, X: Tensor, T: Tensor, batch_size: int | None) -> None:
         n = X.shape[0]
-        A = [None] * len(self.blocks)
-        S = [None] * len(self.blocks)
-        for layers in layer_passes(self.model, self.theta, self.blocks, X, T, batch_size):
-            for j, (a, g) in enumerate(layers):
-                a64, g64 = a.to(torch.float64), g.to(torch.float64)
-                A[j] = a64.T @ a64 if A[j] is None else A[j] + a64.T @ a64
-                S[j] = g64.T @ g64 if S[j] is None else S[j] + g64.T @ g64
-        for block, A_l, S_l in zip(self.blocks, A, S):
-            lam_A, block.Q_A = torch.linalg.eigh(A_l / n)
-            lam_S, block.Q_S = torch.linalg.eigh(S_l / n)
-            if not self.corrected:
-                block.eigenvalues = lam_S.clamp_min(0)[:, None] * lam_A.clamp_min(0)[None, :]
+        L = len(self.blocks)
+        A: list[Tensor | None] = [None] * L
+        S: list[Tensor | None] = [None] * L
+        counts = [0] * L
+        for captures in kronecker_passes(self.model, self.theta, self.blocks, X, T, batch_size):
+            for j, (block, cap) in enumerate(zip(self.blocks, captures)):
+                a_sum, s_sum, count = block.factor_sums(cap)
+                A[j] = a_sum if A[j] is None else A[j] + a_sum
+                S[j] = s_sum if S[j] is None else S[j] + s_sum
+                counts[j] += count
+        for block, A_l, S_l, count in zip(self.blocks, A, S, counts):
+            block.set_factors(A_l / n, S_l / max(count, 1), self.corrected)
         if self.corrected:
-            sums = [torch.zeros(b.d_out, b.Q_A.shape[0], dtype=torch.float64)
+            sums = [torch.zeros(b.d_out, b.n_cols, dtype=torch.float64, device=self.theta.device)
                     for b in self.blocks]
-            for layers in layer_passes(self.model, self.theta, self.blocks, X, T, batch_size,
-                                       check=False):  # the first pass checked
-                for j, (block, (a, g)) in enumerate(zip(self.blocks, layers)):
-                    K = g.shape[0] // a.shape[0]
-                    ga = (g.to(torch.float64) @ block.Q_S) ** 2  # (B·K, d_out)
-                    aa = (a.to(torch.float64) @ block.Q_A) ** 2  # (B, d_in+1)
-                    sums[j] += ga.T @ aa.repeat_interleave(K, dim=0)
+            for captures in kronecker_passes(self.model, self.theta, self.blocks, X, T,
+                                             batch_size, check=False):  # the first checked
+                for j, (block, cap) in enumerate(zip(self.blocks, captures)):
+                    sums[j] += block.rotated_squares(cap)
             for block, total in zip(self.blocks, sums):
                 block.eigenvalues = total / n
         mu = self.model.weight_decay.to(torch.float64)
         for block in self.blocks:  # diag(μ) in the eigenbasis (exact if μ is uniform)
-            M = block.to_matrices(mu.unsqueeze(0))[0]
-            block.eigenvalues = block.eigenvalues + (block.Q_S ** 2).T @ M @ (block.Q_A ** 2)
+            block.eigenvalues = block.eigenvalues + block.weight_decay_diagonal(mu)
 
     # ------------------------------------------------------------- inverse
     def solve(self, B: Tensor) -> Tensor:
@@ -325,9 +320,9 @@ class KroneckerFactors:
         B = B.to(torch.float64)
         X = torch.empty_like(B)
         for block in self.blocks:
-            rotated = block.Q_S.T @ block.to_matrices(B) @ block.Q_A
+            rotated = block.rotate(block.to_matrices(B))
             rotated = rotated / (block.eigenvalues + self.damping)
-            block.put(X, block.Q_S @ rotated @ block.Q_A.T)
+            block.put(X, block.unrotate(rotated))
         return X
 
 

@@ -601,10 +601,14 @@ class KroneckerSolver(_DirectSolver):
     """EK-FAC (``corrected=True``) or K-FAC inverse of the damped Gauss–Newton.
 
     See :mod:`sklinfluence.kfac`. Only ``curvature="ggn"``: the Kronecker
-    factors are built from the Gauss–Newton decomposition. An approximation
-    (exact only for one linear layer with one output and the squared loss):
-    ``solve`` reports the relative residual it measures under the true
-    curvature and ``converged=None`` (:class:`SolveInfo`).
+    factors are built from the Gauss–Newton decomposition. Layers of the types
+    in :mod:`sklinfluence.layers` (Linear, Conv2d, Embedding, BatchNorm,
+    LayerNorm, GroupNorm); others raise
+    :class:`~sklinfluence.layers.UnsupportedLayerError` at construction. An
+    approximation (exact only where the factorisation is, see
+    :mod:`sklinfluence.kfac`): ``solve`` reports the relative residual it
+    measures under the true curvature and ``converged=None``
+    (:class:`SolveInfo`).
     """
 
     approximate = True
