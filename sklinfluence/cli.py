@@ -152,8 +152,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Rank the training samples by self-influence, optionally after flipping "
                     "a fraction of the labels, print the top samples and the detection curve, "
                     "write rank.csv and rank.png.")
-    rank.add_argument("--method", choices=("if", "pbrf", "loo", "loss"), default="if",
-                      help="influence function, PBRF, leave-one-out, or training loss")
+    rank.add_argument("--method", choices=("if", "pbrf", "loo", "graddot", "tracin", "loss"),
+                      default="if",
+                      help="influence function, PBRF, leave-one-out, or a baseline: grad-dot "
+                           "(the curvature replaced by 0), TracIn-CP (end-of-epoch "
+                           "checkpoints of the fit) or the training loss")
     rank.add_argument("--mislabel", type=_fraction, default=0.0,
                       help="fraction of labels to flip before training (classification)")
     rank.add_argument("--top", type=int, default=10, help="samples to print (default 10)")
@@ -243,7 +246,7 @@ def _flip_labels(y: np.ndarray, fraction: float, rng: np.random.Generator):
 
 
 def _rank(args: argparse.Namespace) -> None:
-    from . import InfluenceEstimator, LOOEstimator, PBRFEstimator
+    from . import InfluenceEstimator, LOOEstimator, PBRFEstimator, TracInCP, training_loss
 
     data, net, rng, execution = _prepare(args)
     if args.mislabel and data.task != "classification":
@@ -252,15 +255,14 @@ def _rank(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     kw = dict(damping=args.damping, random_state=args.seed)
     est = {"if": lambda: InfluenceEstimator(net, **kw),
+           "graddot": lambda: InfluenceEstimator(net, solver="identity", **kw),
+           "tracin": lambda: TracInCP(net, random_state=args.seed),
            "loss": lambda: InfluenceEstimator(net, **kw),
            "pbrf": lambda: PBRFEstimator(net, **kw, **execution),
            "loo": lambda: LOOEstimator(net, random_state=args.seed, **execution)}[args.method]()
     est.fit(data.X, y)
     if args.method == "loss":
-        import torch
-
-        with torch.no_grad():
-            scores = est.model_.losses(est.model_.params, est.X_train_, est.T_train_).numpy()
+        scores = training_loss(est, data.X, y)
     else:
         scores = est.score_samples(data.X)
     order = np.argsort(-scores, kind="stable")

@@ -51,7 +51,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         ``FrozenEstimator`` net is refused by ``transform``).
     damping : float, default=1e-3
         ``λ`` of the proximal rungs and the influence solves.
-    solver : {"auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi"}, default="auto"
+    solver : {"auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity"}, default="auto"
         Solver of the practical influence (rung 5), as in
         :class:`~sklinfluence.InfluenceEstimator`. Rung 4 is always the exact
         damped Gauss–Newton solve.

@@ -48,7 +48,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         without retraining, wrap it: ``FrozenEstimator(trained_net)``.
     damping : float, default=1e-3
         ``λ ≥ 0`` added to the curvature's diagonal.
-    solver : {"auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi"}, default="auto"
+    solver : {"auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity"}, default="auto"
         How ``(C + λI)⁻¹`` is applied (:mod:`sklinfluence.solvers`):
 
         - ``"exact"``: dense ``P × P`` curvature in float64, factorised once
@@ -66,6 +66,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           true curvature on up to 8 right-hand sides (``diagnostics_``);
         - ``"arnoldi"``: top-``rank`` eigenpairs plus damping — approximate
           below full rank, its residual measured as for EK-FAC;
+        - ``"identity"``: grad-dot, the baseline of SPEC §8 — the curvature
+          of the data replaced by 0, ``∇Qᵀ∇L / (μ + λ)`` (needs
+          ``damping > 0`` or weight decay; rankings do not depend on it);
         - ``"auto"``: ``"exact"`` up to 5,000 parameters, block CG above
           (mixed precision for float64 nets: float32 products refined to
           ``tol`` in float64).

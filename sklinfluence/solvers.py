@@ -22,6 +22,9 @@ the true curvature on a few right-hand sides.
 - :class:`KroneckerSolver`: EK-FAC / K-FAC (:mod:`sklinfluence.kfac`).
 - :class:`ArnoldiSolver`: top eigenpairs plus damping
   (:mod:`sklinfluence.lowrank`).
+- :class:`IdentitySolver`: the curvature of the data replaced by 0, leaving
+  weight decay and damping — grad-dot (SPEC §8), the baseline every
+  curvature-aware solver should beat.
 
 :func:`make_solver` builds one by name; ``"auto"`` is exact while the dense
 matrix is small (``EXACT_MAX_PARAMS``) and mixed-precision block CG above.
@@ -32,7 +35,8 @@ building, except for nets of ``nn.Linear`` layers, whose build stays within
 ``10 P²``); CG ``5 · 8 k P``
 (solution, residual, direction, product, preconditioned residual) plus one
 batched product's activations; LiSSA ``3 · 8 k P``; EK-FAC
-``8 Σ_l (d_out² + d_in² + d_out d_in)``; Arnoldi ``8 r P`` for rank ``r``.
+``8 Σ_l (d_out² + d_in² + d_out d_in)``; Arnoldi ``8 r P`` for rank ``r``;
+identity ``8 P``.
 """
 
 from __future__ import annotations
@@ -52,16 +56,17 @@ from .kfac import KroneckerFactors
 from .lowrank import bottom_eigenvalue, top_eigenpairs, top_eigenvalue
 
 __all__ = ["ExactSolver", "CGSolver", "LissaSolver", "KroneckerSolver", "ArnoldiSolver",
+           "IdentitySolver",
            "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "RESIDUAL_CHECKS", "SolveInfo",
            "LissaDivergenceError", "dense_fits", "make_solver", "measured_rows",
            "resolve_solver"]
 
-SOLVERS = ("auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi")
+SOLVERS = ("auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity")
 #: The ``solver_params`` each solver accepts (besides ``tol``/``max_iter``).
 SOLVER_PARAMS = {
     "auto": (), "exact": (), "cg": ("preconditioner", "rank", "block_size", "mixed_precision"),
     "lissa": ("scale",),
-    "ekfac": (), "kfac": (), "arnoldi": ("rank",),
+    "ekfac": (), "kfac": (), "arnoldi": ("rank",), "identity": (),
 }
 #: ``"auto"`` uses the exact solver up to this many parameters (8 P² bytes:
 #: 200 MB at 5,000), mixed-precision block CG above. Read at call time by
@@ -698,6 +703,41 @@ class ArnoldiSolver(_DirectSolver):
             (coefficients / self.values) @ self.vectors
 
 
+class IdentitySolver(_DirectSolver):
+    """Grad-dot: the curvature of the data replaced by 0.
+
+    ``(C + λI)⁻¹ ≈ diag(1 / (μ + λ))``, ``μ`` the weight decay of each
+    parameter: the ``G → 0`` limit of the damped Gauss–Newton inverse (SPEC
+    §8). With one weight decay for every parameter (or none) the scores are
+    the gradient dot products ``∇Qᵀ ∇L`` divided by ``μ + λ``, so rankings do
+    not depend on the damping. Always ``approximate``: each solve reports the
+    relative residual it measures under the true curvature — how far the
+    baseline is from the influence it stands in for.
+
+    Raises
+    ------
+    ValueError
+        If some parameter has neither damping nor weight decay (``μ + λ = 0``).
+    """
+
+    name = "identity"
+    approximate = True
+
+    def __init__(self, curvature: Curvature) -> None:
+        super().__init__(curvature)
+        self.diagonal = (curvature.model.weight_decay + curvature.damping).to(torch.float64)
+        if not bool((self.diagonal > 0).all()):
+            raise ValueError(
+                "solver='identity' (grad-dot) divides by damping + weight decay: it needs "
+                f"damping > 0, got damping={curvature.damping:g} with no weight decay on some "
+                "parameters. Any damping > 0 gives the same ranking, e.g. damping=1.0.")
+        self.info = {"solver": "identity", "approximate": True,
+                     "n_params": curvature.n_params, "memory_bytes": 8 * curvature.n_params}
+
+    def _apply(self, B: Tensor) -> Tensor:
+        return B / self.diagonal
+
+
 def resolve_solver(name: str, curvature: Curvature) -> tuple[str, dict]:
     """What ``"auto"`` means for this curvature: ``(solver, solver_params)``.
 
@@ -723,7 +763,7 @@ def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
     ----------
     name : str
         ``"auto"``, ``"exact"``, ``"cg"``, ``"lissa"``, ``"ekfac"``,
-        ``"kfac"`` or ``"arnoldi"``.
+        ``"kfac"``, ``"arnoldi"`` or ``"identity"``.
     curvature : Curvature
         The damped operator.
     tol, max_iter : float, int
@@ -767,4 +807,6 @@ def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
         return LissaSolver(curvature, tol=tol, max_iter=max_iter, scale=params.get("scale"))
     if name in ("ekfac", "kfac"):
         return KroneckerSolver(curvature, corrected=name == "ekfac")
+    if name == "identity":
+        return IdentitySolver(curvature)
     return ArnoldiSolver(curvature, rank=params.get("rank"))

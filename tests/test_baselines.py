@@ -65,3 +65,27 @@ def test_tracin_needs_the_training_run(fitted):
         TracInCP(FrozenEstimator(est.net_)).fit(X, y)
     with pytest.raises(ValueError, match="no epochs to checkpoint"):
         TracInCP(Ridge()).fit(X, y)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_grad_dot_is_the_gradient_dot_product_over_decay_plus_damping(fitted, damping):
+    X, y, net, _ = fitted
+    est = InfluenceEstimator(net, solver="identity", damping=damping, random_state=0).fit(X, y)
+    theta = theta_of(est.net_)
+    g_train, g_eval = grads(X[:5], y[:5], theta), grads(X[20:23], y[20:23], theta)
+    expected = g_train @ g_eval.T / len(X) / (MU + damping)
+    assert_allclose(est.loss_change(X[:5], y[:5], X[20:23], y[20:23]),
+                    expected, rtol=CLOSED_FORM_RTOL)
+    assert_allclose(est.score_samples(X[:5]), (g_train ** 2).sum(axis=1) / len(X) /
+                    (MU + damping), rtol=CLOSED_FORM_RTOL)
+    # an approximation, and it says how far it is from the damped Gauss–Newton solve
+    assert est.diagnostics_["approximate"] is True
+    assert est.diagnostics_["converged"] is None
+    assert est.diagnostics_["max_relative_residual"] > 1e-2
+
+
+def test_grad_dot_needs_damping_or_weight_decay():
+    X, y = well_conditioned_data()
+    with pytest.raises(ValueError, match="needs damping > 0"):
+        InfluenceEstimator(recipe(X, 0.0, max_epochs=2), solver="identity", damping=0.0,
+                           random_state=0).fit(X, y)

@@ -22,7 +22,7 @@ def test_decompose_prints_the_table_and_writes_csv_and_png(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-@pytest.mark.parametrize("method", ["if", "pbrf", "loo", "loss"])
+@pytest.mark.parametrize("method", ["if", "pbrf", "loo", "graddot", "tracin", "loss"])
 def test_rank_finds_flipped_labels_and_writes_the_curve(tmp_path, capsys, method):
     assert main(["rank", *FAST, "--data", "synthetic", "--method", method, "--mislabel", "0.2",
                  "--output", str(tmp_path)]) == 0
@@ -36,18 +36,20 @@ def test_rank_finds_flipped_labels_and_writes_the_curve(tmp_path, capsys, method
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["if", "loss"])
-def test_mislabel_detection_figures_quoted_in_the_readme(tmp_path, capsys, method):
+@pytest.mark.parametrize("method, found", [("if", 43), ("loss", 43), ("graddot", 43),
+                                           ("tracin", 47)])
+def test_mislabel_detection_figures_quoted_in_the_readme(tmp_path, capsys, method, found):
     """README: "On digits with 10% flipped labels, inspecting the top 10% of the
-    influence ranking finds 86% of them (training loss: 86% too)" — ``sklinfluence
-    rank --mislabel 0.1`` with every other option at its default."""
+    influence ranking finds 86% of them (training loss and grad-dot: 86% too,
+    TracIn-CP 94%)" — ``sklinfluence rank --mislabel 0.1`` with every other
+    option at its default."""
     assert main(["rank", "--mislabel", "0.1", "--method", method, "--quiet",
                  "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "digits: 500 training rows, 50 labels flipped" in out
-    assert "inspect  10%: found  86.0%" in out
+    assert f"inspect  10%: found {found / 50:6.1%}" in out
     rows = [line.split(",") for line in (tmp_path / "rank.csv").read_text().splitlines()[1:]]
-    assert sum(r[-1] == "True" for r in rows[:50]) == 43  # 86% of the 50 flipped labels
+    assert sum(r[-1] == "True" for r in rows[:50]) == found  # of the 50 flipped labels
 
 
 def test_csv_data_with_a_target_column(tmp_path, capsys):
