@@ -46,39 +46,9 @@ import sys
 import time
 
 import numpy as np
+from _process import first_transform, reset_peak_rss, status_mib, warm_up
 
 RUNGS = ("pbrf", "warm_start", "cold_start_loo")
-
-
-def _warm_up():
-    import torch
-
-    import sklinfluence  # noqa: F401  (imports torch, skorch, scikit-learn)
-
-    _first_transform(torch)
-
-
-def _first_transform(torch):
-    """torch.func's first transform imports torch._dynamo (~1 s, ~75 MiB once per process)."""
-    torch.func.vmap(torch.func.grad(lambda v: (v * v).sum()))(torch.ones(2, 2))
-
-
-def _status_mib(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def _reset_peak_rss():
-    """Reset this process's peak resident memory (Linux); return the current one, MiB."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return _status_mib("VmRSS")
-    except OSError:
-        return None
 
 
 def worker(args):
@@ -112,13 +82,13 @@ def worker(args):
     if n_jobs > 1:  # start the workers (and their torch import) outside the timing
         from joblib import Parallel, delayed
 
-        Parallel(n_jobs=n_jobs)(delayed(_warm_up)() for _ in range(n_jobs))
-    _first_transform(torch)  # in every configuration, as after a session's first call
-    rss_before = _reset_peak_rss()
+        Parallel(n_jobs=n_jobs)(delayed(warm_up)() for _ in range(n_jobs))
+    first_transform(torch)  # in every configuration, as after a session's first call
+    rss_before = reset_peak_rss()
     start = time.perf_counter()
     delta = est.param_change(X[removed])
     seconds = time.perf_counter() - start
-    extra = _status_mib("VmHWM") - rss_before if rss_before is not None else float("nan")
+    extra = status_mib("VmHWM") - rss_before if rss_before is not None else float("nan")
     shared = 0.0
     if args.config == "batched" and args.rung == "pbrf":
         info = est.responder_.chord_solver().info

@@ -25,7 +25,6 @@ exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py",
 html_theme = "alabaster"
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
-autodoc_default_options = {"members": False}
 sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),
     "gallery_dirs": "auto_examples",

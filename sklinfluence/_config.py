@@ -1,7 +1,7 @@
 """Process-wide settings, in the style of :func:`sklearn.set_config`.
 
 - ``n_threads``: torch threads inside the library's compute sections
-  (``None``: chosen by the library, see :mod:`sklinfluence._threads`).
+  (``None``: chosen by the library, see :mod:`sklinfluence.threads`).
 - ``response_cache_bytes``: the size of the in-process response cache
   (see :class:`sklinfluence.cache.ResponseCache`); ``0`` turns it off.
 

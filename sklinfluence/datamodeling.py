@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import rankdata
 from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -75,12 +75,19 @@ class LDSResult:
 
 
 def _spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each column of ``a`` with the same column of ``b``."""
+    """Spearman correlation of each column of ``a`` with the same column of ``b``.
+
+    The Pearson correlation of the columns' average ranks (``scipy.stats.spearmanr``'s
+    definition), all columns at once; NaN where a column is constant.
+    """
+    ra, rb = rankdata(a, axis=0), rankdata(b, axis=0)
+    ra -= ra.mean(axis=0)
+    rb -= rb.mean(axis=0)
+    norms = np.sqrt((ra * ra).sum(axis=0) * (rb * rb).sum(axis=0))
     out = np.full(a.shape[1], np.nan)
-    for z in range(a.shape[1]):
-        if np.ptp(a[:, z]) > 0 and np.ptp(b[:, z]) > 0:
-            out[z] = spearmanr(a[:, z], b[:, z])[0]
-    return out
+    ok = (np.ptp(a, axis=0) > 0) & (np.ptp(b, axis=0) > 0)
+    out[ok] = (ra * rb).sum(axis=0)[ok] / norms[ok]
+    return np.clip(out, -1.0, 1.0)
 
 
 @fill_doc
@@ -121,6 +128,10 @@ class LinearDatamodelingScore(BaseResponseEstimator):
         Subsets retrained (or solved) together: the complements all have the
         same size, so a vectorised ensemble trains that many copies at once
         when the recipe can be replayed (:mod:`sklinfluence.ensemble`).
+        Fewer, larger ensembles are faster: with ``n_subsets=50`` on the
+        digits MLP, 50 at once took 0.73× the time of 32 + 18 and 0.15× the
+        time of one at a time, for about 8·B·3P bytes more memory
+        (``benchmarks/bench_lds.py``).
     {execution}
     random_state : int, RandomState instance or None, default=None
         Seeds the net's fit and the draw of the subsets.

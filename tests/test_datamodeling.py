@@ -110,3 +110,21 @@ def test_pbrf_reference_and_bad_input(problem):
     with pytest.raises(ValueError, match="boolean mask"):
         LinearDatamodelingScore(net, subsets=np.zeros((3, 5)), random_state=0).fit(
             X, y, X_eval, y_eval)
+
+
+def test_column_rank_correlation_is_scipys_spearman_with_ties_and_constant_columns():
+    from scipy.stats import spearmanr
+
+    from sklinfluence.datamodeling import _spearman_columns
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 4, size=(15, 5)).astype(float)  # many ties
+    b = rng.normal(size=(15, 5))
+    b[:, 1] = b[:, 0]
+    a[:, 2] = 1.0  # constant: undefined
+    got = _spearman_columns(a, b)
+    for z in range(5):
+        if z == 2:
+            assert np.isnan(got[z])
+        else:
+            assert_allclose(got[z], spearmanr(a[:, z], b[:, z])[0], rtol=1e-13)
