@@ -21,7 +21,7 @@ Bae et al. (2022) predict that influence estimates do much better there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral, Real
 from typing import Any, Callable
 
@@ -118,6 +118,13 @@ class LinearDatamodelingScore(BaseResponseEstimator):
         The model of each subset: the recipe retrained on it from ``θ⁰``
         with the original seed, or the PBRF of removing its complement (at
         ``damping``).
+    n_seeds : int, default=1
+        Trainings per subset (``reference="retrain"`` only): the first under
+        the original fit's seed, the others under seeds drawn from it, all
+        from the same ``θ⁰`` (so the seeds vary what the recipe's randomness
+        does after initialisation, e.g. the mini-batch order). The
+        measurements are averaged over the seeds, which takes the recipe's
+        own noise out of the ground truth at ``n_seeds`` times the cost.
     damping : float, default=1e-3
         ``λ`` of the PBRF reference.
     weight_decay : "auto" or float, default="auto"
@@ -142,18 +149,24 @@ class LinearDatamodelingScore(BaseResponseEstimator):
     subsets_ : ndarray of shape (n_subsets, n_train), dtype bool
         The subsets (True: kept).
     measurements_ : ndarray of shape (n_subsets, n_eval)
-        ``Q_z`` of each subset's model at each evaluation point.
+        ``Q_z`` of each subset's model at each evaluation point (the mean
+        over seeds).
+    seed_measurements_ : ndarray of shape (n_seeds, n_subsets, n_eval)
+        ``Q_z`` under each seed.
+    seeds_ : list of int
+        The torch seed of each training (``seeds_[0]`` is the original
+        fit's).
     base_losses_ : ndarray of shape (n_eval,)
         ``Q_z(θˢ)``.
     param_changes_ : ndarray of shape (n_subsets, n_params)
-        Each subset's model minus ``θˢ``.
+        Each subset's model minus ``θˢ`` (under the original seed).
 
     Notes
     -----
     SPEC §9. The Spearman correlation is over subsets, for each evaluation
-    point; its mean over evaluation points is the LDS. One seed per subset
-    (the original fit's): the recipe's own randomness is replayed, not
-    averaged out.
+    point; its mean over evaluation points is the LDS. By default one seed
+    per subset (the original fit's): the recipe's own randomness is
+    replayed, not averaged out; ``n_seeds`` averages it out.
 
     References
     ----------
@@ -186,11 +199,13 @@ class LinearDatamodelingScore(BaseResponseEstimator):
         "alpha": [Interval(Real, 0, 1, closed="neither")],
         "subsets": [None, "array-like"],
         "reference": [StrOptions(set(LDS_REFERENCES))],
+        "n_seeds": [Interval(Integral, 1, None, closed="left")],
         "removal_batch_size": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(self, net: Any, *, n_subsets: int = 50, alpha: float = 0.5,
-                 subsets: Any = None, reference: str = "retrain", damping: float = 1e-3,
+                 subsets: Any = None, reference: str = "retrain", n_seeds: int = 1,
+                 damping: float = 1e-3,
                  weight_decay: str | float = "auto", batch_size: int | None = None,
                  removal_batch_size: int = 32, n_jobs: int | None = None, memory: Any = None,
                  verbose: int = 0, random_state: Any = None) -> None:
@@ -199,6 +214,7 @@ class LinearDatamodelingScore(BaseResponseEstimator):
         self.alpha = alpha
         self.subsets = subsets
         self.reference = reference
+        self.n_seeds = n_seeds
         self.damping = damping
         self.weight_decay = weight_decay
         self.batch_size = batch_size
@@ -251,22 +267,33 @@ class LinearDatamodelingScore(BaseResponseEstimator):
         -------
         self : LinearDatamodelingScore
         """
+        if self.n_seeds > 1 and self.reference != "retrain":
+            raise ValueError(f"n_seeds={self.n_seeds} needs reference='retrain': the "
+                             f"{self.reference!r} reference is deterministic.")
         self._fit_net(X, y)
         if X_eval is None:
             Xe, Te = self.X_train_, self.T_train_
         else:
             Xe, Te = self._eval_targets(X_eval, y_eval)
         self.subsets_ = self._draw_subsets(self.n_train_)
-        self.responder_ = Responder(self._context())
+        context = self._context()
+        self.seeds_ = [self.seed_] + [int(seed) for seed in np.random.default_rng(
+            self.seed_).integers(np.iinfo(np.int32).max, size=self.n_seeds - 1)]
         removals = [Removal(self.X_train_[torch.as_tensor(rows)],
                             self.T_train_[torch.as_tensor(rows)], tuple(int(i) for i in rows))
                     for rows in (np.flatnonzero(~kept) for kept in self.subsets_)]
-        delta = self.responder_.param_change(rung(LDS_REFERENCES[self.reference]), removals)
         with torch.no_grad():
             base = self.model_.losses(self.model_.params, Xe, Te)
+        measurements = []
+        for k, seed in enumerate(self.seeds_):
+            responder = Responder(context if k == 0 else replace(context, seed=seed))
+            delta = responder.param_change(rung(LDS_REFERENCES[self.reference]), removals)
+            measurements.append(to_numpy(loss_change(self.model_, delta, Xe, Te) + base))
+            if k == 0:
+                self.responder_, self.param_changes_ = responder, to_numpy(delta)
         self.base_losses_ = to_numpy(base)
-        self.measurements_ = to_numpy(loss_change(self.model_, delta, Xe, Te) + base)
-        self.param_changes_ = to_numpy(delta)
+        self.seed_measurements_ = np.stack(measurements)
+        self.measurements_ = self.seed_measurements_.mean(axis=0)
         self.X_eval_, self.T_eval_ = Xe, Te
         return self
 

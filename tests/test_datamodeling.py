@@ -7,7 +7,9 @@ from numpy.testing import assert_allclose, assert_array_equal
 from scipy.stats import rankdata
 from sklearn.model_selection import GridSearchCV
 
-from linear_problems import (curvature, design, minimiser, recipe, theta_of,
+from skorch import NeuralNetRegressor
+
+from linear_problems import (Linear, curvature, design, minimiser, recipe, theta_of,
                              well_conditioned_data)
 from sklinfluence import (InfluenceEstimator, LinearDatamodelingScore, RemovalSplit,
                           lds_scorer)
@@ -78,6 +80,34 @@ def test_same_subsets_give_the_same_models_and_batching_changes_nothing(problem)
     assert_array_equal(again.subsets_, lds.subsets_)
     scale = np.abs(lds.param_changes_).max()
     assert_allclose(again.param_changes_, lds.param_changes_, rtol=0, atol=1e-13 * scale)
+
+
+def test_seeds_average_the_recipes_noise_and_reach_every_retraining_path(problem):
+    X, y, X_eval, y_eval, _, lds = problem
+    # mini-batches in a shuffled order: the seed changes each subset's model
+    noisy = NeuralNetRegressor(Linear, module__n_in=X.shape[1], max_epochs=6, batch_size=8,
+                               lr=0.05, iterator_train__shuffle=True, optimizer__weight_decay=MU,
+                               train_split=None, verbose=0)
+    subsets = lds.subsets_[:5]
+    one = LinearDatamodelingScore(noisy, subsets=subsets, random_state=0).fit(
+        X, y, X_eval, y_eval)
+    three = LinearDatamodelingScore(noisy, subsets=subsets, n_seeds=3, random_state=0).fit(
+        X, y, X_eval, y_eval)
+    assert three.seeds_[0] == one.seeds_[0] == one.seed_ and len(set(three.seeds_)) == 3
+    assert three.seed_measurements_.shape == (3, 5, len(X_eval))
+    assert_array_equal(three.seed_measurements_[0], one.measurements_)
+    assert_array_equal(three.param_changes_, one.param_changes_)
+    spread = np.abs(three.seed_measurements_[1:] - three.seed_measurements_[0]).max()
+    assert spread > 1e-3 * np.abs(one.measurements_).max()
+    assert_allclose(three.measurements_, three.seed_measurements_.mean(axis=0), rtol=1e-15)
+    # the one-at-a-time path sees the same seeds as the vectorised ensemble
+    sequential = LinearDatamodelingScore(noisy, subsets=subsets, n_seeds=3,
+                                         removal_batch_size=1, random_state=0).fit(
+        X, y, X_eval, y_eval)
+    assert_allclose(sequential.seed_measurements_, three.seed_measurements_, rtol=1e-12)
+    with pytest.raises(ValueError, match="needs reference='retrain'"):
+        LinearDatamodelingScore(noisy, subsets=subsets, n_seeds=2, reference="pbrf",
+                                random_state=0).fit(X, y, X_eval, y_eval)
 
 
 def test_lds_scorer_picks_the_damping_in_a_grid_search(problem):
