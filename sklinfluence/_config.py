@@ -4,6 +4,9 @@
   (``None``: chosen by the library, see :mod:`sklinfluence.threads`).
 - ``response_cache_bytes``: the size of the in-process response cache
   (see :class:`sklinfluence.cache.ResponseCache`); ``0`` turns it off.
+- ``memory_limit_bytes``: the most a dense ``P × P`` curvature may take
+  (``None``: half the memory the system reports available at the time; see
+  :mod:`sklinfluence.memory`).
 
 :func:`set_config` changes them, :func:`get_config` reads them and
 :func:`config_context` changes them for a ``with`` block only.
@@ -18,7 +21,7 @@ from typing import Any, Iterator
 
 __all__ = ["get_config", "set_config", "config_context"]
 
-_DEFAULTS = {"n_threads": None, "response_cache_bytes": 256 * 2**20}
+_DEFAULTS = {"n_threads": None, "response_cache_bytes": 256 * 2**20, "memory_limit_bytes": None}
 _lock = threading.Lock()
 _config = dict(_DEFAULTS)
 
@@ -29,13 +32,13 @@ def get_config() -> dict:
     Returns
     -------
     dict
-        ``{"n_threads": ..., "response_cache_bytes": ...}``.
+        ``{"n_threads": ..., "response_cache_bytes": ..., "memory_limit_bytes": ...}``.
 
     Examples
     --------
     >>> from sklinfluence import get_config
     >>> sorted(get_config())
-    ['n_threads', 'response_cache_bytes']
+    ['memory_limit_bytes', 'n_threads', 'response_cache_bytes']
     """
     with _lock:
         return dict(_config)
@@ -53,9 +56,16 @@ def _check(name: str, value: Any) -> None:
             raise ValueError(
                 "response_cache_bytes must be an integer >= 0 (0 turns the in-process "
                 f"response cache off), got {value!r}.")
+    elif name == "memory_limit_bytes":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)
+                                  or value < 1):
+            raise ValueError(
+                "memory_limit_bytes must be None (half the available memory) or an integer "
+                f">= 1, got {value!r}.")
 
 
-def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep") -> None:
+def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep",
+               memory_limit_bytes: Any = "keep") -> None:
     """Change sklinfluence's process-wide settings.
 
     Parameters
@@ -79,6 +89,17 @@ def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep") -> N
         used first. ``0`` turns the cache off (and empties it). See
         :class:`~sklinfluence.cache.ResponseCache` and the user guide's
         "Caching of responses".
+    memory_limit_bytes : int or None, optional
+        The most memory a dense ``P × P`` curvature matrix may take: the
+        exact solver, rung 4 of the :class:`~sklinfluence.Decomposer` and
+        the PBRF's shared factor build one only when ``16 P²`` bytes (the
+        matrix and its Cholesky factor, float64) fit. ``None`` (the default
+        setting) means half of what the system reports available
+        (``MemAvailable``) at the time of the call. Above it, ``"auto"``,
+        rung 4 and the PBRF use matrix-free conjugate gradients and an
+        explicit ``solver="exact"`` is refused before allocating, with a
+        :class:`~sklinfluence.memory.NotEnoughMemoryError` that names the
+        sizes and the options that fit.
 
     Examples
     --------
@@ -90,7 +111,8 @@ def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep") -> N
     >>> set_config(n_threads=before)
     """
     changes = {name: value for name, value in
-               (("n_threads", n_threads), ("response_cache_bytes", response_cache_bytes))
+               (("n_threads", n_threads), ("response_cache_bytes", response_cache_bytes),
+                ("memory_limit_bytes", memory_limit_bytes))
                if not (isinstance(value, str) and value == "keep")}
     for name, value in changes.items():
         _check(name, value)

@@ -22,6 +22,7 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from .functional import FunctionalModel, iterate_batches
 from .kfac import NotLinearError, linear_ggn
+from .memory import check_dense
 
 __all__ = ["Curvature", "CURVATURES"]
 
@@ -146,8 +147,15 @@ class Curvature:
         per side: 10 of 16 block products). Both give the same matrix to
         rounding. The Hessian comes from Hessian-vector products with the
         identity's rows, ``chunk_size`` at a time.
+
+        Raises
+        ------
+        NotEnoughMemoryError
+            Before allocating, when the matrix and its factor (``16 P²``
+            bytes) exceed :func:`~sklinfluence.memory.memory_limit`.
         """
         P = self.n_params
+        check_dense(P)
         if self.kind == "hessian":
             eye = torch.eye(P, dtype=self.model.dtype, device=self.model.device)
             rows = [self.matmat(eye[i:i + chunk_size]) for i in range(0, P, chunk_size)]

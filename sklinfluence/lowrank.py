@@ -16,6 +16,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
 from .curvature import Curvature
+from .memory import dense_fits_memory
 
 __all__ = ["bottom_eigenvalue", "top_eigenpairs", "top_eigenvalue"]
 
@@ -59,7 +60,7 @@ def top_eigenpairs(curvature: Curvature, rank: int, *, tol: float = 1e-6,
         raise ValueError(f"solver_params['rank'] must be between 1 and the number of "
                          f"parameters ({P}), got {rank}. Use a smaller rank, or "
                          "solver='exact' for the full inverse.")
-    if P <= max(DENSE_BELOW, 3 * rank):
+    if P <= max(DENSE_BELOW, 3 * rank) and dense_fits_memory(P):  # else matrix-free Lanczos
         values, vectors = torch.linalg.eigh(curvature.dense())
         if which == "SA":
             return values[:rank].contiguous(), vectors[:, :rank].T.contiguous()

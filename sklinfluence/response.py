@@ -28,6 +28,7 @@ from .cache import RESPONSE_CACHE, CacheOwner, ResponseCache
 from .curvature import Curvature
 from .execution import run_responses
 from .functional import FunctionalModel
+from .memory import dense_fits_memory
 from .removal import Removal
 from .rungs import LADDER, TERMS, Rung, rung
 from .solvers import dense_fits, make_solver, resolve_solver
@@ -166,12 +167,18 @@ class Responder:
         """The linear solver of the exact rung or of the configured one.
 
         Solvers are kept by what they resolve to: with ``solver="auto"``
-        resolving to ``"exact"`` both rungs share one factorisation.
+        resolving to ``"exact"`` both rungs share one factorisation. The
+        exact rung's dense Gauss–Newton matrix is built only where it fits in
+        memory (:func:`~sklinfluence.memory.dense_fits_memory`); above, the
+        exact rung is block CG to ``tol`` (mixed precision for float64 nets,
+        as ``"auto"``), the same answer to its residual.
         """
         ctx = self.context
         kind, name = ("ggn", "exact") if exact else (ctx.curvature, ctx.solver)
         params = None if exact else ctx.solver_params
         curvature = self._curvature(kind)
+        if exact and not dense_fits_memory(curvature.n_params):
+            name, params = "cg", {"mixed_precision": curvature.model.dtype == torch.float64}
         resolved, implied = resolve_solver(name, curvature)
         key = (kind, resolved, repr(sorted({**implied, **(params or {})}.items())))
         if key not in self._solvers:
@@ -183,8 +190,9 @@ class Responder:
         """``(G + μI + λI)⁻¹``, shared by the batched PBRF solves.
 
         The exact rung-4 solver (dense Cholesky) up to
-        :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` parameters
-        (:func:`~sklinfluence.solvers.dense_fits`), batched CG to 1e-8 above.
+        :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` parameters where it fits
+        in memory (:func:`~sklinfluence.solvers.dense_fits`), batched CG to
+        1e-8 otherwise.
         """
         ctx = self.context
         if dense_fits(ctx.model.n_params):
@@ -243,12 +251,19 @@ def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) ->
     """One warning for the solves of a call that stopped short, the worst one named."""
     m, info = max(stopped, key=lambda s: s[1]["grad_norm"] / max(s[1]["initial_grad_norm"],
                                                                    1e-300))
-    lowest = min(i.get("lowest_curvature", 0.0) for _, i in stopped)
-    advice = (f" The most negative eigenvalue of their Hessians at θˢ is {lowest:.3e}: the "
-              "removal term outweighs curvature plus damping, so these objectives are not "
-              "convex there and may have no minimiser near θˢ; damping above "
-              f"{ctx.damping - lowest:.3e} makes them convex." if lowest < 0
-              else " Increase max_iter.")
+    found = [v for v in (i.get("lowest_curvature", 0.0) for _, i in stopped) if np.isfinite(v)]
+    lowest = min(found, default=float("nan"))
+    if lowest < 0:
+        advice = (f" The most negative eigenvalue of their Hessians at θˢ is {lowest:.3e}: the "
+                  "removal term outweighs curvature plus damping, so these objectives are not "
+                  "convex there and may have no minimiser near θˢ; damping above "
+                  f"{ctx.damping - lowest:.3e} makes them convex.")
+    elif found:
+        advice = " Increase max_iter."
+    else:
+        advice = (" Whether their objectives are convex at θˢ could not be settled cheaply "
+                  "(the smallest Hessian eigenvalue did not converge in bounded Lanczos); if "
+                  "a larger max_iter does not help, increase damping.")
     where = f"training row {m}" if m >= 0 else "a removal"
     warnings.warn(
         f"{len(stopped)} of {n} {r.name} solves stopped short of tol={ctx.pbrf_tol:g}; the "

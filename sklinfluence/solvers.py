@@ -54,6 +54,7 @@ from torch import Tensor
 from .curvature import Curvature
 from .kfac import KroneckerFactors
 from .lowrank import bottom_eigenvalue, top_eigenpairs, top_eigenvalue
+from .memory import dense_fits_memory
 
 __all__ = ["ExactSolver", "CGSolver", "LissaSolver", "KroneckerSolver", "ArnoldiSolver",
            "IdentitySolver",
@@ -90,11 +91,12 @@ class LissaDivergenceError(ValueError):
 def dense_fits(n_params: int) -> bool:
     """Whether a dense ``P × P`` solve is the default for ``n_params`` parameters.
 
-    True up to :data:`EXACT_MAX_PARAMS` (read at call time). Decides what
-    ``solver="auto"`` means (:func:`resolve_solver`) and which factor the
-    batched PBRF solves share (``Responder.chord_solver``).
+    True up to :data:`EXACT_MAX_PARAMS` (read at call time) when the matrix
+    also fits in memory (:func:`~sklinfluence.memory.dense_fits_memory`).
+    Decides what ``solver="auto"`` means (:func:`resolve_solver`) and which
+    factor the batched PBRF solves share (``Responder.chord_solver``).
     """
-    return n_params <= EXACT_MAX_PARAMS
+    return n_params <= EXACT_MAX_PARAMS and dense_fits_memory(n_params)
 
 
 def measured_rows(n_rhs: int) -> Tensor:

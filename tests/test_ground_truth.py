@@ -64,6 +64,31 @@ def test_pbrf_records_convergence_and_warns_when_cut_short(data):
     assert np.isfinite(pbrf.score_samples(X[:1] + 0.3, y[:1])).all()
 
 
+def test_the_convexity_diagnostic_of_a_failed_solve_is_bounded(data, monkeypatch):
+    """A stopped PBRF solve is explained by the smallest eigenvalue of its Hessian,
+    estimated by Lanczos within ``LOWEST_CURVATURE_RESTARTS``: the estimate is that
+    eigenvalue where Lanczos settles, and where it does not, NaN and a warning that
+    says so (on a 100,000-parameter net an unbounded Lanczos took minutes)."""
+    import torch
+
+    from sklinfluence import pbrf as pbrf_module
+
+    X, y = data
+    short = PBRFEstimator(_net(), damping=0.5, max_iter=1, tol=1e-15, random_state=0).fit(X, y)
+    objective = pbrf_module.ResponseObjective(
+        short.model_, short.X_train_, short.T_train_, short.model_.params, short.X_train_[:1],
+        short.T_train_[:1], torch.ones(1, dtype=torch.float64), short.epsilon_, 0.5, True)
+    hessian = torch.func.hessian(objective)(short.model_.params.detach())
+    assert abs(objective.lowest_curvature() - float(torch.linalg.eigvalsh(hessian)[0])) <= \
+        1e-3 * float(torch.linalg.eigvalsh(hessian).abs().max())
+    monkeypatch.setattr(pbrf_module, "LOWEST_CURVATURE_RESTARTS", 1)
+    monkeypatch.setattr(pbrf_module, "eigsh", lambda *a, **k: (_ for _ in ()).throw(
+        pbrf_module.ArpackNoConvergence("no convergence", np.empty(0), np.empty((0, 0)))))
+    assert np.isnan(objective.lowest_curvature())
+    with pytest.warns(ConvergenceWarning, match="could not be settled cheaply"):
+        short.score_samples(X[2:3])
+
+
 def test_decomposer_pandas_output_and_rung_views(data):
     X, y = data
     dec = Decomposer(_net(), damping=0.5, random_state=0).set_output(transform="pandas")
