@@ -19,11 +19,13 @@ vectors and tensors ``X`` / ``T`` already in the module's dtype and device.
 from __future__ import annotations
 
 import copy
-from typing import Any, Union
+from contextlib import contextmanager
+from typing import Any, Iterator, Union
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .losses import OutputLoss, output_loss_from_criterion
 
@@ -148,6 +150,8 @@ class FunctionalModel:
              for k, mu in zip(self.param_numels, weight_decay)]
         )
         self.flatten_output = flatten_output
+        self._attention = any(isinstance(layer, torch.nn.MultiheadAttention)
+                              for layer in self.module.modules())
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -218,8 +222,17 @@ class FunctionalModel:
         }
 
     def forward(self, theta: Tensor, X: Tensor) -> Tensor:
-        """Network outputs ``f(θ, X)``, shape ``(n, K)``."""
-        out = functional_call(self.module, {**self.unflatten(theta), **self.frozen}, (X,))
+        """Network outputs ``f(θ, X)``, shape ``(n, K)``.
+
+        Attention layers run on differentiable kernels (see
+        :func:`differentiable_attention`).
+        """
+        if self._attention:
+            with differentiable_attention():
+                out = functional_call(self.module, {**self.unflatten(theta), **self.frozen},
+                                      (X,))
+        else:
+            out = functional_call(self.module, {**self.unflatten(theta), **self.frozen}, (X,))
         if isinstance(out, tuple):  # skorch convention: first output is the prediction
             out = out[0]
         if self.flatten_output or out.dim() == 1:
@@ -257,6 +270,29 @@ class FunctionalModel:
         return torch.cat(
             [grad_fn(theta, xb, tb) for xb, tb in iterate_batches(X, T, batch_size)]
         )
+
+
+@contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Attention on kernels that ``torch.func`` can differentiate, for a ``with`` block.
+
+    In eval mode ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention``
+    take a fused "fast path" (``_transformer_encoder_layer_fwd``) whenever no
+    input requires grad — which is the case under forward-mode AD, so
+    Jacobian-vector products fail — and scaled dot-product attention picks
+    the flash kernel on CPU, whose backward has no derivative, so
+    Hessian-vector products fail. Inside the block the fast path is off and
+    attention uses the math kernel (plain matrix products and a softmax):
+    the same values to rounding, differentiable to any order and under
+    ``vmap``. The caller's fast-path setting is restored on exit.
+    """
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def iterate_batches(

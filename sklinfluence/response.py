@@ -247,6 +247,21 @@ class Responder:
         return torch.stack(rows)
 
 
+_PIECEWISE_LINEAR = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU,
+                     torch.nn.Hardtanh, torch.nn.Hardswish, torch.nn.Hardsigmoid,
+                     torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+def _piecewise_linear_layers(module: torch.nn.Module) -> list[str]:
+    """Names of the layer types in ``module`` whose output has kinks (ReLU, max pooling…)."""
+    names = {type(layer).__name__ for layer in module.modules()
+             if isinstance(layer, _PIECEWISE_LINEAR)}
+    names |= {"ReLU (in TransformerEncoderLayer)" for layer in module.modules()
+              if isinstance(layer, torch.nn.TransformerEncoderLayer)
+              and getattr(layer, "activation_relu_or_gelu", 0) == 1}
+    return sorted(names)
+
+
 def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) -> None:
     """One warning for the solves of a call that stopped short, the worst one named."""
     m, info = max(stopped, key=lambda s: s[1]["grad_norm"] / max(s[1]["initial_grad_norm"],
@@ -259,7 +274,12 @@ def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) ->
                   "convex there and may have no minimiser near θˢ; damping above "
                   f"{ctx.damping - lowest:.3e} makes them convex.")
     elif found:
-        advice = " Increase max_iter."
+        kinked = _piecewise_linear_layers(ctx.model.module)
+        advice = " Increase max_iter." + (
+            f" The net has piecewise-linear layers ({', '.join(kinked)}): its objective has "
+            "kinks where a unit's input crosses 0, and a minimiser on a kink has no zero "
+            "gradient, so the solve can stall close to it whatever max_iter is (smooth "
+            "activations such as Tanh, GELU or Softplus do not have this)." if kinked else "")
     else:
         advice = (" Whether their objectives are convex at θˢ could not be settled cheaply "
                   "(the smallest Hessian eigenvalue did not converge in bounded Lanczos); if "
