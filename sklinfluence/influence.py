@@ -104,6 +104,10 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         influence function ``ε ∇Q(θˢ)ᵀ (C + λI)⁻¹ ∇L_m(θˢ)``; ``"loss"``, the
         change of the loss at the response, ``Q(θˢ + Δθ) − Q(θˢ)`` (what the
         ground-truth estimators and the Decomposer report by default).
+    verbose : int, default=0
+        Above 0, a progress bar for each block of conjugate-gradient solves
+        (``solver="cg"``, and ``"auto"`` above the dense size): columns
+        converged, iterations, and the worst relative residual so far.
     random_state : int, RandomState instance or None, default=None
         Seeds what the net draws in ``fit`` — the module's initial weights
         when ``net.module`` is a class, the batch order when it shuffles,
@@ -191,6 +195,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         "tol": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [None, Interval(Integral, 1, None, closed="left")],
         "measure": [StrOptions(set(MEASURES))],
+        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -207,6 +212,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         max_iter: int | None = None,
         batch_size: int | None = None,
         measure: str = "linear",
+        verbose: int = 0,
         random_state: Any = None,
     ) -> None:
         self.net = net
@@ -220,6 +226,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         self.max_iter = max_iter
         self.batch_size = batch_size
         self.measure = measure
+        self.verbose = verbose
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=False)

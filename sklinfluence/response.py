@@ -183,7 +183,8 @@ class Responder:
         key = (kind, resolved, repr(sorted({**implied, **(params or {})}.items())))
         if key not in self._solvers:
             self._solvers[key] = make_solver(name, curvature, tol=ctx.tol,
-                                             max_iter=ctx.max_iter, solver_params=params)
+                                             max_iter=ctx.max_iter, solver_params=params,
+                                             verbose=ctx.verbose)
         return self._solvers[key]
 
     def chord_solver(self):
@@ -198,7 +199,8 @@ class Responder:
         if dense_fits(ctx.model.n_params):
             return self.solver(exact=True)
         if "chord" not in self._solvers:
-            self._solvers["chord"] = make_solver("cg", self._curvature("ggn"), tol=1e-8)
+            self._solvers["chord"] = make_solver("cg", self._curvature("ggn"), tol=1e-8,
+                                                 verbose=ctx.verbose)
         return self._solvers["chord"]
 
     def param_change(self, r: Rung, removals: list[Removal]) -> Tensor:

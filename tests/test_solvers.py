@@ -169,3 +169,20 @@ def test_exact_solver_says_exact_and_a_preconditioner_measures_nothing(trained):
     assert cg.diagnostics_["approximate"] is False and cg.diagnostics_["converged"] is True
     assert cg.diagnostics_["n_measured"] == 4 and cg.diagnostics_["n_iter"] > 0
     assert cg.solver_.preconditioner.last_solve is None  # apply(): no residual per iteration
+
+
+def test_cg_shows_its_progress_under_verbose(capfd):
+    """``verbose`` gives a progress bar per block of CG solves (columns converged,
+    iterations, worst residual); without it CG prints nothing."""
+    X, y = toy_data("CrossEntropyLoss", n=60)
+    net = make_net("CrossEntropyLoss", X.shape[1], hidden=8, max_epochs=10)
+    for verbose in (0, 1):
+        est = InfluenceEstimator(net, damping=0.1, solver="cg", tol=1e-12, verbose=verbose,
+                                 random_state=0).fit(X, y)
+        capfd.readouterr()
+        est.loss_change(X, y, X[:30], y[:30])
+        err = capfd.readouterr().err
+        if verbose:
+            assert "CG" in err and "/30" in err and "column" in err
+        else:
+            assert err == ""
