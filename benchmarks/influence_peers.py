@@ -44,7 +44,8 @@ import torch
 PEER_METHODS = {  # method -> module it needs
     "pydvl_cg": "pydvl", "pydvl_ekfac": "pydvl", "pydvl_nystroem": "pydvl",
     "pydvl_direct": "pydvl", "captum_arnoldi": "captum", "captum_naive": "captum",
-    "kronfluence_ekfac": "kronfluence", "exact_ggn": "torch",
+    "kronfluence_ekfac": "kronfluence", "kronfluence_kfac": "kronfluence",
+    "exact_ggn": "torch",
 }
 
 PEER_IMPORTS = {"pydvl": ("pydvl.influence.torch",), "kronfluence": ("kronfluence",),
@@ -52,8 +53,21 @@ PEER_IMPORTS = {"pydvl": ("pydvl.influence.torch",), "kronfluence": ("kronfluenc
                            "captum.influence._core.influence_function")}
 
 
+def digits_cnn():
+    """The issue's CNN on 8×8 digits (flattened rows), 71,754 parameters, float64:
+    Conv2d(1,16,3)–ReLU–Conv2d(16,32,3)–ReLU–Linear(512,128)–ReLU–Linear(128,10)."""
+    nn = torch.nn
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(512, 128),
+                         nn.ReLU(), nn.Linear(128, 10)).double()
+
+
+#: Architectures a task file can name besides the tanh MLP (built without arguments).
+ARCHITECTURES = {"digits_cnn": digits_cnn}
+
+
 def write_task(path, model, X_train, y_train, X_test, y_test, *, task, hidden,
-               damping, weight_decay, activation="tanh"):
+               damping, weight_decay, activation="tanh", architecture="mlp"):
     """Write a task file for this script (numpy and torch only).
 
     Parameters
@@ -71,6 +85,9 @@ def write_task(path, model, X_train, y_train, X_test, y_test, *, task, hidden,
     damping, weight_decay : float
         λ and μ.
     activation : str, default "tanh"
+    architecture : str, default "mlp"
+        ``"mlp"`` (built from ``hidden`` and ``activation``) or a key of
+        :data:`ARCHITECTURES` (``hidden`` and ``activation`` then ignored).
     """
     params = [p.detach().cpu().double().numpy() for p in model.parameters()]
     ytype = np.int64 if task == "classification" else np.float64
@@ -79,21 +96,26 @@ def write_task(path, model, X_train, y_train, X_test, y_test, *, task, hidden,
              task=np.array(task), hidden=np.asarray(hidden, np.int64).reshape(-1),
              activation=np.array(activation), n_outputs=np.int64(params[-1].shape[0]),
              damping=np.float64(damping), weight_decay=np.float64(weight_decay),
+             architecture=np.array(architecture),
              **{f"param_{i}": p for i, p in enumerate(params)})
 
 
 def load_task(path):
     """Load a task file; return (model, data dict of float64/int64 tensors, spec dict)."""
     f = np.load(path, allow_pickle=False)
-    if str(f["activation"]) != "tanh":
-        raise ValueError(f"activation {f['activation']} not supported (tanh only)")
+    architecture = str(f["architecture"]) if "architecture" in f.files else "mlp"
     spec = {"task": str(f["task"]), "damping": float(f["damping"]),
-            "weight_decay": float(f["weight_decay"])}
-    widths = [f["X_train"].shape[1], *f["hidden"].tolist(), int(f["n_outputs"])]
-    layers = []
-    for i in range(len(widths) - 1):
-        layers += [torch.nn.Linear(widths[i], widths[i + 1]), torch.nn.Tanh()]
-    model = torch.nn.Sequential(*layers[:-1]).double()
+            "weight_decay": float(f["weight_decay"]), "architecture": architecture}
+    if architecture != "mlp":
+        model = ARCHITECTURES[architecture]()
+    elif str(f["activation"]) != "tanh":
+        raise ValueError(f"activation {f['activation']} not supported (tanh only)")
+    else:
+        widths = [f["X_train"].shape[1], *f["hidden"].tolist(), int(f["n_outputs"])]
+        layers = []
+        for i in range(len(widths) - 1):
+            layers += [torch.nn.Linear(widths[i], widths[i + 1]), torch.nn.Tanh()]
+        model = torch.nn.Sequential(*layers[:-1]).double()
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
             p.copy_(torch.from_numpy(f[f"param_{i}"]))
@@ -251,13 +273,15 @@ def run_method(method, model, data, spec, batch_size=128, rank=50, cg_rtol=1e-2)
             inf = NaiveInfluenceFunction(model, train, projection_dim=n_params,
                                          hessian_inverse_tol=1e-12, **common)
         return inf.influence((Xte, yte)).T
-    if method == "kronfluence_ekfac":
-        return _kronfluence(model, data, task, reg, batch_size).T / N
+    if method in ("kronfluence_ekfac", "kronfluence_kfac"):
+        return _kronfluence(model, data, task, reg, batch_size,
+                            strategy=method.split("_")[1]).T / N
     raise ValueError(f"unknown method {method!r}")
 
 
-def _kronfluence(model, data, task, reg, batch_size):
-    """Kronfluence EK-FAC scores (test, train) = ∇L_e (F_mean + reg)⁻¹ ∇L_m, all float64."""
+def _kronfluence(model, data, task, reg, batch_size, strategy="ekfac"):
+    """Kronfluence EK-FAC (or K-FAC) scores (test, train) = ∇L_e (F_mean + reg)⁻¹ ∇L_m,
+    all float64."""
     from kronfluence import Analyzer, FactorArguments, ScoreArguments, Task, prepare_model
 
     loss_i = per_sample_loss(task)
@@ -279,7 +303,7 @@ def _kronfluence(model, data, task, reg, batch_size):
             return loss_i(model(batch[0]), batch[1]).sum()
 
     f64 = torch.float64
-    fargs = FactorArguments(strategy="ekfac", activation_covariance_dtype=f64,
+    fargs = FactorArguments(strategy=strategy, activation_covariance_dtype=f64,
                             gradient_covariance_dtype=f64, per_sample_gradient_dtype=f64,
                             lambda_dtype=f64)
     sargs = ScoreArguments(damping_factor=reg, per_sample_gradient_dtype=f64,

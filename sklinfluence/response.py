@@ -170,16 +170,16 @@ class Responder:
         resolving to ``"exact"`` both rungs share one factorisation. The
         exact rung's dense Gauss–Newton matrix is built only where it fits in
         memory (:func:`~sklinfluence.memory.dense_fits_memory`); above, the
-        exact rung is block CG to ``tol`` (mixed precision for float64 nets,
-        as ``"auto"``), the same answer to its residual.
+        exact rung is what ``"auto"`` picks there, block CG to ``tol``, the
+        same answer to its residual.
         """
         ctx = self.context
         kind, name = ("ggn", "exact") if exact else (ctx.curvature, ctx.solver)
         params = None if exact else ctx.solver_params
         curvature = self._curvature(kind)
         if exact and not dense_fits_memory(curvature.n_params):
-            name, params = "cg", {"mixed_precision": curvature.model.dtype == torch.float64}
-        resolved, implied = resolve_solver(name, curvature)
+            name, params = resolve_solver("auto", curvature, ctx.tol)  # CG, as "auto" there
+        resolved, implied = resolve_solver(name, curvature, ctx.tol)
         key = (kind, resolved, repr(sorted({**implied, **(params or {})}.items())))
         if key not in self._solvers:
             self._solvers[key] = make_solver(name, curvature, tol=ctx.tol,

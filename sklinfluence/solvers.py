@@ -59,7 +59,8 @@ from .memory import dense_fits_memory
 
 __all__ = ["ExactSolver", "CGSolver", "LissaSolver", "KroneckerSolver", "ArnoldiSolver",
            "IdentitySolver",
-           "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "RESIDUAL_CHECKS", "SolveInfo",
+           "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "MIXED_PRECISION_MIN_TOL",
+           "RESIDUAL_CHECKS", "SolveInfo",
            "LissaDivergenceError", "dense_fits", "make_solver", "measured_rows",
            "resolve_solver"]
 
@@ -83,6 +84,9 @@ PRECONDITIONERS = (None, "ekfac", "kfac", "arnoldi")
 ROUNDING_MARGIN = 30.0
 #: Most float32 refinement rounds of mixed-precision CG (each gains up to 1e-4).
 MAX_REFINEMENTS = 8
+#: ``"auto"`` above the dense size uses mixed-precision CG at this ``tol`` or looser,
+#: float64 CG below it (see :func:`resolve_solver`).
+MIXED_PRECISION_MIN_TOL = 1e-6
 
 
 class LissaDivergenceError(ValueError):
@@ -758,21 +762,27 @@ class IdentitySolver(_DirectSolver):
         return B / self.diagonal
 
 
-def resolve_solver(name: str, curvature: Curvature) -> tuple[str, dict]:
-    """What ``"auto"`` means for this curvature: ``(solver, solver_params)``.
+def resolve_solver(name: str, curvature: Curvature, tol: float = 1e-10) -> tuple[str, dict]:
+    """What ``"auto"`` means for this curvature and ``tol``: ``(solver, solver_params)``.
 
-    Exact up to :data:`EXACT_MAX_PARAMS` parameters (:func:`dense_fits`); above, block CG with
-    mixed precision for float64 models (float32 products, float64 residuals:
-    the same answer for about half the cost) and no preconditioner (on the
-    benchmark's MLP an EK-FAC preconditioner doubled the block iterations,
-    see ``benchmarks/bench_influence.py``). Any other name is returned
-    unchanged.
+    Exact up to :data:`EXACT_MAX_PARAMS` parameters where the dense matrix fits
+    in memory (:func:`dense_fits`); otherwise block CG without a
+    preconditioner (an EK-FAC preconditioner doubled the block iterations on
+    the benchmark's MLP and on the digits CNN: 21 against 9 to 1e-3), in
+    mixed precision for float64 models when ``tol`` is at least
+    :data:`MIXED_PRECISION_MIN_TOL` (float32 products, float64 residuals:
+    the same answer for less). Tighter, each float32 refinement round
+    restarts the Krylov space and plain float64 CG is faster (digits CNN,
+    71,754 parameters, 1,200 × 30 matrix: mixed 0.84× plain at tol 1e-5,
+    1.65× at 1e-10 with 76 block iterations against 16). Any other name is
+    returned unchanged.
     """
     if name != "auto":
         return name, {}
     if dense_fits(curvature.n_params):
         return "exact", {}
-    return "cg", {"mixed_precision": curvature.model.dtype == torch.float64}
+    return "cg", {"mixed_precision": curvature.model.dtype == torch.float64
+                  and tol >= MIXED_PRECISION_MIN_TOL}
 
 
 def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
@@ -805,7 +815,7 @@ def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
             f"solver_params {unknown} are not options of solver={name!r}; it accepts "
             f"{list(SOLVER_PARAMS[name]) or 'none'}.")
     if name == "auto":
-        name, params = resolve_solver(name, curvature)
+        name, params = resolve_solver(name, curvature, tol)
     if name == "exact":
         return ExactSolver(curvature)
     if name == "cg":

@@ -227,7 +227,9 @@ def test_auto_is_exact_for_small_nets_and_cg_above_the_memory_threshold(trained)
     model = InfluenceEstimator(FrozenEstimator(reg), solver="cg", max_iter=1).fit(Xb, yb).model_
     assert model.n_params > EXACT_MAX_PARAMS
     C = Curvature(model, torch.as_tensor(Xb), torch.as_tensor(yb), damping=1e-3)
-    assert resolve_solver("auto", C) == ("cg", {"mixed_precision": True})
+    # mixed precision where float32 refinement pays (tol ≥ MIXED_PRECISION_MIN_TOL)
+    assert resolve_solver("auto", C, 1e-6) == ("cg", {"mixed_precision": True})
+    assert resolve_solver("auto", C, 1e-10) == ("cg", {"mixed_precision": False})
     assert resolve_solver("lissa", C) == ("lissa", {})
 
 
@@ -337,13 +339,14 @@ def test_low_rank_arnoldi_through_the_estimator_equals_its_closed_form():
 # ---------------------------------------------------------------- above EXACT_MAX_PARAMS
 def test_auto_above_the_threshold_is_mixed_precision_cg_and_equals_exact(trained, monkeypatch):
     """``"auto"`` above :data:`EXACT_MAX_PARAMS` (lowered below this net's size: the
-    knob ``dense_fits`` reads at call time) is float32-product block CG refined in
+    knob ``dense_fits`` reads at call time) at a ``tol`` of at least
+    ``MIXED_PRECISION_MIN_TOL`` is float32-product block CG refined in
     float64 to ``tol``, and its answers are the exact ones to what the residuals
     allow: a solve with relative residual ``r`` errs by ``‖x − x*‖ ≤ r ‖g_m‖/λ_min``,
     so ``|gₑᵀ(x − x*)| ≤ r ‖gₑ‖ ‖g_m‖/λ_min``, with ``r = tol`` for CG plus
     ``SOLVE_RESIDUAL_PER_CONDITION · κ`` for the exact reference."""
     net, X, y = trained
-    tol = 1e-10
+    tol = solvers.MIXED_PRECISION_MIN_TOL
     exact = influence(net, X, y, solver="exact")
     monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", exact.model_.n_params - 1)
     auto = influence(net, X, y, tol=tol)
