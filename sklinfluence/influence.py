@@ -20,6 +20,10 @@ from .measure import MEASURES, to_numpy
 from .solvers import SOLVERS
 from .threads import compute_section
 
+#: Gradient bytes per chunk of the streamed side of an influence matrix when
+#: ``batch_size`` is None (``8 · P`` bytes a row, float64).
+STREAM_BYTES = 256 * 2**20
+
 __all__ = ["InfluenceEstimator"]
 
 
@@ -95,9 +99,10 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         residual (:class:`~sklearn.exceptions.ConvergenceWarning`).
     batch_size : int, default=None
         Number of samples processed at once for gradients and curvature
-        products, and the chunk in which the larger side of an influence
-        matrix is streamed (``None``: all). Bounds memory, never changes
-        results.
+        products (``None``: all), and the chunk in which the larger side of
+        an influence matrix is streamed (``None``: as many rows as keep its
+        gradients within ``STREAM_BYTES``, 256 MiB). Bounds memory, never
+        changes results.
     measure : {"linear", "loss"}, default="linear"
         How a response is turned into a score (:mod:`sklinfluence.measure`):
         ``"linear"``, the first-order change ``∇Q(θˢ)ᵀ Δθ`` — the classic
@@ -287,11 +292,17 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         solves.append(self.solver_.last_solve)
         return X
 
+    def _stream_rows(self) -> int:
+        """Rows per chunk of the streamed side of an influence matrix."""
+        return self.batch_size or max(1, STREAM_BYTES // (8 * self.model_.n_params))
+
     def _linear_parts(self, removals: list) -> tuple:
-        """Chunks of removals of at most ``batch_size`` rows each (one removal at least)."""
+        """Chunks of removals of at most :meth:`_stream_rows` rows each (one removal at
+        least)."""
         chunks, current, rows = [], [], 0
+        limit = self._stream_rows()
         for removal in removals:
-            if current and self.batch_size and rows + removal.size > self.batch_size:
+            if current and rows + removal.size > limit:
                 chunks.append(current)
                 current, rows = [], 0
             current.append(removal)
@@ -380,7 +391,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         del G_small
         blocks = []
         streamed = self._linear_parts(removals) if eval_side else \
-            iterate_batches(Xe, Te, self.batch_size)
+            iterate_batches(Xe, Te, self._stream_rows())
         for part in streamed:  # stream the larger side
             start = time.perf_counter()
             G = (self._forces(part) if eval_side else self._grads(*part)).to(torch.float64)
