@@ -6,7 +6,6 @@ paths a large net takes are run to values and compared with the dense ones."""
 
 import numpy as np
 import pytest
-import torch
 from numpy.testing import assert_allclose
 
 from nets import make_net, toy_data
