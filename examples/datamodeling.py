@@ -225,7 +225,8 @@ def main(argv=None):
             cells = [table[name, label, ref] for label in labels]
             left.bar(positions + k * width, [np.nan if c is None else c.mean for c in cells],
                      width, yerr=[0.0 if c is None else c.bootstrap_std for c in cells],
-                     label=f"{name.split('(')[0]} vs {'retraining' if ref == 'retrain' else 'PBRF'}")
+                     label=f"{name.split('(')[0]} vs "
+                           f"{'retraining' if ref == 'retrain' else 'PBRF'}")
         left.set_xticks(positions + width * (len(bars) - 1) / 2,
                       [label.replace(" ", "\n", 1) for label in labels])
         left.axhline(0.0, color="black", linewidth=0.8)

@@ -19,7 +19,7 @@ vectors and tensors ``X`` / ``T`` already in the module's dtype and device.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Union
 
 import torch
@@ -227,11 +227,7 @@ class FunctionalModel:
         Attention layers run on differentiable kernels (see
         :func:`differentiable_attention`).
         """
-        if self._attention:
-            with differentiable_attention():
-                out = functional_call(self.module, {**self.unflatten(theta), **self.frozen},
-                                      (X,))
-        else:
+        with differentiable_attention() if self._attention else nullcontext():
             out = functional_call(self.module, {**self.unflatten(theta), **self.frozen}, (X,))
         if isinstance(out, tuple):  # skorch convention: first output is the prediction
             out = out[0]

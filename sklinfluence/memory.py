@@ -60,9 +60,10 @@ def dense_bytes(n_params: int) -> int:
     return 16 * int(n_params) ** 2
 
 
-def dense_fits_memory(n_params: int) -> bool:
-    """Whether a dense ``P × P`` curvature and its factor fit in :func:`memory_limit`."""
-    limit = memory_limit()
+def dense_fits_memory(n_params: int, limit: int | None = None) -> bool:
+    """Whether a dense ``P × P`` curvature and its factor fit in ``limit``
+    (default: :func:`memory_limit`, read now)."""
+    limit = memory_limit() if limit is None else limit
     return limit is None or dense_bytes(n_params) <= limit
 
 
@@ -74,25 +75,23 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def check_dense(n_params: int, what: str = "the dense damped curvature") -> None:
+def check_dense(n_params: int) -> None:
     """Raise :class:`NotEnoughMemoryError` unless ``16 P²`` bytes fit in the limit.
 
     Parameters
     ----------
     n_params : int
-        ``P``.
-    what : str
-        What needs the matrix, for the message.
+        ``P``, the number of parameters.
     """
-    if dense_fits_memory(n_params):
-        return
     limit = memory_limit()
+    if dense_fits_memory(n_params, limit):
+        return
     setting = get_config()["memory_limit_bytes"]
     source = ("set_config(memory_limit_bytes=...)" if setting is not None else
               "half the memory this system reports available; "
               "set_config(memory_limit_bytes=...) changes it")
     raise NotEnoughMemoryError(
-        f"{what} of this net is a dense {n_params:,} × {n_params:,} matrix: "
+        f"the damped curvature of this net is a dense {n_params:,} × {n_params:,} matrix: "
         f"{format_bytes(dense_bytes(n_params))} to build and factorise (16·P² bytes, float64), "
         f"more than the limit of {format_bytes(limit)} ({source}). Nothing was allocated. "
         "What fits: solver='cg' (matrix-free block conjugate gradients, the exact answer to "

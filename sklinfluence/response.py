@@ -257,7 +257,8 @@ class Responder:
 
 _PIECEWISE_LINEAR = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU,
                      torch.nn.Hardtanh, torch.nn.Hardswish, torch.nn.Hardsigmoid,
-                     torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd)
+                     torch.nn.modules.pooling._MaxPoolNd,
+                     torch.nn.modules.pooling._AdaptiveMaxPoolNd)
 
 
 def _piecewise_linear_layers(module: torch.nn.Module) -> list[str]:
