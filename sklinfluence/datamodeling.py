@@ -136,7 +136,7 @@ class LinearDatamodelingScore(BaseResponseEstimator):
         same size, so a vectorised ensemble trains that many copies at once
         when the recipe can be replayed (:mod:`sklinfluence.ensemble`).
         Fewer, larger ensembles are faster: with ``n_subsets=50`` on the
-        digits MLP, 50 at once took 0.73× the time of 32 + 18 and 0.15× the
+        digits MLP, 50 at once took 0.84× the time of 32 + 18 and 0.15× the
         time of one at a time, for about 8·B·3P bytes more memory
         (``benchmarks/bench_lds.py``).
     {execution}
