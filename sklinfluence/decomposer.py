@@ -51,10 +51,12 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         ``FrozenEstimator`` net is refused by ``transform``).
     damping : float, default=1e-3
         ``λ`` of the proximal rungs and the influence solves.
-    solver : {"auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity"}, default="auto"
+    solver : {"auto", "exact", "kernel", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity"}, default="auto"
         Solver of the practical influence (rung 5), as in
         :class:`~sklinfluence.InfluenceEstimator`. Rung 4 is always the exact
-        damped Gauss–Newton solve.
+        damped Gauss–Newton solve: dense up to 5,000 parameters, in kernel
+        form above where the data are smaller than the net, block CG to
+        ``tol`` otherwise.
     solver_params : dict, default=None
         Options of ``solver`` (see :class:`~sklinfluence.InfluenceEstimator`).
     curvature : {"ggn", "hessian"}, default="ggn"

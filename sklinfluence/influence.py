@@ -52,11 +52,16 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         without retraining, wrap it: ``FrozenEstimator(trained_net)``.
     damping : float, default=1e-3
         ``λ ≥ 0`` added to the curvature's diagonal.
-    solver : {"auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity"}, default="auto"
+    solver : {"auto", "exact", "kernel", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity"}, default="auto"
         How ``(C + λI)⁻¹`` is applied (:mod:`sklinfluence.solvers`):
 
         - ``"exact"``: dense ``P × P`` curvature in float64, factorised once
           at ``fit`` (memory ``8 P²`` bytes);
+        - ``"kernel"``: the same exact inverse of the Gauss–Newton matrix in
+          kernel (Woodbury) form, an ``n × n`` factorisation for ``n = N·K'``
+          rows (``K'`` output-Hessian root columns per sample; memory
+          ``16 n²`` bytes) — for nets larger than their data, of the layer
+          types EK-FAC handles (:mod:`sklinfluence.kernel`);
         - ``"cg"``: matrix-free conjugate gradients on all right-hand sides at
           once, optionally preconditioned (``solver_params``); exact to
           ``tol``;
@@ -73,9 +78,10 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         - ``"identity"``: grad-dot, the baseline of SPEC §8 — the curvature
           of the data replaced by 0, ``∇Qᵀ∇L / (μ + λ)`` (needs
           ``damping > 0`` or weight decay; rankings do not depend on it);
-        - ``"auto"``: ``"exact"`` up to 5,000 parameters, block CG above
-          (mixed precision for float64 nets: float32 products refined to
-          ``tol`` in float64).
+        - ``"auto"``: ``"exact"`` up to 5,000 parameters; above, ``"kernel"``
+          where ``N·K ≤ P`` and it fits in memory, block CG otherwise
+          (mixed precision for float64 nets at ``tol ≥ 1e-6``: float32
+          products refined to ``tol`` in float64).
     solver_params : dict, default=None
         Options of the solver: for ``"cg"`` ``{"preconditioner": "ekfac" |
         "kfac" | "arnoldi" | None, "rank": int, "block_size": int,

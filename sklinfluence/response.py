@@ -173,18 +173,22 @@ class Responder:
         """The linear solver of the exact rung or of the configured one.
 
         Solvers are kept by what they resolve to: with ``solver="auto"``
-        resolving to ``"exact"`` both rungs share one factorisation. The
-        exact rung's dense Gauss–Newton matrix is built only where it fits in
-        memory (:func:`~sklinfluence.memory.dense_fits_memory`); above, the
-        exact rung is what ``"auto"`` picks there, block CG to ``tol``, the
-        same answer to its residual.
+        resolving to ``"exact"`` (or ``"kernel"``) both rungs share one
+        factorisation. The exact rung is the dense Gauss–Newton solve up to
+        :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` parameters; above, the
+        kernel form where ``"auto"`` picks it (the same inverse), else the
+        dense matrix where it fits in memory
+        (:func:`~sklinfluence.memory.dense_fits_memory`), else what ``"auto"``
+        picks, block CG to ``tol``, the same answer to its residual.
         """
         ctx = self.context
         kind, name = ("ggn", "exact") if exact else (ctx.curvature, ctx.solver)
         params = None if exact else ctx.solver_params
         curvature = self._curvature(kind)
-        if exact and not dense_fits_memory(curvature.n_params):
-            name, params = resolve_solver("auto", curvature, ctx.tol)  # CG, as "auto" there
+        if exact and not dense_fits(curvature.n_params):
+            picked, implied = resolve_solver("auto", curvature, ctx.tol)
+            if picked == "kernel" or not dense_fits_memory(curvature.n_params):
+                name, params = picked, implied
         resolved, implied = resolve_solver(name, curvature, ctx.tol)
         key = (kind, resolved, repr(sorted({**implied, **(params or {})}.items())))
         if key not in self._solvers:
@@ -196,13 +200,16 @@ class Responder:
     def chord_solver(self):
         """``(G + μI + λI)⁻¹``, shared by the batched PBRF solves.
 
-        The exact rung-4 solver (dense Cholesky) up to
-        :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` parameters where it fits
-        in memory (:func:`~sklinfluence.solvers.dense_fits`), batched CG to
-        1e-8 otherwise.
+        The exact rung-4 solver where it is a factorisation: the dense
+        Cholesky up to :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS`
+        parameters where it fits in memory
+        (:func:`~sklinfluence.solvers.dense_fits`), or the kernel form
+        (:class:`~sklinfluence.solvers.KernelSolver`); batched CG to 1e-8
+        otherwise.
         """
         ctx = self.context
-        if dense_fits(ctx.model.n_params):
+        if dense_fits(ctx.model.n_params) or resolve_solver(
+                "auto", self._curvature("ggn"), ctx.tol)[0] == "kernel":
             return self.solver(exact=True)
         if "chord" not in self._solvers:
             self._solvers["chord"] = make_solver("cg", self._curvature("ggn"), tol=CHORD_TOL,

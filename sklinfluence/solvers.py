@@ -11,6 +11,10 @@ the true curvature on a few right-hand sides.
 - :class:`ExactSolver` builds the dense matrix in float64 and factorises it
   once (Cholesky; for an indefinite Hessian it raises with the most negative
   eigenvalue).
+- :class:`KernelSolver` is the same exact inverse of the Gauss–Newton
+  matrix in kernel (Woodbury) form, an ``n × n`` Cholesky factorisation for
+  ``n = N·K'`` kernel rows (:mod:`sklinfluence.kernel`): where the data are
+  smaller than the net.
 - :class:`CGSolver` runs (preconditioned) conjugate gradients on all
   right-hand sides together — one batched curvature product per iteration,
   each column with its own step sizes, stopping each column at its own
@@ -53,21 +57,22 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .curvature import Curvature
+from .kernel import GaussNewtonKernel, kernel_applies
 from .kfac import KroneckerFactors
 from .lowrank import bottom_eigenvalue, top_eigenpairs, top_eigenvalue
 from .memory import dense_fits_memory
 
-__all__ = ["ExactSolver", "CGSolver", "LissaSolver", "KroneckerSolver", "ArnoldiSolver",
+__all__ = ["ExactSolver", "KernelSolver", "CGSolver", "LissaSolver", "KroneckerSolver", "ArnoldiSolver",
            "IdentitySolver",
            "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "MIXED_PRECISION_MIN_TOL",
            "RESIDUAL_CHECKS", "SolveInfo",
            "LissaDivergenceError", "dense_fits", "make_solver", "measured_rows",
            "resolve_solver"]
 
-SOLVERS = ("auto", "exact", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity")
+SOLVERS = ("auto", "exact", "kernel", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity")
 #: The ``solver_params`` each solver accepts (besides ``tol``/``max_iter``).
 SOLVER_PARAMS = {
-    "auto": (), "exact": (), "cg": ("preconditioner", "rank", "block_size", "mixed_precision"),
+    "auto": (), "exact": (), "kernel": (), "cg": ("preconditioner", "rank", "block_size", "mixed_precision"),
     "lissa": ("scale",),
     "ekfac": (), "kfac": (), "arnoldi": ("rank",), "identity": (),
 }
@@ -278,6 +283,50 @@ class ExactSolver(_DirectSolver):
         """``X L Lᵀ = B`` by two triangular solves (faster here than ``cholesky_solve``)."""
         Y = torch.linalg.solve_triangular(self._factor.T, B, upper=True, left=False)
         return torch.linalg.solve_triangular(self._factor, Y, upper=False, left=False)
+
+
+class KernelSolver(_DirectSolver):
+    """Exact damped Gauss–Newton inverse in kernel (Woodbury) form.
+
+    ``(G + D)⁻¹ = D^{-1/2}(I − Ũᵀ(I + ŨŨᵀ)⁻¹Ũ)D^{-1/2}`` with the ``n = N·K'``
+    rows of ``Ũ`` from per-layer captures (:mod:`sklinfluence.kernel`): the
+    exact solver's answer, to rounding, for ``16 n²`` bytes instead of
+    ``16 P²``. On the digits CNN (1,200 samples, 71,754 parameters) the kernel
+    has 10,800 rows.
+
+    Parameters
+    ----------
+    curvature : Curvature
+        A Gauss–Newton operator (``kind="ggn"``) with weight decay plus
+        damping positive; every trainable parameter in a registered layer
+        type (:mod:`sklinfluence.layers`).
+    verbose : int, default=0
+        Progress bar over the kernel's blocks.
+
+    Raises
+    ------
+    ValueError
+        For a Hessian, a non-positive ``D``, or layers outside the registry
+        (:class:`~sklinfluence.layers.UnsupportedLayerError`).
+    NotEnoughMemoryError
+        Before allocating, when the kernel does not fit.
+    """
+
+    measures_residual = False
+
+    def __init__(self, curvature: Curvature, verbose: int = 0) -> None:
+        super().__init__(curvature)
+        if curvature.kind != "ggn":
+            raise ValueError("solver='kernel' inverts the Gauss–Newton matrix; with "
+                             "curvature='hessian' use solver='exact' or 'cg'.")
+        self._kernel = GaussNewtonKernel(curvature.model, curvature.theta, curvature.X,
+                                         curvature.T, damping=curvature.damping,
+                                         batch_size=curvature.batch_size, verbose=verbose)
+        self.info = {"solver": "kernel", "approximate": False,
+                     "n_params": curvature.n_params, **self._kernel.info}
+
+    def _apply(self, B: Tensor) -> Tensor:
+        return self._kernel.solve(B)
 
 
 class CGSolver(_SolverBase):
@@ -766,7 +815,10 @@ def resolve_solver(name: str, curvature: Curvature, tol: float = 1e-10) -> tuple
     """What ``"auto"`` means for this curvature and ``tol``: ``(solver, solver_params)``.
 
     Exact up to :data:`EXACT_MAX_PARAMS` parameters where the dense matrix fits
-    in memory (:func:`dense_fits`); otherwise block CG without a
+    in memory (:func:`dense_fits`); above, the kernel form where the data are
+    smaller than the net and it fits (:func:`~sklinfluence.kernel.kernel_applies`:
+    ``N·K ≤ P``, a Gauss–Newton matrix, registered layers; the exact answer,
+    on the digits CNN faster than CG even at tol 1e-3); otherwise block CG without a
     preconditioner (an EK-FAC preconditioner doubled the block iterations on
     the benchmark's MLP and on the digits CNN: 21 against 9 to 1e-3), in
     mixed precision for float64 models when ``tol`` is at least
@@ -781,6 +833,9 @@ def resolve_solver(name: str, curvature: Curvature, tol: float = 1e-10) -> tuple
         return name, {}
     if dense_fits(curvature.n_params):
         return "exact", {}
+    if curvature.kind == "ggn" and kernel_applies(
+            curvature.model, curvature.X, curvature.model.weight_decay + curvature.damping) is None:
+        return "kernel", {}
     return "cg", {"mixed_precision": curvature.model.dtype == torch.float64
                   and tol >= MIXED_PRECISION_MIN_TOL}
 
@@ -818,6 +873,8 @@ def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
         name, params = resolve_solver(name, curvature, tol)
     if name == "exact":
         return ExactSolver(curvature)
+    if name == "kernel":
+        return KernelSolver(curvature, verbose=verbose)
     if name == "cg":
         preconditioner = params.get("preconditioner")
         if preconditioner not in PRECONDITIONERS:

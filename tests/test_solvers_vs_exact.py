@@ -18,6 +18,7 @@ from skorch import NeuralNetClassifier, NeuralNetRegressor
 
 from linear_problems import recipe, well_conditioned_data
 from nets import make_net, mlp, toy_data
+import sklinfluence
 from sklinfluence import InfluenceEstimator
 from sklinfluence.curvature import Curvature
 from sklinfluence.kfac import KroneckerFactors
@@ -243,15 +244,24 @@ def test_top_eigenpairs_by_lanczos_match_the_dense_ones():
     assert approx.info["top_eigenvalue"] == pytest.approx(float(dense[0]), rel=1e-6)
 
 
-def test_auto_is_exact_for_small_nets_and_cg_above_the_memory_threshold(trained):
+def test_auto_is_exact_for_small_nets_kernel_for_small_data_and_cg_above(trained):
+    """Dense up to EXACT_MAX_PARAMS; above, the kernel form while ``N·K ≤ P`` (and it
+    fits), block CG once the data outgrow the net or the kernel the memory limit."""
     net, X, y = trained
     est = influence(net, X, y)
     assert est.diagnostics_["solver"] == "exact" and est.diagnostics_["requested_solver"] == "auto"
     Xb, yb = toy_data("CrossEntropyLoss", n=8, d=100, n_out=2)
     reg = make_net("CrossEntropyLoss", 100, 2, hidden=60, max_epochs=1).fit(Xb, yb)
     model = InfluenceEstimator(FrozenEstimator(reg), solver="cg", max_iter=1).fit(Xb, yb).model_
-    assert model.n_params > EXACT_MAX_PARAMS
-    C = Curvature(model, torch.as_tensor(Xb), torch.as_tensor(yb), damping=1e-3)
+    P = model.n_params
+    assert P > EXACT_MAX_PARAMS
+    small = Curvature(model, torch.as_tensor(Xb), torch.as_tensor(yb), damping=1e-3)
+    assert resolve_solver("auto", small, 1e-6) == ("kernel", {})
+    with sklinfluence.config_context(memory_limit_bytes=16 * (8 * 2) ** 2 - 1):
+        assert resolve_solver("auto", small, 1e-6)[0] == "cg"  # the kernel does not fit
+    n = P // 2 + 1  # N·K > P: more kernel rows than parameters
+    Xl, yl = np.resize(Xb, (n, Xb.shape[1])), np.resize(yb, n)
+    C = Curvature(model, torch.as_tensor(Xl), torch.as_tensor(yl), damping=1e-3)
     # mixed precision where float32 refinement pays (tol ≥ MIXED_PRECISION_MIN_TOL)
     assert resolve_solver("auto", C, 1e-6) == ("cg", {"mixed_precision": True})
     assert resolve_solver("auto", C, 1e-10) == ("cg", {"mixed_precision": False})

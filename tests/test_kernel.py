@@ -1,0 +1,158 @@
+"""The kernel (Woodbury) form of the exact damped Gauss–Newton inverse
+(:mod:`sklinfluence.kernel`, ``solver="kernel"``): equal to the dense solve on every
+registered layer type, in both of its per-layer forms, for losses with and without a
+vanishing root column; refused before allocating where it does not fit; and what
+``"auto"``, the Decomposer's exact rung and the PBRF's shared factor use above
+``EXACT_MAX_PARAMS`` when the data are smaller than the net."""
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose
+from torch import nn
+
+import sklinfluence
+from sklinfluence import Decomposer, InfluenceEstimator
+from sklinfluence import solvers
+from sklinfluence.cache import RESPONSE_CACHE
+from sklinfluence.curvature import Curvature
+from sklinfluence.kernel import GaussNewtonKernel, _Factored, _Materialised
+from sklinfluence.layers import UnsupportedLayerError
+from sklinfluence.memory import NotEnoughMemoryError
+from sklinfluence.solvers import KernelSolver, make_solver
+from test_kfac import _cnn, _dense_ggn, _model, _targets, _token_net
+from test_architectures import LAMBDA as ARCH_LAMBDA, _net
+from tolerances import CLOSED_FORM_RTOL
+
+LAMBDA = 1e-2  # the damping throughout (the architecture nets add their decay)
+
+
+def _mlp():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)), \
+        torch.randn(9, 5, dtype=torch.float64)
+
+
+NETS = {"cnn_batchnorm": lambda: _cnn("batch"), "cnn_groupnorm": lambda: _cnn("group"),
+        "tokens_layernorm": _token_net, "mlp": _mlp}
+
+
+def _reference_solve(model, X, T, B):
+    A = _dense_ggn(model, X, T) + LAMBDA * torch.eye(model.n_params, dtype=torch.float64)
+    return torch.linalg.solve(A, B.T).T
+
+
+@pytest.mark.parametrize("criterion", ["MSELoss", "CrossEntropyLoss"])
+@pytest.mark.parametrize("name", list(NETS))
+def test_kernel_solve_equals_the_dense_solve(name, criterion):
+    """Every registered layer type, chunked captures (batch_size 7), float64: the
+    Woodbury solve is the dense one to rounding. The cross-entropy's Hessian is
+    blind to a shift of all logits: one root column fewer per sample."""
+    module, X = NETS[name]()
+    model = _model(module, criterion)
+    T = _targets(model, X, criterion)
+    kernel = GaussNewtonKernel(model, model.params, X, T, damping=LAMBDA, batch_size=7)
+    n_out = model.forward(model.params, X[:1]).shape[1]
+    K = n_out - 1 if criterion == "CrossEntropyLoss" else n_out
+    assert kernel.info["root_columns"] == K and kernel.n_rows == len(X) * K
+    B = torch.randn(6, model.n_params, dtype=torch.float64, generator=torch.Generator()
+                    .manual_seed(0))
+    expected = _reference_solve(model, X, T, B)
+    assert_allclose(kernel.solve(B).numpy(), expected.numpy(), rtol=CLOSED_FORM_RTOL,
+                    atol=1e-12 * float(expected.abs().max()))
+
+
+def test_linear_layers_are_factored_unless_their_decay_varies_down_a_column():
+    """A Linear layer on one row per sample keeps ``g ⊗ ã`` (never formed); one whose
+    weight decay differs between entries of a column of ``[W | b]`` is materialised —
+    and both give the dense answer."""
+    module, X = _mlp()
+    model = _model(module, "CrossEntropyLoss")
+    T = _targets(model, X, "CrossEntropyLoss")
+    even = GaussNewtonKernel(model, model.params, X, T, damping=LAMBDA)
+    assert [type(p) for p in even.parts] == [_Factored, _Factored]
+    # a decay per column (weight vs bias) stays factored; one varying down a column does not
+    model.weight_decay[35:42] = 0.05  # first layer's bias (7 · 5 weights before it)
+    by_column = GaussNewtonKernel(model, model.params, X, T, damping=LAMBDA)
+    assert [type(p) for p in by_column.parts] == [_Factored, _Factored]
+    expected_by_column = _reference_solve(model, X, T, B := torch.randn(
+        4, model.n_params, dtype=torch.float64))
+    assert_allclose(by_column.solve(B).numpy(), expected_by_column.numpy(),
+                    rtol=CLOSED_FORM_RTOL, atol=1e-12 * float(expected_by_column.abs().max()))
+    model.weight_decay[:3] = 0.02  # three weights of the first row only
+    uneven = GaussNewtonKernel(model, model.params, X, T, damping=LAMBDA)
+    assert [type(p) for p in uneven.parts] == [_Materialised, _Factored]
+    expected = _reference_solve(model, X, T, B)
+    for kernel in (uneven,):
+        assert_allclose(kernel.solve(B).numpy(), expected.numpy(), rtol=CLOSED_FORM_RTOL,
+                        atol=1e-12 * float(expected.abs().max()))
+
+
+def test_a_kernel_that_does_not_fit_is_refused_before_allocating():
+    module, X = _cnn("batch")
+    model = _model(module, "MSELoss")
+    T = _targets(model, X)
+    with sklinfluence.config_context(memory_limit_bytes=10_000):
+        with pytest.raises(NotEnoughMemoryError, match="kernel rows.*Nothing was allocated"):
+            GaussNewtonKernel(model, model.params, X, T, damping=LAMBDA)
+
+
+def test_the_kernel_solver_refuses_what_it_cannot_invert():
+    module, X = _mlp()
+    model = _model(module, "MSELoss", mu=0.0)
+    T = _targets(model, X)
+    with pytest.raises(ValueError, match="damping"):
+        make_solver("kernel", Curvature(model, X, T, damping=0.0))
+    with pytest.raises(ValueError, match="hessian"):
+        make_solver("kernel", Curvature(model, X, T, kind="hessian", damping=1.0))
+    conv1d = _model(nn.Sequential(nn.Unflatten(1, (1, 5)), nn.Conv1d(1, 2, 2), nn.Flatten()))
+    with pytest.raises(UnsupportedLayerError, match="Conv1d"):
+        make_solver("kernel", Curvature(conv1d, X, torch.zeros(9, 8, dtype=torch.float64),
+                                        damping=1.0))
+
+
+# ------------------------------------------------------- through the estimators
+@pytest.fixture(scope="module")
+def tanh_cnn():
+    """The architecture matrix's CNN (157 parameters, smooth) on 48 digits of 3
+    classes: 48 × 2 = 96 kernel rows."""
+    from test_architectures import _digits as three_digits
+    X, y = three_digits()
+    return _net("cnn"), X, y
+
+
+def test_auto_above_the_threshold_is_the_kernel_and_equals_exact(tanh_cnn, monkeypatch):
+    """With ``EXACT_MAX_PARAMS`` lowered below the net's size, ``"auto"`` is the kernel
+    form and gives the exact solver's matrix to rounding."""
+    net, X, y = tanh_cnn
+    exact = InfluenceEstimator(net, damping=ARCH_LAMBDA, solver="exact", random_state=0).fit(X, y)
+    expected = exact.loss_change(X, y, X[:7], y[:7])
+    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", exact.model_.n_params - 1)
+    auto = InfluenceEstimator(net, damping=ARCH_LAMBDA, random_state=0).fit(X, y)
+    assert auto.diagnostics_["solver"] == "kernel" and isinstance(auto.solver_, KernelSolver)
+    assert auto.diagnostics_["kernel_rows"] == len(X) * 2
+    assert_allclose(auto.loss_change(X, y, X[:7], y[:7]), expected, rtol=CLOSED_FORM_RTOL,
+                    atol=1e-12 * np.abs(expected).max())
+
+
+def test_decomposer_uses_the_kernel_for_rung_4_and_the_pbrf_factor(tanh_cnn, monkeypatch):
+    """Above ``EXACT_MAX_PARAMS`` the Decomposer's exact rung and the batched PBRF's
+    shared chord factor are one kernel factorisation, and both rungs equal the dense
+    route's."""
+    net, X, y = tanh_cnn
+    RESPONSE_CACHE.clear()
+    dense = Decomposer(net, damping=ARCH_LAMBDA, random_state=0, pbrf_tol=1e-10).fit(X, y)
+    rows = X[:3], y[:3]
+    expected = dense.rung_responses(*rows)
+    RESPONSE_CACHE.clear()
+    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", dense.model_.n_params - 1)
+    built = []
+    original = KernelSolver.__init__
+    monkeypatch.setattr(KernelSolver, "__init__", lambda self, *a, **k: (
+        built.append(1), original(self, *a, **k))[1])
+    dec = Decomposer(net, damping=ARCH_LAMBDA, random_state=0, pbrf_tol=1e-10).fit(X, y)
+    got = dec.rung_responses(*rows)
+    assert len(built) == 1
+    for rung in ("exact_influence", "pbrf"):
+        scale = float(np.abs(expected[rung]).max())
+        assert_allclose(got[rung], expected[rung], rtol=1e-8, atol=1e-10 * scale)
