@@ -285,10 +285,10 @@ def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) ->
     found = [v for v in (i.get("lowest_curvature", 0.0) for _, i in stopped) if np.isfinite(v)]
     lowest = min(found, default=float("nan"))
     if lowest < 0:
-        advice = (f" The most negative eigenvalue of their Hessians at θˢ is {lowest:.3e}: the "
-                  "removal term outweighs curvature plus damping, so these objectives are not "
-                  "convex there and may have no minimiser near θˢ; damping above "
-                  f"{ctx.damping - lowest:.3e} makes them convex.")
+        advice = (" The most negative eigenvalue of their Hessians at θˢ is at most "
+                  f"{lowest:.3e}: the removal term outweighs curvature plus damping, so these "
+                  "objectives are not convex there and may have no minimiser near θˢ; they "
+                  f"need damping above {ctx.damping - lowest:.3e} at least to be convex.")
     elif found:
         kinked = _piecewise_linear_layers(ctx.model.module)
         advice = " Increase max_iter." + (
@@ -298,8 +298,9 @@ def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) ->
             "activations such as Tanh, GELU or Softplus do not have this)." if kinked else "")
     else:
         advice = (" Whether their objectives are convex at θˢ could not be settled cheaply "
-                  "(the smallest Hessian eigenvalue did not converge in bounded Lanczos); if "
-                  "a larger max_iter does not help, increase damping.")
+                  "(bounded Lanczos did not find the smallest Hessian eigenvalue, or the net "
+                  "is too large to try); if a larger max_iter does not help, increase "
+                  "damping.")
     where = f"training row {m}" if m >= 0 else "a removal"
     warnings.warn(
         f"{len(stopped)} of {n} {r.name} solves stopped short of tol={ctx.pbrf_tol:g}; the "

@@ -180,6 +180,94 @@ def test_batched_pbrf_equals_one_at_a_time():
     assert np.abs(batched - single).max() / scale.min() < 1e-7
 
 
+def _digits_mlp_pbrf(damping, batch):
+    from sklearn.datasets import load_digits
+    from skorch import NeuralNetClassifier
+    import torch
+
+    from test_mlp_ladder import MLP
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:300] / 16.0, y[:300]
+    net = NeuralNetClassifier(MLP, criterion=torch.nn.CrossEntropyLoss, lr=0.1,
+                              optimizer__momentum=0.9, optimizer__weight_decay=1e-3,
+                              batch_size=50, max_epochs=20, iterator_train__shuffle=True,
+                              verbose=0)
+    RESPONSE_CACHE.clear()
+    return PBRFEstimator(net, damping=damping, removal_batch_size=batch,
+                         random_state=0).fit(X, y), X
+
+
+def _pbrf_hessian_at_the_optimum(est, row):
+    """``H₀`` and the PBRF objective's Hessian ``H₀ − ε ∇²L_m`` at ``θˢ``, dense."""
+    import torch
+    from torch.func import hessian
+
+    from sklinfluence.curvature import Curvature
+
+    model, Xt, Tt = est.model_, est.X_train_, est.T_train_
+    H0 = Curvature(model, Xt, Tt, damping=est.damping).dense()
+    removed = hessian(lambda th: model.losses(th, Xt[row:row + 1], Tt[row:row + 1])[0])(
+        model.params)
+    return H0, H0 - est.epsilon_ * removed
+
+
+def test_anderson_mixing_converges_where_the_plain_chord_diverges(monkeypatch):
+    """At damping 1e-4 the plain chord iteration ``θ ← θ − H₀⁻¹∇F`` diverges for row 3
+    (spectral radius of ``I − H₀⁻¹H`` above 1, computed densely here) and crawls for
+    rows 4 and 7; mixed with its last steps it converges for every row in the batch
+    without handing any to Newton, to the one-at-a-time Newton answers."""
+    import torch
+
+    from sklinfluence import pbrf
+
+    rows = [0, 1, 2, 3, 4, 6, 7]
+    many, X = _digits_mlp_pbrf(1e-4, 8)
+    H0, H = _pbrf_hessian_at_the_optimum(many, 3)
+    assert float((1 - torch.linalg.eigvals(torch.linalg.solve(H0, H)).real).abs().max()) > 1
+    newton = []
+    minimize = pbrf.minimize_response
+    monkeypatch.setattr(pbrf, "minimize_response",
+                        lambda *a, **k: (newton.append(1), minimize(*a, **k))[1])
+    batched = many.param_change(X[rows])
+    info = many.responder_.last_info
+    assert not newton and info["converged"].all()
+    assert (info["grad_norm"] <= 1e-9 * info["initial_grad_norm"]).all()
+    monkeypatch.setattr(pbrf, "minimize_response", minimize)
+    one, _ = _digits_mlp_pbrf(1e-4, 1)
+    single = one.param_change(X[rows])
+    assert one.responder_.last_info["converged"].all()
+    scale = np.linalg.norm(single, axis=1, keepdims=True)
+    assert np.abs(batched - single).max() / scale.min() < 1e-7
+
+
+def test_a_removal_whose_objective_is_not_convex_is_certified_without_newton(monkeypatch):
+    """At damping 1e-3 row 5's PBRF objective is not convex at ``θˢ`` (its Hessian's
+    lowest eigenvalue, computed densely here, is negative): the batched iteration
+    stalls, finds negative curvature in the span of its own steps and reports it — a
+    Ritz value, so between the true lowest eigenvalue and 0 — without a Newton solve;
+    the warning says what damping convexity needs at least."""
+    import torch
+    from sklearn.exceptions import ConvergenceWarning
+
+    from sklinfluence import pbrf
+
+    est, X = _digits_mlp_pbrf(1e-3, 8)
+    _, H = _pbrf_hessian_at_the_optimum(est, 5)
+    lowest = float(torch.linalg.eigvalsh(H)[0])
+    assert lowest < 0
+    newton = []
+    minimize = pbrf.minimize_response
+    monkeypatch.setattr(pbrf, "minimize_response",
+                        lambda *a, **k: (newton.append(1), minimize(*a, **k))[1])
+    with pytest.warns(ConvergenceWarning, match="at most -.*at least to be convex"):
+        est.param_change(X[:8])
+    info = est.responder_.last_info
+    assert not newton
+    assert not info["converged"][5] and np.delete(info["converged"], 5).all()
+    assert lowest <= info["lowest_curvature"][5] < 0
+
+
 @pytest.mark.slow
 def test_batched_pbrf_above_the_threshold_uses_the_cg_chord_factor(data, monkeypatch):
     """Above :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` (lowered below this net's
