@@ -284,23 +284,23 @@ def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) ->
                                                                    1e-300))
     found = [v for v in (i.get("lowest_curvature", 0.0) for _, i in stopped) if np.isfinite(v)]
     lowest = min(found, default=float("nan"))
+    kinked = _piecewise_linear_layers(ctx.model.module)
+    kinks = (f" The net has piecewise-linear layers ({', '.join(kinked)}): its objective has "
+             "kinks where a unit's input crosses 0, and a minimiser on a kink has no zero "
+             "gradient, so the solve can stall close to it whatever max_iter is (smooth "
+             "activations such as Tanh, GELU or Softplus do not have this)." if kinked else "")
     if lowest < 0:
         advice = (" The most negative eigenvalue of their Hessians at θˢ is at most "
                   f"{lowest:.3e}: the removal term outweighs curvature plus damping, so these "
                   "objectives are not convex there and may have no minimiser near θˢ; they "
                   f"need damping above {ctx.damping - lowest:.3e} at least to be convex.")
     elif found:
-        kinked = _piecewise_linear_layers(ctx.model.module)
-        advice = " Increase max_iter." + (
-            f" The net has piecewise-linear layers ({', '.join(kinked)}): its objective has "
-            "kinks where a unit's input crosses 0, and a minimiser on a kink has no zero "
-            "gradient, so the solve can stall close to it whatever max_iter is (smooth "
-            "activations such as Tanh, GELU or Softplus do not have this)." if kinked else "")
+        advice = " Increase max_iter." + kinks
     else:
         advice = (" Whether their objectives are convex at θˢ could not be settled cheaply "
                   "(bounded Lanczos did not find the smallest Hessian eigenvalue, or the net "
-                  "is too large to try); if a larger max_iter does not help, increase "
-                  "damping.")
+                  "is too large to try)." + (kinks or " If a larger max_iter does not help, "
+                                             "increase damping."))
     where = f"training row {m}" if m >= 0 else "a removal"
     warnings.warn(
         f"{len(stopped)} of {n} {r.name} solves stopped short of tol={ctx.pbrf_tol:g}; the "

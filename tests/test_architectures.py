@@ -285,10 +285,19 @@ def test_retraining_rungs_and_the_five_terms(fitted):
     assert_allclose(responses["cold_start_loo"], one[:2], rtol=0, atol=1e-12 * scale)
 
 
-def test_a_relu_nets_stalled_pbrf_solve_says_why():
+@pytest.mark.parametrize("lanczos", ["tried", "too large"])
+def test_a_relu_nets_stalled_pbrf_solve_says_why(lanczos, monkeypatch):
     """The same CNN with ReLU: its PBRF objective has kinks, the Newton solves stall
-    short of ``tol`` at this damping, and the warning names the layer type."""
+    short of ``tol`` at this damping, and the warning names the layer type — also when
+    the net is too large for the Lanczos convexity check (lowered limit here)."""
     from sklearn.exceptions import ConvergenceWarning
+
+    from sklinfluence import pbrf
+
+    expected = r"piecewise-linear layers \(ReLU\).*kinks"
+    if lanczos == "too large":
+        monkeypatch.setattr(pbrf, "LOWEST_CURVATURE_MAX_PARAMS", 0)
+        expected = "too large to try.*" + expected
 
     X, y = _digits()
 
@@ -301,5 +310,5 @@ def test_a_relu_nets_stalled_pbrf_solve_says_why():
                               batch_size=16, optimizer__weight_decay=MU, train_split=None,
                               iterator_train__shuffle=True, verbose=0)
     est = PBRFEstimator(net, damping=LAMBDA, random_state=0).fit(X, y)
-    with pytest.warns(ConvergenceWarning, match=r"piecewise-linear layers \(ReLU\).*kinks"):
+    with pytest.warns(ConvergenceWarning, match=expected):
         est.score_samples(X[:4], y[:4])
