@@ -3,7 +3,8 @@
 With ``D = diag(μ) + λ`` (weight decay plus damping, positive) the damped
 Gauss–Newton matrix of SPEC §1 is
 
-    ``G + D = D^{1/2} (I + ŨᵀŨ) D^{1/2}``,  rows of ``Ũ``: ``u_ik = N^{-1/2} D^{-1/2} J_iᵀ L_i[:, k]``,
+    ``G + D = D^{1/2} (I + ŨᵀŨ) D^{1/2}``,
+    rows of ``Ũ``: ``u_ik = N^{-1/2} D^{-1/2} J_iᵀ L_i[:, k]``,
 
 ``L_i L_iᵀ = H_i`` the output Hessian's root, one row per training sample
 ``i`` and root column ``k``. Where the data are smaller than the net,
@@ -66,7 +67,12 @@ def kernel_bytes(n_rows: int, materialised_params: int) -> int:
     return 16 * n_rows ** 2 + 8 * n_rows * materialised_params
 
 
-def kernel_applies(model: FunctionalModel, X: Tensor, diagonal: Tensor) -> str | None:
+def _diagonal(model: FunctionalModel, damping: float) -> Tensor:
+    """``D = diag(μ) + λ`` per parameter, float64."""
+    return (model.weight_decay + damping).to(torch.float64)
+
+
+def kernel_applies(model: FunctionalModel, X: Tensor, damping: float) -> str | None:
     """Why the kernel form does not apply to ``model`` on ``X``, or None if it does.
 
     It needs a positive ``D`` (weight decay plus damping), every trainable
@@ -74,7 +80,7 @@ def kernel_applies(model: FunctionalModel, X: Tensor, diagonal: Tensor) -> str |
     (``N·K ≤ P``) and ``16 (N·K)²`` bytes plus the materialised rows within
     :func:`~sklinfluence.memory.memory_limit`.
     """
-    if float(diagonal.min()) <= 0:
+    if float(_diagonal(model, damping).min()) <= 0:
         return "weight decay plus damping is not positive everywhere"
     try:
         layers = kronecker_layers(model)
@@ -100,11 +106,16 @@ def _materialised_bound(layers: list[KroneckerLayer]) -> int:
 
 @dataclass
 class _Factored:
-    """A Linear layer's rows as ``g_ik ⊗ ã_i``: ``a`` ``(N, C)``, ``g`` ``(N, K', O)``."""
+    """A Linear layer's rows as ``g_ik ⊗ ã_i``: ``a`` ``(N, C)``, ``g`` ``(N, K', O)``;
+    ``scale`` is ``D^{-1/2}`` in the layer's ``(O, C)`` layout."""
 
     layer: KroneckerLayer
+    scale: Tensor
     a: Tensor
     g: Tensor
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.a, self.g
 
 
 @dataclass
@@ -112,7 +123,11 @@ class _Materialised:
     """A layer's rows of ``Ũ`` as a matrix ``(N·K', O·C)`` (layout order)."""
 
     layer: KroneckerLayer
+    scale: Tensor
     rows: Tensor
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.rows,)
 
 
 class GaussNewtonKernel:
@@ -147,7 +162,7 @@ class GaussNewtonKernel:
     def __init__(self, model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor, *,
                  damping: float, batch_size: int | None = None, verbose: int = 0) -> None:
         start = time.perf_counter()
-        diagonal = (model.weight_decay + damping).to(torch.float64)
+        diagonal = _diagonal(model, damping)
         if float(diagonal.min()) <= 0:
             raise ValueError("the kernel form needs weight decay plus damping > 0 for every "
                              "parameter; increase damping.")
@@ -172,18 +187,21 @@ class GaussNewtonKernel:
                      "materialised_params": sum(p.rows.shape[1] for p in self.parts
                                                 if isinstance(p, _Materialised)),
                      "capture_seconds": captured - start,
-                     "factor_seconds": time.perf_counter() - captured}
-        self.info["memory_bytes"] = kernel_bytes(n, self.info["materialised_params"]) // 2
+                     "factor_seconds": time.perf_counter() - captured,
+                     # held once factorised: the factor (the kernel is freed) and the rows
+                     "memory_bytes": 8 * n ** 2 + sum(
+                         8 * sum(t.numel() for t in part.tensors()) for part in self.parts)}
 
     # ----------------------------------------------------------- rows of Ũ
     def _allocate(self, captures: list, n: int) -> list:
         """Choose each layer's form from the first batch; check memory; allocate."""
-        forms = []
+        forms, scales = [], []
         for layer, cap in zip(self.layers, captures):
-            columns = layer.to_matrices(self.scale.unsqueeze(0))[0]  # (O, C)
+            columns = layer.to_matrices(self.scale.unsqueeze(0))[0]  # D^{-1/2}, (O, C)
             factored = (isinstance(layer, LinearBlock) and cap.a.shape[1] == 1
                         and bool((columns == columns[:1]).all()))
             forms.append(factored)
+            scales.append(columns)
         materialised = sum(layer.d_out * layer.n_cols
                            for layer, factored in zip(self.layers, forms) if not factored)
         factored_numbers = sum(self.n_samples * layer.n_cols + n * layer.d_out
@@ -199,20 +217,18 @@ class GaussNewtonKernel:
                 "allocated. Use solver='cg' (matrix-free) or an approximation such as "
                 "solver='ekfac'.")
         parts = []
-        for layer, factored in zip(self.layers, forms):
+        for layer, factored, scale in zip(self.layers, forms, scales):
             if factored:
-                parts.append(_Factored(layer, torch.empty(self.n_samples, layer.n_cols,
-                                                          dtype=torch.float64),
-                                       torch.empty(self.n_samples, n // self.n_samples,
-                                                   layer.d_out, dtype=torch.float64)))
+                parts.append(_Factored(layer, scale, torch.empty(
+                    self.n_samples, layer.n_cols, dtype=torch.float64), torch.empty(
+                    self.n_samples, n // self.n_samples, layer.d_out, dtype=torch.float64)))
             else:
-                parts.append(_Materialised(layer, torch.empty(n, layer.d_out * layer.n_cols,
-                                                              dtype=torch.float64)))
+                parts.append(_Materialised(layer, scale, torch.empty(
+                    n, layer.d_out * layer.n_cols, dtype=torch.float64)))
         return parts
 
     def _store(self, part, cap, offset: int, B: int) -> None:
-        layer, K = part.layer, int(self.keep.numel())
-        columns = layer.to_matrices(self.scale.unsqueeze(0))[0]  # D^{-1/2}, (O, C)
+        layer, K, columns = part.layer, int(self.keep.numel()), part.scale
         root_n = self.n_samples ** -0.5
         if isinstance(part, _Factored):
             part.a[offset:offset + B] = cap.a[:, 0] * columns[0]

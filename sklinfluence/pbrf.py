@@ -188,6 +188,7 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
     stall_window : int, default=STALL_WINDOW
         Give up when the gradient norm has not halved over this many
         iterations.
+
     Returns
     -------
     MinimizeResult
@@ -301,6 +302,7 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
         ``solve(B)`` returns ``H₀⁻¹`` applied to each row of ``B``.
     tol, max_iter
         As for :func:`minimize_response`.
+
     Returns
     -------
     list of MinimizeResult

@@ -62,8 +62,8 @@ from .kfac import KroneckerFactors
 from .lowrank import bottom_eigenvalue, top_eigenpairs, top_eigenvalue
 from .memory import dense_fits_memory
 
-__all__ = ["ExactSolver", "KernelSolver", "CGSolver", "LissaSolver", "KroneckerSolver", "ArnoldiSolver",
-           "IdentitySolver",
+__all__ = ["ExactSolver", "KernelSolver", "CGSolver", "LissaSolver", "KroneckerSolver",
+           "ArnoldiSolver", "IdentitySolver",
            "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "MIXED_PRECISION_MIN_TOL",
            "RESIDUAL_CHECKS", "SolveInfo",
            "LissaDivergenceError", "dense_fits", "make_solver", "measured_rows",
@@ -72,7 +72,8 @@ __all__ = ["ExactSolver", "KernelSolver", "CGSolver", "LissaSolver", "KroneckerS
 SOLVERS = ("auto", "exact", "kernel", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity")
 #: The ``solver_params`` each solver accepts (besides ``tol``/``max_iter``).
 SOLVER_PARAMS = {
-    "auto": (), "exact": (), "kernel": (), "cg": ("preconditioner", "rank", "block_size", "mixed_precision"),
+    "auto": (), "exact": (), "kernel": (),
+    "cg": ("preconditioner", "rank", "block_size", "mixed_precision"),
     "lissa": ("scale",),
     "ekfac": (), "kfac": (), "arnoldi": ("rank",), "identity": (),
 }
@@ -833,8 +834,8 @@ def resolve_solver(name: str, curvature: Curvature, tol: float = 1e-10) -> tuple
         return name, {}
     if dense_fits(curvature.n_params):
         return "exact", {}
-    if curvature.kind == "ggn" and kernel_applies(
-            curvature.model, curvature.X, curvature.model.weight_decay + curvature.damping) is None:
+    if curvature.kind == "ggn" and kernel_applies(curvature.model, curvature.X,
+                                                  curvature.damping) is None:
         return "kernel", {}
     return "cg", {"mixed_precision": curvature.model.dtype == torch.float64
                   and tol >= MIXED_PRECISION_MIN_TOL}

@@ -42,6 +42,12 @@ def _reference_solve(model, X, T, B):
     return torch.linalg.solve(A, B.T).T
 
 
+def _assert_solves(kernel, model, X, T, B):
+    expected = _reference_solve(model, X, T, B)
+    assert_allclose(kernel.solve(B).numpy(), expected.numpy(), rtol=CLOSED_FORM_RTOL,
+                    atol=1e-12 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("criterion", ["MSELoss", "CrossEntropyLoss"])
 @pytest.mark.parametrize("name", list(NETS))
 def test_kernel_solve_equals_the_dense_solve(name, criterion):
@@ -55,11 +61,9 @@ def test_kernel_solve_equals_the_dense_solve(name, criterion):
     n_out = model.forward(model.params, X[:1]).shape[1]
     K = n_out - 1 if criterion == "CrossEntropyLoss" else n_out
     assert kernel.info["root_columns"] == K and kernel.n_rows == len(X) * K
-    B = torch.randn(6, model.n_params, dtype=torch.float64, generator=torch.Generator()
-                    .manual_seed(0))
-    expected = _reference_solve(model, X, T, B)
-    assert_allclose(kernel.solve(B).numpy(), expected.numpy(), rtol=CLOSED_FORM_RTOL,
-                    atol=1e-12 * float(expected.abs().max()))
+    B = torch.randn(6, model.n_params, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    _assert_solves(kernel, model, X, T, B)
 
 
 def test_linear_layers_are_factored_unless_their_decay_varies_down_a_column():
@@ -72,20 +76,15 @@ def test_linear_layers_are_factored_unless_their_decay_varies_down_a_column():
     even = GaussNewtonKernel(model, model.params, X, T, damping=LAMBDA)
     assert [type(p) for p in even.parts] == [_Factored, _Factored]
     # a decay per column (weight vs bias) stays factored; one varying down a column does not
+    B = torch.randn(4, model.n_params, dtype=torch.float64)
     model.weight_decay[35:42] = 0.05  # first layer's bias (7 · 5 weights before it)
     by_column = GaussNewtonKernel(model, model.params, X, T, damping=LAMBDA)
     assert [type(p) for p in by_column.parts] == [_Factored, _Factored]
-    expected_by_column = _reference_solve(model, X, T, B := torch.randn(
-        4, model.n_params, dtype=torch.float64))
-    assert_allclose(by_column.solve(B).numpy(), expected_by_column.numpy(),
-                    rtol=CLOSED_FORM_RTOL, atol=1e-12 * float(expected_by_column.abs().max()))
+    _assert_solves(by_column, model, X, T, B)
     model.weight_decay[:3] = 0.02  # three weights of the first row only
     uneven = GaussNewtonKernel(model, model.params, X, T, damping=LAMBDA)
     assert [type(p) for p in uneven.parts] == [_Materialised, _Factored]
-    expected = _reference_solve(model, X, T, B)
-    for kernel in (uneven,):
-        assert_allclose(kernel.solve(B).numpy(), expected.numpy(), rtol=CLOSED_FORM_RTOL,
-                        atol=1e-12 * float(expected.abs().max()))
+    _assert_solves(uneven, model, X, T, B)
 
 
 def test_a_kernel_that_does_not_fit_is_refused_before_allocating():
