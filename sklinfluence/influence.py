@@ -17,7 +17,7 @@ from .functional import iterate_batches
 from .response import Responder, Rung, rung
 from .rungs import removal_forces
 from .measure import MEASURES, to_numpy
-from .solvers import SOLVERS
+from .solvers import SOLVERS, KernelSolver
 from .threads import compute_section
 
 #: Gradient bytes per chunk of the streamed side of an influence matrix when
@@ -61,7 +61,11 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           kernel (Woodbury) form, an ``n × n`` factorisation for ``n = N·K'``
           rows (``K'`` output-Hessian root columns per sample; memory
           ``16 n²`` bytes) — for nets larger than their data, of the layer
-          types EK-FAC handles (:mod:`sklinfluence.kernel`);
+          types EK-FAC handles (:mod:`sklinfluence.kernel`); with
+          ``solver_params={"mixed_precision": True}`` the kernel is built and
+          factorised in float32 and each solve refined in float64 to ``tol``
+          (its measured residual in ``diagnostics_``); ``loss_change`` needs
+          no gradients of the removed training rows;
         - ``"cg"``: matrix-free conjugate gradients on all right-hand sides at
           once, optionally preconditioned (``solver_params``); exact to
           ``tol``;
@@ -79,14 +83,15 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           of the data replaced by 0, ``∇Qᵀ∇L / (μ + λ)`` (needs
           ``damping > 0`` or weight decay; rankings do not depend on it);
         - ``"auto"``: ``"exact"`` up to 5,000 parameters; above, ``"kernel"``
-          where ``N·K ≤ P`` and it fits in memory, block CG otherwise
-          (mixed precision for float64 nets at ``tol ≥ 1e-6``: float32
-          products refined to ``tol`` in float64).
+          where ``N·K ≤ P`` and it fits in memory, block CG otherwise —
+          both in mixed precision for float64 nets at ``tol ≥ 1e-6``
+          (float32 factor or products, refined to ``tol`` in float64).
     solver_params : dict, default=None
         Options of the solver: for ``"cg"`` ``{"preconditioner": "ekfac" |
         "kfac" | "arnoldi" | None, "rank": int, "block_size": int,
         "mixed_precision": bool}`` (see
-        :class:`~sklinfluence.solvers.CGSolver`); for ``"lissa"``
+        :class:`~sklinfluence.solvers.CGSolver`); for ``"kernel"``
+        ``{"mixed_precision": bool}``; for ``"lissa"``
         ``{"scale": float}``; for ``"arnoldi"`` ``{"rank": int}`` (default 50).
     curvature : {"ggn", "hessian"}, default="ggn"
         Gauss–Newton matrix (positive semi-definite) or the Hessian of ``J``.
@@ -393,6 +398,11 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         start = time.perf_counter()
         G_small = self._grads(Xe, Te) if eval_side else self._forces(removals)
         gradient_seconds = time.perf_counter() - start
+        if eval_side and isinstance(self.solver_, KernelSolver):  # mostly no forces
+            result = self.solver_.removal_products(G_small, Xe, Te, removals, self._forces)
+            solves.append(self.solver_.last_solve)
+            self._record(gradient_seconds, solves)
+            return to_numpy(self.epsilon_ * result)
         S = self._solve(G_small, solves)  # (n_small, P)
         del G_small
         blocks = []

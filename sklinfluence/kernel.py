@@ -37,6 +37,18 @@ the cheaper of two forms:
 
 The kernel's lower triangle is accumulated in blocks of sample rows (the
 Cholesky factorisation reads only that triangle).
+
+**Mixed precision** (``mixed_precision=True``): the kernel and its Cholesky
+factor in float32 (the two ``O(n²P_m)`` and ``O(n³)`` steps, 2.5× faster on
+one core, half the memory), then iterative refinement in float64: the
+residual ``W − (I + ŨŨᵀ) Z`` from the float64 rows, corrected by another
+float32 solve, until the parameter-space residual ``b − (G + D) x`` of the
+checked right-hand sides meets ``tol``. Each round gains about ``‖I + ŨŨᵀ‖``
+float32 roundings (the kernel's eigenvalues are ≥ 1, so its condition number is its
+norm): on the digits CNN, ``‖I + ŨŨᵀ‖ ≈ 2,100``, the float32 solve is
+within 1e-4 of the float64 influence matrix and one round within 3e-9. Where
+float32 is too coarse for that (a failed float32 factorisation, or a round
+gaining less than tenfold) the kernel is rebuilt and factorised in float64.
 """
 
 from __future__ import annotations
@@ -53,18 +65,22 @@ from .kfac import kronecker_passes
 from .layers import KroneckerLayer, LinearBlock, UnsupportedLayerError, kronecker_layers
 from .memory import NotEnoughMemoryError, format_bytes, memory_limit
 
-__all__ = ["GaussNewtonKernel", "kernel_bytes", "kernel_applies"]
+__all__ = ["GaussNewtonKernel", "kernel_bytes", "kernel_applies", "MAX_REFINEMENTS"]
 
 #: Kernel rows accumulated per block (a ``BLOCK_ROWS × n`` work buffer).
 BLOCK_ROWS = 1024
 #: Right-hand sides pushed through the factored layers' products at once.
 RHS_CHUNK = 64
+#: Most float64 refinement rounds of a mixed-precision solve.
+MAX_REFINEMENTS = 5
 
 
-def kernel_bytes(n_rows: int, materialised_params: int) -> int:
-    """Bytes the kernel form holds: kernel and factor (``16 n²``) plus the
-    materialised rows (``8 n P_m``)."""
-    return 16 * n_rows ** 2 + 8 * n_rows * materialised_params
+def kernel_bytes(n_rows: int, materialised_params: int, itemsize: int = 8) -> int:
+    """Bytes the kernel form holds at its peak: kernel and factor (``2 s n²`` for
+    ``s`` bytes per number) plus the float64 materialised rows (``8 n P_m``) and,
+    in float32, their float32 copy (``4 n P_m``)."""
+    copy = itemsize * n_rows * materialised_params if itemsize != 8 else 0
+    return 2 * itemsize * n_rows ** 2 + 8 * n_rows * materialised_params + copy
 
 
 def _diagonal(model: FunctionalModel, damping: float) -> Tensor:
@@ -145,6 +161,10 @@ class GaussNewtonKernel:
         ``λ``; ``D = diag(μ) + λ`` must be positive.
     batch_size : int, optional
         Samples per capture pass (None: all at once).
+    mixed_precision : bool, default=False
+        Kernel and factor in float32, solves refined in float64 to the ``tol``
+        given to :meth:`solve` (see the module notes); False: float64
+        throughout, exact to rounding.
     verbose : int, default=0
         Progress bar over the kernel's row blocks.
 
@@ -160,7 +180,8 @@ class GaussNewtonKernel:
     """
 
     def __init__(self, model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor, *,
-                 damping: float, batch_size: int | None = None, verbose: int = 0) -> None:
+                 damping: float, batch_size: int | None = None, mixed_precision: bool = False,
+                 verbose: int = 0) -> None:
         start = time.perf_counter()
         diagonal = _diagonal(model, damping)
         if float(diagonal.min()) <= 0:
@@ -173,6 +194,10 @@ class GaussNewtonKernel:
         K = int(self.keep.numel())
         self.n_rows = n = N * K
         self.parts: list = []
+        self.verbose = verbose
+        self.fallback: str | None = None
+        self._coefficients = None
+        self._dtype = torch.float32 if mixed_precision else torch.float64
         offset = 0
         for captures in kronecker_passes(model, theta, self.layers, X, T, batch_size):
             B = _batch_size(captures[0])
@@ -182,14 +207,14 @@ class GaussNewtonKernel:
                 self._store(part, cap, offset, B)
             offset += B
         captured = time.perf_counter()
-        self.factor = self._factorise(verbose)
-        self.info = {"kernel_rows": n, "root_columns": K,
+        self.factor = self._factorise()
+        self.info = {"kernel_rows": n, "root_columns": K, "precision": str(self.factor.dtype)[6:], "fallback": self.fallback,
                      "materialised_params": sum(p.rows.shape[1] for p in self.parts
                                                 if isinstance(p, _Materialised)),
                      "capture_seconds": captured - start,
                      "factor_seconds": time.perf_counter() - captured,
                      # held once factorised: the factor (the kernel is freed) and the rows
-                     "memory_bytes": 8 * n ** 2 + sum(
+                     "memory_bytes": self.factor.element_size() * n ** 2 + sum(
                          8 * sum(t.numel() for t in part.tensors()) for part in self.parts)}
 
     # ----------------------------------------------------------- rows of Ũ
@@ -206,16 +231,7 @@ class GaussNewtonKernel:
                            for layer, factored in zip(self.layers, forms) if not factored)
         factored_numbers = sum(self.n_samples * layer.n_cols + n * layer.d_out
                                for layer, factored in zip(self.layers, forms) if factored)
-        needed = kernel_bytes(n, materialised) + 8 * factored_numbers
-        limit = memory_limit()
-        if limit is not None and needed > limit:
-            raise NotEnoughMemoryError(
-                f"the kernel form of the damped Gauss–Newton inverse needs {format_bytes(needed)} "
-                f"({n:,} kernel rows: 16·n² bytes for the kernel and its factor, plus "
-                f"{materialised:,} parameters' rows), more than the limit of "
-                f"{format_bytes(limit)} (set_config(memory_limit_bytes=...)). Nothing was "
-                "allocated. Use solver='cg' (matrix-free) or an approximation such as "
-                "solver='ekfac'.")
+        self._check_memory(n, materialised, factored_numbers, "Nothing was allocated.")
         parts = []
         for layer, factored, scale in zip(self.layers, forms, scales):
             if factored:
@@ -226,6 +242,20 @@ class GaussNewtonKernel:
                 parts.append(_Materialised(layer, scale, torch.empty(
                     n, layer.d_out * layer.n_cols, dtype=torch.float64)))
         return parts
+
+    def _check_memory(self, n: int, materialised: int, factored_numbers: int,
+                      state: str) -> None:
+        itemsize = torch.finfo(self._dtype).bits // 8
+        needed = kernel_bytes(n, materialised, itemsize) + 8 * factored_numbers
+        limit = memory_limit()
+        if limit is not None and needed > limit:
+            raise NotEnoughMemoryError(
+                f"the kernel form of the damped Gauss–Newton inverse in {self._dtype} needs "
+                f"{format_bytes(needed)} ({n:,} kernel rows: {2 * itemsize}·n² bytes for the "
+                f"kernel and its factor, plus {materialised:,} parameters' rows), more than "
+                f"the limit of {format_bytes(limit)} (set_config(memory_limit_bytes=...)). "
+                f"{state} Use solver='cg' (matrix-free) or an approximation such as "
+                "solver='ekfac'.")
 
     def _store(self, part, cap, offset: int, B: int) -> None:
         layer, K, columns = part.layer, int(self.keep.numel()), part.scale
@@ -239,30 +269,53 @@ class GaussNewtonKernel:
         part.rows[offset * K:(offset + B) * K] = rows
 
     # ------------------------------------------------------------- kernel
-    def _factorise(self, verbose: int) -> Tensor:
-        """Cholesky factor of ``I + ŨŨᵀ`` from its lower triangle, in row blocks."""
-        n, K = self.n_rows, int(self.keep.numel())
-        kernel = torch.zeros(n, n, dtype=torch.float64)
+    def _factorise(self) -> Tensor:
+        """Cholesky factor of ``I + ŨŨᵀ`` from its lower triangle, in row blocks, in
+        the kernel's precision (float64 where float32 fails to factorise)."""
+        n, K, dtype = self.n_rows, int(self.keep.numel()), self._dtype
+        kernel = torch.zeros(n, n, dtype=dtype)
         per_block = max(1, BLOCK_ROWS // K)
+        parts = [[t.to(dtype).reshape(t.shape[0], -1) if isinstance(part, _Materialised) else
+                  t.to(dtype) for t in part.tensors()] for part in self.parts]
         starts = range(0, self.n_samples, per_block)
-        for s0 in tqdm(starts, desc="kernel", unit="block", disable=not verbose,
-                       leave=False):
+        for s0 in tqdm(starts, desc=f"kernel ({dtype})", unit="block",
+                       disable=not self.verbose, leave=False):
             s1 = min(self.n_samples, s0 + per_block)
             block = kernel[s0 * K:s1 * K, :s1 * K]  # the rows' part on and below the diagonal
-            for part in self.parts:
-                if isinstance(part, _Factored):
-                    g = part.g.reshape(-1, part.g.shape[-1])
+            for tensors in parts:
+                if len(tensors) == 2:  # factored: ã (N, C), g (N, K', O)
+                    a, g = tensors[0], tensors[1].reshape(n, -1)
                     gg = g[s0 * K:s1 * K] @ g[:s1 * K].T
-                    aa = part.a[s0:s1] @ part.a[:s1].T
-                    block += (gg.view(s1 - s0, K, s1, K) * aa[:, None, :, None]).view_as(block)
+                    aa = a[s0:s1] @ a[:s1].T
+                    block.view(s1 - s0, K, s1, K).addcmul_(gg.view(s1 - s0, K, s1, K),
+                                                           aa[:, None, :, None])
                 else:
-                    block.addmm_(part.rows[s0 * K:s1 * K], part.rows[:s1 * K].T)
+                    rows = tensors[0]
+                    block.addmm_(rows[s0 * K:s1 * K], rows[:s1 * K].T)
+        del parts
         kernel.diagonal().add_(1.0)
         factor, info = torch.linalg.cholesky_ex(kernel)
+        if int(info) != 0 and dtype != torch.float64:
+            return self._to_float64("the float32 factorisation failed")
         if int(info) != 0:  # I + ŨŨᵀ ≥ I: only non-finite inputs get here
             raise ValueError("the Gauss–Newton kernel is not positive definite: the "
                              "network's outputs or gradients are not finite.")
         return factor
+
+    def _to_float64(self, why: str) -> Tensor:
+        """Rebuild and factorise the kernel in float64 (float32 was too coarse)."""
+        self.factor = None  # free the float32 factor first
+        self._dtype = torch.float64
+        self.fallback = why
+        materialised = sum(p.rows.shape[1] for p in self.parts if isinstance(p, _Materialised))
+        factored = sum(p.a.numel() + p.g.numel() for p in self.parts
+                       if isinstance(p, _Factored))
+        self._check_memory(self.n_rows, materialised, factored,
+                           f"The float32 kernel was too coarse ({why}).")
+        self.factor = self._factorise()
+        if hasattr(self, "info"):  # built: record the switch
+            self.info.update(precision="float64", fallback=why)
+        return self.factor
 
     # ------------------------------------------------------------- products
     def _rows_times(self, V: Tensor) -> Tensor:
@@ -295,13 +348,168 @@ class GaussNewtonKernel:
                     M[c:c + RHS_CHUNK] = E @ part.a  # Σ_i (Σ_q z g) ã_iᵀ
             layer.put(out, layer.to_matrices(out) - M)
 
-    def solve(self, B: Tensor) -> Tensor:
-        """``(G + D)⁻¹ b`` for each row ``b`` of ``B`` ``(k, P)``, float64."""
+    def _kernel_solve(self, W: Tensor) -> Tensor:
+        """``(I + ŨŨᵀ)⁻¹ W`` with the factor, in its precision; float64 result.
+
+        Two triangular solves: 4.4× faster than ``torch.cholesky_solve`` on
+        float64 (10,800 rows, 300 right-hand sides, one thread), the same numbers.
+        """
+        L = self.factor
+        Y = torch.linalg.solve_triangular(L, W.to(L.dtype), upper=False)
+        return torch.linalg.solve_triangular(L.mT, Y, upper=True).to(torch.float64)
+
+    def _relative_residual(self, Xs: Tensor, Bs: Tensor) -> Tensor:
+        """``‖b − (G + D) x‖ / ‖b‖`` per row, from scaled ``Xs = D^{1/2} x`` and
+        ``Bs = D^{-1/2} b``: ``(G + D) x = D^{1/2}(Xs + ŨᵀŨ Xs)``."""
+        R = Bs - Xs
+        self._rows_transposed_times(self._rows_times(Xs), R)
+        R = R / self.scale
+        return R.norm(dim=1) / (Bs / self.scale).norm(dim=1).clamp_min(
+            torch.finfo(R.dtype).tiny)
+
+    def _solve_kernel(self, W: Tensor, Bs: Tensor, tol: float | None,
+                      rows: Tensor | None) -> Tensor:
+        """``Z = (I + ŨŨᵀ)⁻¹ W`` for ``W = Ũ Bsᵀ``, ``Bs`` the scaled right-hand
+        sides ``D^{-1/2} b`` (rows ``rows`` of them at least).
+
+        In mixed precision with ``tol``, rounds of float64 refinement run until
+        the relative residual ``‖b − (G + D) x‖ / ‖b‖`` of the right-hand sides
+        ``rows`` (``Bs`` holds those rows, in order) is at most ``tol``
+        (:data:`MAX_REFINEMENTS` at most; a round gaining less than tenfold
+        switches the kernel to float64 for good). Records ``last_residual``
+        (largest checked relative residual, None if not measured) and
+        ``last_rounds``.
+        """
+        Z = self._kernel_solve(W)
+        self.last_residual, self.last_rounds = None, 0
+        if tol is None or not W.shape[1] or self.factor.dtype == torch.float64:
+            return Z
+        residual = self._checked(Bs, Z, rows)
+        while residual > tol and self.factor.dtype != torch.float64:
+            if self.last_rounds == MAX_REFINEMENTS:
+                break
+            UtZ = W.new_zeros((W.shape[1], self.scale.numel()))
+            self._rows_transposed_times(Z, UtZ)  # −(ŨᵀZ)ᵀ
+            Z += self._kernel_solve(W - Z + self._rows_times(UtZ))  # W − (I + ŨŨᵀ) Z
+            self.last_rounds += 1
+            previous, residual = residual, self._checked(Bs, Z, rows)
+            if residual > tol and residual > 0.1 * previous:
+                self._to_float64(f"a float64 refinement round took the residual from "
+                                 f"{previous:.1e} only to {residual:.1e}")
+                Z = self._kernel_solve(W)
+                residual = self._checked(Bs, Z, rows)
+        self.last_residual = residual
+        return Z
+
+    def _checked(self, Bs: Tensor, Z: Tensor, rows: Tensor) -> float:
+        """Largest relative residual of ``x = D^{-1/2}(Bs − ŨᵀZ)`` over ``rows``
+        (columns of ``Z``; ``Bs`` holds those rows)."""
+        Xs = Bs.clone()
+        self._rows_transposed_times(Z[:, rows], Xs)
+        return float(self._relative_residual(Xs, Bs).max())
+
+    def solve(self, B: Tensor, tol: float | None = None,
+              check_rows: Tensor | None = None) -> Tensor:
+        """``(G + D)⁻¹ b`` for each row ``b`` of ``B`` ``(k, P)``, float64.
+
+        In float64 the answer is exact to rounding and ``tol`` is not used; in
+        mixed precision it is refined to ``tol`` on the rows ``check_rows``
+        (all by default), recording ``last_residual`` and ``last_rounds``.
+        """
         Bs = B.to(torch.float64) * self.scale
-        W = self._rows_times(Bs)
-        Z = torch.cholesky_solve(W, self.factor)
-        self._rows_transposed_times(Z, Bs)
+        rows = torch.arange(B.shape[0]) if check_rows is None else check_rows
+        Z = self._solve_kernel(self._rows_times(Bs), Bs[rows], tol, rows)
+        self._rows_transposed_times(Z, Bs)  # Xs = Bs − ŨᵀZ, in place
         return Bs * self.scale
+
+    def gradient_rows(self, model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor,
+                      batch_size: int | None = None) -> Tensor:
+        """``Ũ D^{-1/2} ∇L_e`` for each sample ``e`` of ``(X, T)``, ``(n, len(X))``.
+
+        From layer captures of the loss gradients, never forming them: a
+        factored layer's block is ``(g_ik·δ_e)(ã_i·D^{-1/2}a_e)``, a
+        materialised one's the rows times the sample's (small) layer gradient
+        — on the digits CNN 300 samples cost 0.4 s, against 1.4 s for the
+        same product with their 71,754-number gradients.
+        """
+        out = []
+        for captures in kronecker_passes(model, theta, self.layers, X, T, batch_size,
+                                         check=False, gradients=True):
+            W = None
+            for part, cap in zip(self.parts, captures):
+                if isinstance(part, _Factored):
+                    a = cap.a[:, 0].to(torch.float64) * part.scale[0]  # (B, C)
+                    delta = cap.g[:, 0, 0].to(torch.float64)  # (B, O)
+                    gd = part.g.reshape(-1, part.g.shape[-1]) @ delta.T  # (n, B)
+                    aa = part.a @ a.T  # (N, B)
+                    block = (gd.view(self.n_samples, -1, gd.shape[1]) * aa[:, None]).reshape(
+                        gd.shape)
+                else:
+                    D = part.layer.sample_gradients(cap)[:, 0].to(torch.float64) * part.scale
+                    block = part.rows @ D.reshape(D.shape[0], -1).T
+                W = block if W is None else W + block
+            out.append(W)
+        return torch.cat(out, dim=1)
+
+    def removal_products(self, W: Tensor, B: Tensor, n_removals: int, *, rows: Tensor,
+                         weights: Tensor, owner: Tensor, forces: Tensor, forces_rows: Tensor,
+                         forced: Tensor, tol: float | None = None,
+                         check_rows: Tensor | None = None) -> Tensor:
+        """``[s, e] = g_sᵀ (G + D)⁻¹ b_e`` for removals ``s``, ``(n_removals, k)``.
+
+        ``W = Ũ D^{-1/2} Bᵀ`` (:meth:`gradient_rows`). A training sample's
+        gradient lies in the row space of its own rows of ``Ũ``:
+        ``∇L_i = D^{1/2} Ũ_iᵀ c_i`` with ``c_i = √N L_i⁺ ∇_y L_i``
+        (:meth:`coefficients`), so ``∇L_iᵀ (G + D)⁻¹ b = c_iᵀ Z_i`` with
+        ``Z = (I + ŨŨᵀ)⁻¹ W`` — the solve's kernel half, without its way back
+        to parameters nor the gradient. The removals made of such rows give
+        training positions ``rows`` (eligible ones), their ``weights`` and
+        ``owner`` removal; the others their gradients ``forces`` and
+        ``forces_rows = Ũ D^{-1/2} forcesᵀ`` (one per removal ``forced``),
+        through ``gᵀ(G + D)⁻¹b = (D^{-1/2}g)ᵀ(D^{-1/2}b) − (Ũ D^{-1/2} g)ᵀ Z``.
+        """
+        Bs = B.to(torch.float64) * self.scale
+        check = torch.arange(B.shape[0]) if check_rows is None else check_rows
+        Z = self._solve_kernel(W, Bs[check], tol, check)
+        out = Z.new_zeros((n_removals, Z.shape[1]))
+        if rows.numel():
+            C = self._coefficients[0]
+            picked = Z.view(self.n_samples, int(self.keep.numel()), -1)[rows]  # (r, K', k)
+            out.index_add_(0, owner, torch.einsum("rq,rqe->re", C[rows] * weights[:, None],
+                                                  picked))
+        if forces.shape[0]:
+            Fs = forces.to(torch.float64) * self.scale
+            out[forced] += Fs @ Bs.T - forces_rows.T @ Z
+        return out
+
+    def coefficients(self, model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor,
+                     batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(C, eligible)``: each training sample's ``c_i`` ``(N, K')`` and whether
+        its gradient is in its rows' span (cached after the first call).
+
+        ``c_i = √N L_i⁺ ∇_y L_i`` on the kept root columns; a sample is
+        eligible when ``L_i c_i`` reproduces ``√N ∇_y L_i`` to ``1e-10`` of its
+        norm — not where the output Hessian has vanished along the gradient
+        (saturated outputs: a sigmoid at probability 1, a softmax class at 0).
+        """
+        if self._coefficients is None:
+            Cs, ok = [], []
+            root_n = self.n_samples ** 0.5
+            close = max(1e-10, 1e3 * torch.finfo(model.dtype).eps)
+            for xb, tb in iterate_batches(X, T, batch_size):
+                with torch.no_grad():
+                    out = model.forward(theta, xb)
+                # the capture's roots (same batches, same dtype): orthogonal columns
+                L = model.loss.output_hessian_root(out, tb)[:, :, self.keep].to(torch.float64)
+                r = model.loss.output_grad(out, tb).to(torch.float64)
+                w = (L * L).sum(dim=1)  # the columns' eigenvalues
+                c = torch.where(w > 0, torch.einsum("bjk,bj->bk", L, r)
+                                / w.clamp_min(torch.finfo(w.dtype).tiny), 0)
+                rebuilt = torch.einsum("bjk,bk->bj", L, c)
+                ok.append((rebuilt - r).norm(dim=1) <= close * r.norm(dim=1))
+                Cs.append(root_n * c)
+            self._coefficients = (torch.cat(Cs), torch.cat(ok))
+        return self._coefficients
 
 
 def _batch_size(capture) -> int:

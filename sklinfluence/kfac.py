@@ -143,9 +143,12 @@ CHECK_SAMPLES = 64
 
 def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
                      X: Tensor, T: Tensor, batch_size: int | None, *,
-                     check: bool = True) -> Iterator[list[NamedTuple]]:
+                     check: bool = True,
+                     gradients: bool = False) -> Iterator[list[NamedTuple]]:
     """Yield, per batch, every layer's capture (:meth:`KroneckerLayer.capture`):
-    its recorded inputs with the back-propagated output-Hessian roots, float64.
+    its recorded inputs with the back-propagated output-Hessian roots, float64
+    (with ``gradients``: the back-propagated loss gradient ``∇_y L_i``, one
+    column, so that the captures give the samples' loss gradients).
 
     With ``check`` (a caller's first pass over the data), the parameter
     gradients the captures imply on the first ``CHECK_SAMPLES`` samples (at
@@ -164,11 +167,12 @@ def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[Kroneck
         n = min(CHECK_SAMPLES, batch_size or CHECK_SAMPLES)
         _batch_captures(model, theta, layers, X[:n], T[:n], verify=True)
     for xb, tb in iterate_batches(X, T, batch_size):
-        yield _batch_captures(model, theta, layers, xb, tb)
+        yield _batch_captures(model, theta, layers, xb, tb, gradients=gradients)
 
 
 def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
-                    xb: Tensor, tb: Tensor, verify: bool = False) -> list[NamedTuple]:
+                    xb: Tensor, tb: Tensor, verify: bool = False,
+                    gradients: bool = False) -> list[NamedTuple]:
     """One forward and one backward (batched over the root's ``K`` columns) pass."""
     with _capture(model.module, layers) as records, torch.enable_grad():
         out = model.forward(theta, xb)
@@ -185,8 +189,11 @@ def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[Kronecke
                     f"for {xb.shape[0]} samples; solver='ekfac'/'kfac' needs one "
                     "row per sample (the samples along the first dimension). "
                     "Use solver='cg' or 'arnoldi'.")
-        root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
-        cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
+        if gradients:
+            cotangents = model.loss.output_grad(out.detach(), tb).unsqueeze(0)  # (1, B, K)
+        else:
+            root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
+            cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
         outputs = [records[layer.name][0][1] for layer in layers]
         wrt = outputs + ([theta] if verify else [])
         grads = torch.autograd.grad(out, wrt, grad_outputs=cotangents,

@@ -155,3 +155,131 @@ def test_decomposer_uses_the_kernel_for_rung_4_and_the_pbrf_factor(tanh_cnn, mon
     for rung in ("exact_influence", "pbrf"):
         scale = float(np.abs(expected[rung]).max())
         assert_allclose(got[rung], expected[rung], rtol=1e-8, atol=1e-10 * scale)
+
+
+# ------------------------------------------------------------ mixed precision
+def test_mixed_precision_refines_to_tol_and_reports_its_residual():
+    """float32 kernel and factor, float64 refinement: to ``tol=1e-12`` the dense solve
+    to rounding after at least one round; at a loose ``tol`` no round, and the
+    measured residual (checked against the dense matrix) below it."""
+    module, X = NETS["cnn_batchnorm"]()
+    model = _model(module, "CrossEntropyLoss")
+    T = _targets(model, X, "CrossEntropyLoss")
+    kernel = GaussNewtonKernel(model, model.params, X, T, damping=LAMBDA, mixed_precision=True)
+    assert kernel.factor.dtype == torch.float32 and kernel.info["precision"] == "float32"
+    B = torch.randn(5, model.n_params, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(4))
+    expected = _reference_solve(model, X, T, B)
+    tight = kernel.solve(B, tol=1e-12)
+    assert kernel.last_rounds >= 1 and kernel.last_residual <= 1e-12
+    assert_allclose(tight.numpy(), expected.numpy(), rtol=1e-9,
+                    atol=1e-11 * float(expected.abs().max()))
+    loose = kernel.solve(B, tol=1e-2)
+    assert kernel.last_rounds == 0 and kernel.last_residual <= 1e-2
+    A = _dense_ggn(model, X, T) + LAMBDA * torch.eye(model.n_params, dtype=torch.float64)
+    residual = ((B - loose @ A).norm(dim=1) / B.norm(dim=1)).max()
+    assert float(residual) == pytest.approx(kernel.last_residual, rel=1e-6)
+    assert 0 < float(residual) <= 1e-2  # float32 alone: not exact
+
+
+def test_mixed_precision_switches_to_float64_where_float32_is_too_coarse():
+    """Damping 1e-6 (a kernel norm ~1e6): float32 refinement stalls above
+    ``tol=1e-10``, so the kernel is rebuilt in float64 (``info['fallback']`` says
+    why) and the answer is the dense solve's."""
+    module, X = _mlp()
+    model = _model(module, "MSELoss", mu=0.0)
+    T = _targets(model, X)
+    damping = 1e-6
+    kernel = GaussNewtonKernel(model, model.params, X, T, damping=damping, mixed_precision=True)
+    B = torch.randn(3, model.n_params, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(5))
+    got = kernel.solve(B, tol=1e-10)
+    assert kernel.info["precision"] == "float64" and "refinement round" in kernel.info["fallback"]
+    assert kernel.factor.dtype == torch.float64
+    A = _dense_ggn(model, X, T) + damping * torch.eye(model.n_params, dtype=torch.float64)
+    expected = torch.linalg.solve(A, B.T).T
+    assert_allclose(got.numpy(), expected.numpy(), rtol=1e-8,
+                    atol=1e-10 * float(expected.abs().max()))
+
+
+def test_the_mixed_kernel_solver_records_its_refinement(tanh_cnn):
+    """``solver_params={"mixed_precision": True}``: the estimator's diagnostics carry the
+    measured residual and rounds; the matrix equals the float64 kernel's to ``tol``'s
+    order."""
+    net, X, y = tanh_cnn
+    exact = InfluenceEstimator(net, damping=ARCH_LAMBDA, solver="kernel", random_state=0).fit(X, y)
+    expected = exact.loss_change(X, y, X[:7], y[:7])
+    mixed = InfluenceEstimator(net, damping=ARCH_LAMBDA, solver="kernel", tol=1e-11,
+                               solver_params={"mixed_precision": True},
+                               random_state=0).fit(X, y)
+    got = mixed.loss_change(X, y, X[:7], y[:7])
+    assert mixed.diagnostics_["precision"] == "float32"
+    solve = mixed.solver_.last_solve
+    assert solve.converged and solve.max_relative_residual <= 1e-11 and solve.n_measured == 7
+    assert_allclose(got, expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
+
+
+# -------------------------------------------- influence without the training gradients
+def _removals_mixture(X, T, n_out):
+    """Single rows, a weighted group, a row outside the training set and a training
+    row under another target: the last two need their gradients."""
+    from sklinfluence.removal import Removal
+    single = [Removal(X[i:i + 1], T[i:i + 1], (i,)) for i in range(4)]
+    group = Removal(X[4:7], T[4:7], (4, 5, 6), weights=(1.0, 2.0, -0.5))
+    outside = Removal(X[7:8] + 0.3, T[7:8], (-1,))
+    other = (T[7:8] + 1) % n_out if T.dtype == torch.long else T[7:8] + 1
+    relabelled = Removal(X[7:8], other, (7,))
+    return single + [group, outside, relabelled]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("criterion", ["MSELoss", "CrossEntropyLoss"])
+@pytest.mark.parametrize("name", ["cnn_batchnorm", "tokens_layernorm", "mlp"])
+def test_removal_products_equal_forces_times_the_solve(name, criterion, mixed):
+    """``g_sᵀ (G + D)⁻¹ b_e`` from the kernel's coefficients and the samples' captures
+    equals the forces times the dense solve — single rows, a weighted group, rows that
+    take the gradient route — in float64 to rounding, in mixed precision to ``tol``."""
+    from sklinfluence.rungs import removal_forces
+    module, X = NETS[name]()
+    model = _model(module, criterion)
+    T = _targets(model, X, criterion)
+    solver = make_solver("kernel", Curvature(model, X, T, damping=LAMBDA), tol=1e-12,
+                         solver_params={"mixed_precision": mixed})
+    Xe, Te = X[:6] * 0.7, T[2:8]
+    B = model.per_sample_grads(model.params, Xe, Te)
+    removals = _removals_mixture(X, T, int(model.forward(model.params, X[:1]).shape[1]))
+    forces = removal_forces(model, removals)
+    expected = forces @ _reference_solve(model, X, T, B).T
+    requested = []
+    got = solver.removal_products(B, Xe, Te, removals,
+                                  lambda rs: requested.append(len(rs)) or removal_forces(model, rs))
+    assert requested == [2]  # only the outside and the relabelled rows
+    assert_allclose(got.numpy(), expected.numpy(), rtol=1e-9 if not mixed else 1e-7,
+                    atol=1e-11 * float(expected.abs().max()))
+    W = solver._kernel.gradient_rows(model, model.params, Xe, Te)
+    assert_allclose(W.numpy(), solver._kernel._rows_times(B * solver._kernel.scale).numpy(),
+                    rtol=1e-10, atol=1e-13 * float(W.abs().max()))
+
+
+def test_a_saturated_training_row_takes_the_gradient_route():
+    """A softmax with a class at probability 0 (logits 10⁴ apart) has no Hessian along
+    that class: its gradient is outside its kernel rows' span, so it is computed, and
+    the products still equal the dense route's."""
+    from sklinfluence.rungs import removal_forces
+    from sklinfluence.removal import single_removals
+    torch.manual_seed(0)
+    model = _model(nn.Linear(5, 3), "CrossEntropyLoss")
+    X = torch.randn(6, 5, dtype=torch.float64)
+    X[2] *= 1e4
+    T = torch.tensor([0, 1, 2, 0, 1, 2])
+    T[2] = int(model.forward(model.params, X[2:3]).argmin())  # confidently wrong
+    solver = make_solver("kernel", Curvature(model, X, T, damping=LAMBDA))
+    _, eligible = solver._kernel.coefficients(model, model.params, X, T)
+    assert eligible.tolist() == [True, True, False, True, True, True]
+    B = model.per_sample_grads(model.params, X[:2], T[:2])
+    removals = single_removals(X, T, tuple(range(6)))
+    got = solver.removal_products(B, X[:2], T[:2], removals,
+                                  lambda rs: removal_forces(model, rs))
+    expected = removal_forces(model, removals) @ _reference_solve(model, X, T, B).T
+    assert_allclose(got.numpy(), expected.numpy(), rtol=1e-9,
+                    atol=1e-12 * float(expected.abs().max()))

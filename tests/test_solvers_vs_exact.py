@@ -256,7 +256,9 @@ def test_auto_is_exact_for_small_nets_kernel_for_small_data_and_cg_above(trained
     P = model.n_params
     assert P > EXACT_MAX_PARAMS
     small = Curvature(model, torch.as_tensor(Xb), torch.as_tensor(yb), damping=1e-3)
-    assert resolve_solver("auto", small, 1e-6) == ("kernel", {})
+    # float32 kernel refined in float64 at tol ≥ MIXED_PRECISION_MIN_TOL
+    assert resolve_solver("auto", small, 1e-6) == ("kernel", {"mixed_precision": True})
+    assert resolve_solver("auto", small, 1e-10) == ("kernel", {"mixed_precision": False})
     with sklinfluence.config_context(memory_limit_bytes=16 * (8 * 2) ** 2 - 1):
         assert resolve_solver("auto", small, 1e-6)[0] == "cg"  # the kernel does not fit
     n = P // 2 + 1  # N·K > P: more kernel rows than parameters
