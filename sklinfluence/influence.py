@@ -286,6 +286,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         residuals = [s.max_relative_residual for s in solves
                      if s.max_relative_residual is not None]
         verdicts = [s.converged for s in solves]
+        self.diagnostics_.update(self.solver_.info)  # current: a kernel may switch precision
         self.diagnostics_.update({
             "n_rhs": sum(s.n_rhs for s in solves),
             "n_iter": max((s.n_iter for s in solves), default=0),

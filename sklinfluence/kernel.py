@@ -418,7 +418,7 @@ class GaussNewtonKernel:
         """
         Bs = B.to(torch.float64) * self.scale
         rows = torch.arange(B.shape[0]) if check_rows is None else check_rows
-        Z = self._solve_kernel(self._rows_times(Bs), Bs[rows], tol, rows)
+        Z = self._solve_kernel(self._rows_times(Bs), Bs if tol is None else Bs[rows], tol, rows)
         self._rows_transposed_times(Z, Bs)  # Xs = Bs − ŨᵀZ, in place
         return Bs * self.scale
 
@@ -470,7 +470,7 @@ class GaussNewtonKernel:
         """
         Bs = B.to(torch.float64) * self.scale
         check = torch.arange(B.shape[0]) if check_rows is None else check_rows
-        Z = self._solve_kernel(W, Bs[check], tol, check)
+        Z = self._solve_kernel(W, Bs if tol is None else Bs[check], tol, check)
         out = Z.new_zeros((n_removals, Z.shape[1]))
         if rows.numel():
             C = self._coefficients[0]
