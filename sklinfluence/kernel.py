@@ -208,9 +208,9 @@ class GaussNewtonKernel:
             offset += B
         captured = time.perf_counter()
         self.factor = self._factorise()
-        self.info = {"kernel_rows": n, "root_columns": K, "precision": str(self.factor.dtype)[6:], "fallback": self.fallback,
-                     "materialised_params": sum(p.rows.shape[1] for p in self.parts
-                                                if isinstance(p, _Materialised)),
+        self.info = {"kernel_rows": n, "root_columns": K,
+                     "precision": str(self.factor.dtype).removeprefix("torch."),
+                     "fallback": self.fallback, "materialised_params": self._sizes[0],
                      "capture_seconds": captured - start,
                      "factor_seconds": time.perf_counter() - captured,
                      # held once factorised: the factor (the kernel is freed) and the rows
@@ -231,7 +231,8 @@ class GaussNewtonKernel:
                            for layer, factored in zip(self.layers, forms) if not factored)
         factored_numbers = sum(self.n_samples * layer.n_cols + n * layer.d_out
                                for layer, factored in zip(self.layers, forms) if factored)
-        self._check_memory(n, materialised, factored_numbers, "Nothing was allocated.")
+        self._sizes = materialised, factored_numbers
+        self._check_memory("Nothing was allocated.")
         parts = []
         for layer, factored, scale in zip(self.layers, forms, scales):
             if factored:
@@ -243,8 +244,9 @@ class GaussNewtonKernel:
                     n, layer.d_out * layer.n_cols, dtype=torch.float64)))
         return parts
 
-    def _check_memory(self, n: int, materialised: int, factored_numbers: int,
-                      state: str) -> None:
+    def _check_memory(self, state: str) -> None:
+        """Raise before allocating a kernel in ``self._dtype`` that does not fit."""
+        n, (materialised, factored_numbers) = self.n_rows, self._sizes
         itemsize = torch.finfo(self._dtype).bits // 8
         needed = kernel_bytes(n, materialised, itemsize) + 8 * factored_numbers
         limit = memory_limit()
@@ -307,11 +309,7 @@ class GaussNewtonKernel:
         self.factor = None  # free the float32 factor first
         self._dtype = torch.float64
         self.fallback = why
-        materialised = sum(p.rows.shape[1] for p in self.parts if isinstance(p, _Materialised))
-        factored = sum(p.a.numel() + p.g.numel() for p in self.parts
-                       if isinstance(p, _Factored))
-        self._check_memory(self.n_rows, materialised, factored,
-                           f"The float32 kernel was too coarse ({why}).")
+        self._check_memory(f"The float32 kernel was too coarse ({why}).")
         self.factor = self._factorise()
         if hasattr(self, "info"):  # built: record the switch
             self.info.update(precision="float64", fallback=why)
@@ -385,9 +383,8 @@ class GaussNewtonKernel:
         if tol is None or not W.shape[1] or self.factor.dtype == torch.float64:
             return Z
         residual = self._checked(Bs, Z, rows)
-        while residual > tol and self.factor.dtype != torch.float64:
-            if self.last_rounds == MAX_REFINEMENTS:
-                break
+        while (residual > tol and self.factor.dtype != torch.float64
+               and self.last_rounds < MAX_REFINEMENTS):
             UtZ = W.new_zeros((W.shape[1], self.scale.numel()))
             self._rows_transposed_times(Z, UtZ)  # −(ŨᵀZ)ᵀ
             Z += self._kernel_solve(W - Z + self._rows_times(UtZ))  # W − (I + ŨŨᵀ) Z
@@ -489,8 +486,9 @@ class GaussNewtonKernel:
 
         ``c_i = √N L_i⁺ ∇_y L_i`` on the kept root columns; a sample is
         eligible when ``L_i c_i`` reproduces ``√N ∇_y L_i`` to ``1e-10`` of its
-        norm (1,000 roundings for a float32 net) — not where the output Hessian has vanished along the gradient
-        (saturated outputs: a sigmoid at probability 1, a softmax class at 0).
+        norm (1,000 roundings for a float32 net) — not where the output Hessian
+        has vanished along the gradient (saturated outputs: a sigmoid at
+        probability 1, a softmax class at 0).
         """
         if self._coefficients is None:
             Cs, ok = [], []

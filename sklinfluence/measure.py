@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .functional import FunctionalModel, iterate_batches
-from .removal import Removal
+from .removal import Removal, stacked_rows
 
 __all__ = ["MEASURES", "to_numpy", "loss_change", "linear_change", "own_change",
            "mean_losses"]
@@ -80,11 +80,7 @@ def own_change(model: FunctionalModel, removals: list[Removal], deltas: Tensor,
     theta = model.params
     if not removals:
         return theta.new_zeros(0)
-    X = torch.cat([removal.X for removal in removals])
-    T = torch.cat([removal.T for removal in removals])
-    w = torch.cat([removal.weight_tensor(theta) for removal in removals])
-    owner = torch.repeat_interleave(torch.arange(len(removals), device=theta.device),
-                                    torch.tensor([r.size for r in removals], device=theta.device))
+    X, T, w, owner = stacked_rows(removals, theta)
     if measure == "linear":  # Σ_S w_m ∇L_m(θˢ)ᵀ Δ_S
         rows = torch.cat([model.per_sample_grads(theta, xb, tb, batch_size).to(torch.float64)
                           for xb, tb in iterate_batches(X, T, batch_size)])

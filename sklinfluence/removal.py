@@ -97,6 +97,19 @@ class Removal:
         return self._key[0]
 
 
+def stacked_rows(removals: list[Removal], like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every removal's rows stacked: ``(X, T, weights, owner)``, ``weights`` in
+    ``like``'s dtype and device and ``owner`` each row's removal (its position
+    in ``removals``)."""
+    X = torch.cat([removal.X for removal in removals])
+    T = torch.cat([removal.T for removal in removals])
+    weights = torch.cat([removal.weight_tensor(like) for removal in removals])
+    owner = torch.repeat_interleave(
+        torch.arange(len(removals), device=like.device),
+        torch.tensor([removal.size for removal in removals], device=like.device))
+    return X, T, weights, owner
+
+
 def single_removals(X: Tensor, T: Tensor, index: np.ndarray) -> list[Removal]:
     """One removal per row."""
     return [Removal(X[i:i + 1], T[i:i + 1], (int(index[i]),)) for i in range(X.shape[0])]

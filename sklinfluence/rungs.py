@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .functional import FunctionalModel
 from .pbrf import ResponseObjective, minimize_response, minimize_responses_batched
-from .removal import Removal
+from .removal import Removal, stacked_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from .response import Responder, ResponseContext
@@ -309,17 +309,12 @@ def removal_forces(model: FunctionalModel, removals: list[Removal],
     unweighted row per removal returns the gradients themselves.
     """
     theta = model.params if theta is None else theta
-    rows_X = torch.cat([removal.X for removal in removals])
-    rows_T = torch.cat([removal.T for removal in removals])
+    rows_X, rows_T, weights, owner = stacked_rows(removals, theta)
     grads = model.per_sample_grads(theta, rows_X, rows_T, batch_size)
     if all(removal.size == 1 and removal.weights is None for removal in removals):
         return grads
-    owner = torch.repeat_interleave(
-        torch.arange(len(removals), device=grads.device),
-        torch.tensor([removal.size for removal in removals], device=grads.device))
-    weights = torch.cat([removal.weight_tensor(grads) for removal in removals])
     return grads.new_zeros((len(removals), grads.shape[1])).index_add_(
-        0, owner, weights[:, None] * grads)
+        0, owner, weights.to(grads.dtype)[:, None] * grads)
 
 
 LADDER: tuple[Rung, ...] = (

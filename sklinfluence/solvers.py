@@ -63,6 +63,7 @@ from .kernel import GaussNewtonKernel, kernel_applies
 from .kfac import KroneckerFactors
 from .lowrank import bottom_eigenvalue, top_eigenpairs, top_eigenvalue
 from .memory import dense_fits_memory
+from .removal import stacked_rows
 
 __all__ = ["ExactSolver", "KernelSolver", "CGSolver", "LissaSolver", "KroneckerSolver",
            "ArnoldiSolver", "IdentitySolver",
@@ -401,15 +402,13 @@ class KernelSolver(_DirectSolver):
                 and torch.equal(removal.T.to(c.T.dtype), c.T[index])
             (fast if inside else slow).append(s)
         like = c.model.params.to(torch.float64)
-        picked = [removals[s] for s in fast]
-        rows = torch.tensor([i for removal in picked for i in removal.index], dtype=torch.long)
-        weights = torch.cat([removal.weight_tensor(like) for removal in picked]) \
-            if picked else like.new_zeros(0)
-        owner = torch.repeat_interleave(torch.tensor(fast, dtype=torch.long),
-                                        torch.tensor([r.size for r in picked], dtype=torch.long))
         slow_removals = [removals[s] for s in slow]
         F = forces(slow_removals) if slow else like.new_zeros((0, c.n_params))
         F_rows = self._force_rows(slow_removals) if slow else like.new_zeros((0, 0))
+        picked = [removals[s] for s in fast]
+        rows = torch.tensor([i for removal in picked for i in removal.index], dtype=torch.long)
+        weights, owner = stacked_rows(picked, like)[2:] if picked else (like.new_zeros(0),) * 2
+        owner = torch.tensor(fast, dtype=torch.long)[owner.long()]
 
         def compute(check):
             W = kernel.gradient_rows(c.model, c.theta, X, T, c.batch_size)
@@ -423,13 +422,9 @@ class KernelSolver(_DirectSolver):
     def _force_rows(self, removals: list) -> Tensor:
         """``Ũ D^{-1/2} g_s`` for each removal's force, ``(n, len(removals))``."""
         c = self.curvature
-        X = torch.cat([removal.X for removal in removals])
-        T = torch.cat([removal.T for removal in removals])
+        X, T, weights, owner = stacked_rows(removals, c.model.params.to(torch.float64))
         W = self._kernel.gradient_rows(c.model, c.theta, X.to(c.X.dtype), T.to(c.T.dtype),
                                        c.batch_size)
-        weights = torch.cat([removal.weight_tensor(W) for removal in removals])
-        owner = torch.repeat_interleave(torch.arange(len(removals)),
-                                        torch.tensor([r.size for r in removals]))
         return W.new_zeros((len(removals), W.shape[0])).index_add_(
             0, owner, (W * weights).T).T
 
