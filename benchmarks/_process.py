@@ -30,3 +30,17 @@ def reset_peak_rss():
         return status_mib("VmRSS")
     except OSError:
         return None
+
+
+def in_subprocess(script, config):
+    """Run ``script --run CONFIG`` (JSON) in a fresh process with one torch thread and
+    return the JSON its last line prints: each configuration its own peak memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), "--run", json.dumps(config)],
+                          capture_output=True, text=True, env=env, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])

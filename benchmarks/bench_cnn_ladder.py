@@ -1,6 +1,6 @@
 """Benchmark: the ground-truth rungs on the digits CNN (71,754 parameters).
 
-The issue's CNN — Conv2d(1,16,3)–act–Conv2d(16,32,3)–act–Linear(512,128)–act–
+Our reference CNN — Conv2d(1,16,3)–act–Conv2d(16,32,3)–act–Linear(512,128)–act–
 Linear(128,10), float64 — trained by skorch (10 epochs of SGD, weight decay
 1e-4) on 1,200 digits, damping 1e-3, one torch thread, each configuration in
 a fresh subprocess (its own peak memory):
@@ -25,9 +25,7 @@ Run::
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 import warnings
@@ -98,10 +96,9 @@ def run(config: dict) -> dict:
 
 
 def _subprocess(config: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, __file__, "--run", json.dumps(config)],
-                          capture_output=True, text=True, env=env, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from _process import in_subprocess
+
+    return in_subprocess(__file__, config)
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,7 @@ Tasks (``--tasks``):
 
 - ``digits``: MLP 64-128-10 (tanh, 9,610 parameters) on scikit-learn's
   digits, 1,200 training and 300 test samples, cross-entropy, μ = 1e-4,
-  λ = 1e-3 (the reference task of the issue);
+  λ = 1e-3 (our reference task);
 - ``diabetes``: MLP 10-64-1 (tanh) regression on diabetes, 342 / 100
   samples, squared loss, μ = 1e-4, λ = 1e-3;
 - ``digits_cnn``: the CNN Conv2d(1,16,3)–ReLU–Conv2d(16,32,3)–ReLU–

@@ -5,7 +5,7 @@ SGD lr 0.1, momentum 0.9, weight decay 1e-3, 64-row mini-batches, 20 epochs)
 on 1,500 digits and fits
 ``LinearDatamodelingScore(net, n_subsets=50, alpha=0.5, reference="retrain")``
 against 100 held-out digits: 50 cold-start retrainings of the recipe on random
-halves (SPEC §9). One configuration per fresh subprocess (so that timings and
+halves. One configuration per fresh subprocess (so that timings and
 peak memory are not shared):
 
 - ``sequential``: one subset at a time with the net's own ``fit``

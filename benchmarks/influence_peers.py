@@ -54,7 +54,7 @@ PEER_IMPORTS = {"pydvl": ("pydvl.influence.torch",), "kronfluence": ("kronfluenc
 
 
 def digits_cnn():
-    """The issue's CNN on 8×8 digits (flattened rows), 71,754 parameters, float64:
+    """Our reference CNN on 8×8 digits (flattened rows), 71,754 parameters, float64:
     Conv2d(1,16,3)–ReLU–Conv2d(16,32,3)–ReLU–Linear(512,128)–ReLU–Linear(128,10)."""
     nn = torch.nn
     return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3), nn.ReLU(),

@@ -11,7 +11,7 @@ rows by
 - the influence estimate (:class:`~sklinfluence.InfluenceEstimator`),
 - the PBRF (:class:`~sklinfluence.PBRFEstimator`),
 - cold-start leave-one-out retraining (:class:`~sklinfluence.LOOEstimator`),
-- three baselines users compare against (SPEC §8): grad-dot
+- three baselines users compare against (:ref:`formulas <theory-baselines>`): grad-dot
   (``InfluenceEstimator(solver="identity")``, the curvature replaced by 0),
   TracIn-CP (:class:`~sklinfluence.TracInCP`, gradient dot products summed
   over the end-of-epoch checkpoints of the same fit) and plain training loss

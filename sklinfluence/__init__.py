@@ -13,6 +13,8 @@ Then What is the Question?", as scikit-learn estimators:
 - :class:`LinearDatamodelingScore` and :func:`lds_scorer` — the linear
   datamodeling score of any attribution matrix against models retrained on
   random subsets (or their PBRF);
+- :class:`PipelineView` — the final estimator of a fitted ``Pipeline`` with
+  its inputs transformed (``loss_change``, ``param_change`` through a pipeline);
 - :class:`TracInCP` and :func:`training_loss` — baselines in the same sign
   convention (grad-dot is ``InfluenceEstimator(solver="identity")``);
 - :func:`set_config`, :func:`get_config`, :func:`config_context` — threads
@@ -26,8 +28,9 @@ from .datamodeling import LinearDatamodelingScore, lds_scorer
 from .decomposer import Decomposer
 from .ground_truth import LOOEstimator, PBRFEstimator
 from .influence import InfluenceEstimator
+from .pipeline import PipelineView
 
 __all__ = ["Decomposer", "InfluenceEstimator", "LOOEstimator", "PBRFEstimator",
            "LinearDatamodelingScore", "lds_scorer", "TracInCP", "training_loss",
-           "RemovalSplit", "agreement_scorer", "config_context", "get_config", "set_config"]
+           "PipelineView", "RemovalSplit", "agreement_scorer", "config_context", "get_config", "set_config"]
 __version__ = "0.1.0"

@@ -34,8 +34,17 @@ def make_adapter(net: Any) -> SkorchAdapter | LinearAdapter:
         return SkorchAdapter(inner, frozen)
     if is_linear_model(inner):
         return LinearAdapter(inner, frozen)
+    hint = ""
+    if isinstance(inner, type):
+        example = f"{inner.__name__}(MyModule, ...)" if issubclass(inner, NeuralNet) \
+            else f"{inner.__name__}()"
+        hint = f" {inner.__name__} is a class: pass an instance, e.g. {example}."
+    elif hasattr(inner, "steps"):  # a Pipeline
+        hint = (" To use preprocessing, put the estimator at the end of the pipeline "
+                "instead: make_pipeline(StandardScaler(), InfluenceEstimator(net)).")
     raise TypeError(
         "net must be a skorch NeuralNet (NeuralNetRegressor, NeuralNetClassifier, "
         "NeuralNetBinaryClassifier), a scikit-learn LinearRegression, Ridge or "
-        f"LogisticRegression, or either wrapped in FrozenEstimator; got {type(inner).__name__}."
+        f"LogisticRegression, or either wrapped in FrozenEstimator; got "
+        f"{type(inner).__name__ if not isinstance(inner, type) else 'a class'}.{hint}"
     )

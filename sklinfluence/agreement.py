@@ -27,6 +27,8 @@ from scipy.stats import kendalltau, pearsonr, spearmanr
 from sklearn.model_selection import BaseCrossValidator
 from sklearn.utils import check_random_state
 
+from .pipeline import PipelineView
+
 __all__ = ["AGREEMENTS", "REFERENCES", "RemovalSplit", "agreement", "agreement_scorer"]
 
 #: Agreement metrics: name → function of (estimate, reference) returning a float.
@@ -65,7 +67,12 @@ def agreement_scorer(reference: str = "loo", metric: str = "spearman") -> Callab
     Returns
     -------
     callable
-        ``scorer(estimator, X, y)`` → float; higher is better.
+        ``scorer(estimator, X, y)`` → float; higher is better. ``estimator``
+        may be a fitted :class:`~sklearn.pipeline.Pipeline` ending in an
+        sklinfluence estimator: ``X`` goes through its earlier steps and the
+        final step is scored with ``reference`` and ``metric``
+        (:class:`~sklinfluence.PipelineView`), the same number as the bare
+        estimator on transformed data, whether metadata routing is on or off.
 
     Examples
     --------
@@ -78,7 +85,8 @@ def agreement_scorer(reference: str = "loo", metric: str = "spearman") -> Callab
         raise ValueError(f"metric must be one of {sorted(AGREEMENTS)}, got {metric!r}")
 
     def scorer(estimator: Any, X: Any, y: Any = None) -> float:
-        return estimator.score(X, y, reference=reference, metric=metric)
+        # a Pipeline's score would drop the keywords unless routing is on: unwrap it
+        return PipelineView(estimator).score(X, y, reference=reference, metric=metric)
 
     scorer.__name__ = f"agreement_{reference}_{metric}"
     return scorer

@@ -26,6 +26,7 @@ from .adapters import make_adapter
 from .execution import resolve_memory
 from .cache import CacheOwner
 from .measure import linear_change, loss_change, own_change, to_numpy
+from .pipeline import refuse_dropped_arguments
 from .removal import Removal, group_removals, single_removals
 from .response import ResponseContext, Rung, rung
 from .threads import compute_section
@@ -38,6 +39,9 @@ def _check_numeric_features(X: Any) -> None:
     if issparse(X) or hasattr(X, "dtypes"):  # validate_data has the right words for these
         return
     array = np.asarray(X)
+    if array.dtype.kind == "c":
+        raise ValueError("Complex data not supported: X must be real numbers. Split complex "
+                         "values into real columns first, e.g. np.hstack([X.real, X.imag]).")
     if array.dtype.kind in "OUS":
         try:
             array.astype(np.float64)
@@ -107,7 +111,7 @@ class BaseResponseEstimator(BaseEstimator):
                     "LogisticRegression)."
                 ) from None
         _check_numeric_features(X)
-        X, y = validate_data(self, X, y, dtype=np.float64,
+        X, y = validate_data(self, X, y, dtype=np.float64, allow_nd=adapter.accepts_nd,
                              y_numeric=adapter.target_kind == "float",
                              multi_output=adapter.target_kind == "float")
         if X.shape[0] < 2:
@@ -133,6 +137,7 @@ class BaseResponseEstimator(BaseEstimator):
                                                       **({} if checkpoints is None
                                                          else {"checkpoints": checkpoints}))
         self._adapter = adapter
+        self.input_shape_ = tuple(int(d) for d in X.shape[1:])
         self.model_ = adapter.functional_model(self.net_, self.weight_decay)
         self.X_train_, self.T_train_ = self._tensors(X, encoded)
         adapter.check(self.net_, self.model_, self.X_train_, self.T_train_)
@@ -223,7 +228,7 @@ class BaseResponseEstimator(BaseEstimator):
         same target), −1 where it is not a training row.
         """
         check_is_fitted(self, "model_")
-        X = validate_data(self, X, dtype=np.float64, reset=False)
+        X = self._validate_rows(X, what)
         index = np.array([self._row_index.get(row.tobytes(), -1) for row in X], dtype=int)
         if y is None:
             missing = np.flatnonzero(index < 0)
@@ -242,7 +247,7 @@ class BaseResponseEstimator(BaseEstimator):
             )
         if self._target_kind == "float":
             y = validate_data(self, X, y, dtype=np.float64, reset=False, y_numeric=True,
-                              multi_output=True)[1]
+                              multi_output=True, allow_nd=True)[1]
         encoded = self._encode(y)
         expected_width = self.T_train_.shape[1:] if self.T_train_.dim() > 1 else ()
         if tuple(encoded.shape[1:]) != tuple(expected_width):
@@ -257,6 +262,19 @@ class BaseResponseEstimator(BaseEstimator):
             diff = (Tt[known] != self.T_train_[index[known]]).reshape(int(known.sum()), -1)
             same[torch.as_tensor(known)] = ~diff.any(dim=1).cpu()
         return Xt, Tt, np.where(same.numpy(), index, -1)
+
+    def _validate_rows(self, X: Any, what: str = "X") -> np.ndarray:
+        """``X`` as float64 rows shaped like fit's (images stay images)."""
+        _check_numeric_features(X)
+        shape = tuple(X.shape) if hasattr(X, "shape") else np.asarray(X).shape
+        if (len(shape) > 2 or len(self.input_shape_) > 1) and \
+                tuple(shape[1:]) != self.input_shape_:
+            raise ValueError(
+                f"{what} has rows of shape {tuple(shape[1:])}, but the net was fitted on "
+                f"rows of shape {self.input_shape_} (X of shape (n, "
+                f"{', '.join(map(str, self.input_shape_))})). Reshape {what} like fit's X.")
+        return validate_data(self, X, dtype=np.float64, reset=False,
+                             allow_nd=len(self.input_shape_) > 1)
 
     def _removals(self, X: Any, y: Any, groups: Any = None) -> tuple[list[Removal], Any]:
         """The removals the rows of ``X`` describe: one per row, or one per group label.
@@ -295,6 +313,9 @@ class RungViewMixin:
     ``fit``; ``param_change``, ``score_samples``, ``loss_change`` and
     ``score`` follow. Mixed in left of :class:`BaseResponseEstimator`.
     """
+
+    # with metadata routing on, a Pipeline passes score's choices on by default
+    __metadata_request__score = {"reference": True, "metric": True, "sample_weight": True}
 
     def _rung(self) -> Rung:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -387,7 +408,7 @@ class RungViewMixin:
 
     @compute_section
     def score(self, X: Any, y: Any = None, *, reference: str = "loo",
-              metric: str = "spearman") -> float:
+              metric: str = "spearman", sample_weight: Any = None) -> float:
         """Agreement of ``score_samples`` with a ground-truth response.
 
         Rates how well this estimator's scores on the given training samples
@@ -407,14 +428,32 @@ class RungViewMixin:
             PBRF (the last two at this estimator's damping).
         metric : {"spearman", "pearson", "kendall"}, default="spearman"
             Agreement measure.
+        sample_weight : None
+            Not supported (the agreement weighs every removed sample alike);
+            accepted as ``None`` only, which is what ``Pipeline.score`` passes
+            when metadata routing is on.
 
         Returns
         -------
         float
             Higher is better; ``nan`` when either set of scores is constant.
+
+        Raises
+        ------
+        TypeError
+            When called by ``Pipeline.score`` after it dropped keyword
+            arguments (``reference=``, ``metric=``): scikit-learn forwards them
+            only with metadata routing on. Use
+            :class:`~sklinfluence.PipelineView` or
+            :func:`~sklinfluence.agreement_scorer` instead, or turn routing on
+            (``reference`` and ``metric`` are requested by default).
         """
         from .agreement import REFERENCES, agreement
 
+        refuse_dropped_arguments()
+        if sample_weight is not None:
+            raise ValueError("score does not take sample weights: the agreement weighs "
+                             "every removed sample alike. Leave sample_weight=None.")
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {sorted(REFERENCES)}, got {reference!r}")
         removals, _ = self._removals(X, y)

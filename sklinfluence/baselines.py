@@ -1,4 +1,7 @@
-"""Baselines that users compare influence estimates against (SPEC §8).
+"""Baselines that users compare influence estimates against.
+
+Their formulas are on the Theory page of the documentation, section
+"Baselines".
 
 - :class:`TracInCP` (Pruthi et al., 2020): the gradient dot products summed
   over checkpoints saved at the end of each epoch of the estimator's own fit,
@@ -7,7 +10,7 @@
   replaced by 0), and the training loss ``L_z(θˢ)`` is
   :func:`training_loss`.
 
-All in the library's sign convention (SPEC §4): positive means that removing
+All in the library's sign convention: positive means that removing
 the training row increases the measured loss (the row helped), so rankings,
 correlations and the linear datamodeling score compare them directly with
 the influence estimate and the ground truth.
@@ -67,7 +70,7 @@ class TracInCP(BaseResponseEstimator):
 
     Notes
     -----
-    **(choice, SPEC §8)** One checkpoint per epoch and the step size the
+    **(choice)** One checkpoint per epoch and the step size the
     optimiser used at its end. For SGD this is the first-order effect of
     the epoch's step on ``m``'s batch; for adaptive optimisers (Adam,
     RMSprop) the learning rate is not the step size, and the score is only a

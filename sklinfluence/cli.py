@@ -110,8 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     data = common.add_argument_group("data")
     data.add_argument("--data", default="digits",
-                      help=f"built-in data set ({', '.join(BUILTIN)}) or a CSV file with a "
-                           "header row (default: digits)")
+                      help=f"built-in data set ({', '.join(BUILTIN)}), a CSV file with a "
+                           "header row, or an .npz file with arrays X (rows, or images "
+                           "(n, C, H, W): the MLP flattens them) and y (default: digits)")
     data.add_argument("--target", help="CSV target column (default: the last)")
     data.add_argument("--task", choices=("auto", "classification", "regression"),
                       default="auto", help="for a CSV: inferred from the target by default")
@@ -175,7 +176,9 @@ def _prepare(args: argparse.Namespace):
     if args.n_train and args.n_train < len(data.X):
         rows = np.sort(rng.choice(len(data.X), args.n_train, replace=False))
         data.X, data.y = data.X[rows], data.y[rows]
-    data.X = StandardScaler().fit_transform(data.X)
+    # each input value standardised (images: each pixel), whatever the rows' shape
+    data.X = StandardScaler().fit_transform(data.X.reshape(len(data.X), -1)).reshape(
+        data.X.shape)
     if data.task == "regression":  # on the scale of its spread, so the loss is O(1)
         data.y = (data.y - data.y.mean()) / (data.y.std() or 1.0)
     elif data.n_classes < 2:
@@ -184,6 +187,53 @@ def _prepare(args: argparse.Namespace):
                    weight_decay=args.weight_decay)
     execution = dict(n_jobs=args.n_jobs, memory=args.memory, verbose=0 if args.quiet else 1)
     return data, net, rng, execution
+
+
+#: The label of a term that is 0 for every removed row: no bar on a log axis.
+ZERO_LABEL = "exactly 0"
+
+
+def _plot_terms(terms: np.ndarray, names: Sequence[str], *, ylabel: str, title: str):
+    """The bar chart of ``decompose.png``: one bar per term on a log axis.
+
+    Bars are the mean of ``|term|`` over the removed rows (the rows of
+    ``terms``); whiskers run from the smallest to the largest ``|term|``
+    among them, a whisker that would reach 0 stopping at the bottom of the
+    axis. A log axis has no place for 0, so a term that is exactly 0 for
+    every row (the solver error of the exact solver, the proximity gap
+    without damping) has no bar and is labelled ``ZERO_LABEL`` at the bottom
+    of the axis. Returns ``(fig, ax)``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = np.abs(np.asarray(terms, dtype=np.float64))
+    n = size.shape[0]
+    mean, low, high = size.mean(axis=0), size.min(axis=0), size.max(axis=0)
+    positive = size[size > 0]
+    bottom, top = (positive.min() / 4, positive.max() * 4) if positive.size else (1e-3, 1.0)
+    x = np.arange(len(names))
+    bar = mean > 0
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_yscale("log")
+    ax.bar(x[bar], mean[bar], color="C0", label=f"bars: mean |term| over the {n} removed rows")
+    ax.errorbar(x[bar], mean[bar],
+                yerr=[mean[bar] - np.maximum(low[bar], bottom), high[bar] - mean[bar]],
+                fmt="none", ecolor="black", capsize=4,
+                label="whiskers: smallest to largest |term| (at the bottom edge: down to 0)")
+    for k in np.flatnonzero(~bar):
+        ax.plot([k], [bottom], marker="o", color="C3", clip_on=False)
+        ax.annotate(ZERO_LABEL, xy=(k, bottom), xytext=(0, 6), textcoords="offset points",
+                    ha="center", va="bottom", color="C3")
+    ax.set_ylim(bottom, top)
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, pad=44)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize="small", frameon=False)
+    fig.tight_layout()
+    return fig, ax
 
 
 def _decompose(args: argparse.Namespace) -> None:
@@ -202,7 +252,7 @@ def _decompose(args: argparse.Namespace) -> None:
     scores = dec.rung_scores(data.X[removed])
     names = list(dec.get_feature_names_out())
     n_out = data.n_classes or 1
-    print(f"\n{data.name}: {len(data.X)} training rows, MLP {data.X.shape[1]}-"
+    print(f"\n{data.name}: {len(data.X)} training rows, MLP {int(np.prod(data.X.shape[1:]))}-"
           f"{'-'.join(map(str, args.hidden))}-{n_out} "
           f"({dec.model_.n_params} parameters), damping {args.damping:g}, "
           f"{args.n_removed} removed samples, {time.perf_counter() - start:.0f} s\n")
@@ -219,18 +269,9 @@ def _decompose(args: argparse.Namespace) -> None:
     header = ["train_row", "label", *names, *[f"score_{r}" for r in dec.rungs_]]
     rows = [[int(m), data.y[m], *terms[i], *scores[i]] for i, m in enumerate(removed)]
     _write_csv(args.output / "decompose.csv", header, rows)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(names, np.abs(terms).mean(axis=0), yerr=np.abs(terms).std(axis=0), capsize=4)
-    ax.set_yscale("log")
-    ax.set_ylabel(unit if args.metric == "output_l2" else "|Δ mean loss|")
-    ax.set_title(f"Five-term decomposition ({data.name})")
-    ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
+    fig, _ = _plot_terms(terms, names,
+                         ylabel=unit if args.metric == "output_l2" else "|Δ mean loss|",
+                         title=f"Five-term decomposition ({data.name})")
     _save_figure(fig, args.output / "decompose.png")
     print(f"\nwrote {args.output / 'decompose.csv'} and {args.output / 'decompose.png'}")
 

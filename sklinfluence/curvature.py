@@ -5,7 +5,7 @@
 is either
 
 - the Gauss–Newton matrix ``G = (1/N) Σ_i J_iᵀ H_i J_i + diag(μ)`` (always
-  PSD; SPEC §1), or
+  PSD), or
 - the Hessian ``∇²J(θ)`` (may be indefinite away from a minimum).
 
 Products with many vectors at once (``matmat``) are vectorised with

@@ -2,7 +2,7 @@
 
 Park et al. (2023, TRAK) judge an attribution matrix ``s(i, z)`` — the effect of
 training row ``i`` on evaluation point ``z`` — by how well its additive
-predictions rank the models trained on random subsets (SPEC §9): draw ``M``
+predictions rank the models trained on random subsets: draw ``M``
 subsets ``S_j`` of ``⌊αN⌋`` training rows, train the net's recipe on each
 (cold start, same seed: rung 0 of the ladder on the removal of the complement
 ``C_j``), measure ``Q_z(θ_{S_j})``, and compare with the prediction
@@ -36,6 +36,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._docs import fill_doc
 from .base import BaseResponseEstimator
 from .measure import loss_change, to_numpy
+from .pipeline import PipelineView
 from .removal import Removal
 from .response import Responder, rung
 from .threads import compute_section
@@ -163,10 +164,12 @@ class LinearDatamodelingScore(BaseResponseEstimator):
 
     Notes
     -----
-    SPEC §9. The Spearman correlation is over subsets, for each evaluation
-    point; its mean over evaluation points is the LDS. By default one seed
-    per subset (the original fit's): the recipe's own randomness is
-    replayed, not averaged out; ``n_seeds`` averages it out.
+    The mathematics is on the Theory page of the documentation, section
+    "The linear datamodeling score". The Spearman correlation is over
+    subsets, for each evaluation point; its mean over evaluation points is
+    the LDS. By default one seed per subset (the original fit's): the
+    recipe's own randomness is replayed, not averaged out; ``n_seeds``
+    averages it out.
 
     References
     ----------
@@ -351,11 +354,15 @@ def lds_scorer(reference: LinearDatamodelingScore) -> Callable:
     Returns
     -------
     callable
-        ``scorer(estimator, X, y)`` → the mean LDS; higher is better.
+        ``scorer(estimator, X, y)`` → the mean LDS; higher is better. A fitted
+        :class:`~sklearn.pipeline.Pipeline` is scored by its final step, which
+        must have been fitted on the same (transformed) rows as ``reference``:
+        fit ``reference`` on ``pipe[:-1].fit_transform(X)``.
     """
     check_is_fitted(reference, "measurements_")
 
     def scorer(estimator: Any, X: Any = None, y: Any = None) -> float:
+        estimator = PipelineView(estimator).estimator  # a Pipeline's final step
         check_is_fitted(estimator, "model_")
         if estimator.n_train_ != reference.n_train_ or not torch.equal(
                 estimator.X_train_.to(reference.X_train_.dtype), reference.X_train_):

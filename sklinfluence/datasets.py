@@ -72,7 +72,37 @@ def _load_csv(path: Path, target: str | None, task: str) -> Dataset:
                          "categorical features before.") from exc
     if not np.all(np.isfinite(X)):
         raise ValueError(f"--data {path}: features contain NaN or infinite values.")
-    raw = np.array([row[column] for row in body])
+    y, task = _targets(np.array([row[column] for row in body]), target, task)
+    return Dataset(X, y, task, path.name, features)
+
+
+def _load_npz(path: Path, task: str) -> Dataset:
+    """``X`` (any shape ``(n, ...)``: rows, images, sequences) and ``y`` from an ``.npz``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "X" not in data or "y" not in data:
+                raise ValueError(f"--data {path}: needs arrays named 'X' and 'y'; it holds "
+                                 f"{', '.join(data.files) or 'none'}.")
+            X, raw = data["X"], data["y"]
+    except (OSError, ValueError) as exc:
+        if str(exc).startswith("--data"):
+            raise
+        raise ValueError(f"--data {path}: cannot read it as .npz ({exc}).") from exc
+    if X.ndim < 2 or raw.ndim != 1 or len(X) != len(raw) or len(X) < 2:
+        raise ValueError(f"--data {path}: needs X of shape (n, ...) and y of shape (n,) "
+                         f"with n >= 2; got X {X.shape} and y {raw.shape}.")
+    try:
+        X = X.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--data {path}: X must be numeric ({exc}).") from exc
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"--data {path}: X contains NaN or infinite values.")
+    y, task = _targets(raw, "y", task)
+    return Dataset(X, y, task, path.name, [f"x{i}" for i in range(int(np.prod(X.shape[1:])))])
+
+
+def _targets(raw: np.ndarray, target: str, task: str) -> tuple[np.ndarray, str]:
+    """Targets and task from a column of raw values (``task="auto"`` infers it)."""
     numeric = True
     try:
         values = raw.astype(np.float64)
@@ -91,25 +121,34 @@ def _load_csv(path: Path, target: str | None, task: str) -> Dataset:
                          "which are not class labels; use --task regression.")
     else:
         y = values.astype(np.int64) if numeric else raw
-    return Dataset(X, y, task, path.name, features)
+    return y, task
 
 
 def load_dataset(name: str, *, target: str | None = None, task: str = "auto",
                  random_state: int = 0) -> Dataset:
-    """A built-in data set by name, or a CSV file (``target`` column, default the last)."""
+    """A built-in data set by name, a CSV file (``target`` column, default the last),
+    or an ``.npz`` file with arrays ``X`` (rows, images ``(n, C, H, W)``, …) and ``y``."""
     if name in BUILTIN:
         data = _load_builtin(name, random_state)
         if task not in ("auto", data.task):
             raise ValueError(f"data set {name!r} is a {data.task} problem, not {task}.")
         return data
-    return _load_csv(Path(name), target, task)
+    path = Path(name)
+    if path.suffix == ".npz" and path.is_file():
+        return _load_npz(path, task)
+    return _load_csv(path, target, task)
 
 
 class MLP(torch.nn.Sequential):
-    """``Linear → Tanh`` blocks of the given widths, then a linear output (float64)."""
+    """``Linear → Tanh`` blocks of the given widths, then a linear output (float64).
 
-    def __init__(self, n_in: int = 1, widths: tuple = (32,), n_out: int = 1):
-        layers, previous = [], n_in
+    ``flatten=True`` puts an ``nn.Flatten`` first, for inputs of more than one
+    axis per row (images); ``n_in`` is then the number of values per row.
+    """
+
+    def __init__(self, n_in: int = 1, widths: tuple = (32,), n_out: int = 1,
+                 flatten: bool = False):
+        layers, previous = ([torch.nn.Flatten()] if flatten else []), n_in
         for width in widths:
             layers += [torch.nn.Linear(previous, width), torch.nn.Tanh()]
             previous = width
@@ -123,7 +162,8 @@ def make_net(data: Dataset, *, widths: tuple, epochs: int, lr: float, weight_dec
     """A skorch net for ``data``: cross-entropy classifier or MSE regressor."""
     from skorch import NeuralNetClassifier, NeuralNetRegressor
 
-    common = dict(module=MLP, module__n_in=data.X.shape[1], module__widths=tuple(widths),
+    common = dict(module=MLP, module__n_in=int(np.prod(data.X.shape[1:])),
+                  module__flatten=data.X.ndim > 2, module__widths=tuple(widths),
                   lr=lr, optimizer__momentum=0.9, optimizer__weight_decay=weight_decay,
                   batch_size=batch_size, max_epochs=epochs, iterator_train__shuffle=True,
                   verbose=0)

@@ -17,7 +17,7 @@ from .curvature import CURVATURES
 from .ground_truth import warm_start_epochs
 from .measure import mean_losses, to_numpy
 from .response import LADDER, TERMS, Responder
-from .solvers import SOLVERS
+from .solvers import SOLVERS, default_tol
 from .threads import compute_section
 
 __all__ = ["Decomposer"]
@@ -72,8 +72,10 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         the net's ``max_epochs``.
     weight_decay : "auto" or float, default="auto"
         ``μ``; ``"auto"`` reads the optimiser's ``weight_decay``.
-    tol : float, default=1e-10
-        CG/LiSSA tolerance of rung 5.
+    tol : float, default=None
+        CG/LiSSA tolerance of rung 5 (and of a mixed-precision kernel's
+        refinement); ``None``: ``1e-10`` for a float64 net, ``1e-6`` for a
+        float32 net (see :class:`~sklinfluence.InfluenceEstimator`).
     max_iter : int, default=None
         CG/LiSSA iteration cap of rung 5.
     pbrf_tol : float, default=1e-9
@@ -95,7 +97,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
 
     Attributes
     ----------
-    net_, model_, n_train_, classes_, n_features_in_, initial_params_, seed_
+    net_, model_, n_train_, classes_, n_features_in_, input_shape_, initial_params_, seed_
         As for :class:`~sklinfluence.LOOEstimator`.
     X_eval_, T_eval_ : Tensor
         The evaluation set ``E`` (default: the training rows).
@@ -107,9 +109,10 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
 
     Notes
     -----
-    Rungs 4 and 5 are evaluated as the network at ``θˢ + Δθ`` (SPEC §3's
-    choice). Every removal uses ``ε = 1/N``, the weight that retraining
-    removes. :meth:`rung_responses` and :meth:`rung_losses` give each rung's
+    Rungs 4 and 5 are evaluated as the network at ``θˢ + Δθ`` (a choice;
+    see the Theory page of the documentation, section "The five terms").
+    Every removal uses ``ε = 1/N``, the weight that retraining removes.
+    :meth:`rung_responses` and :meth:`rung_losses` give each rung's
     own result, not just the differences, and :meth:`rung_scores` each rung's
     self-influence; ``responder_.timings`` records the wall time of every
     response computed.
@@ -144,7 +147,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         "curvature": [StrOptions(set(CURVATURES))],
         "metric": [StrOptions(set(METRICS))],
         "warm_start_fraction": [Interval(Real, 0, None, closed="neither")],
-        "tol": [Interval(Real, 0, None, closed="neither")],
+        "tol": [None, Interval(Real, 0, None, closed="neither")],
         "max_iter": [None, Interval(Integral, 1, None, closed="left")],
         "pbrf_tol": [Interval(Real, 0, None, closed="neither")],
         "pbrf_max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -154,7 +157,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
     def __init__(self, net: Any, *, damping: float = 1e-3, solver: str = "auto",
                  solver_params: dict | None = None, curvature: str = "ggn", metric: str = "output_l2",
                  warm_start_fraction: float = 0.5, weight_decay: str | float = "auto",
-                 tol: float = 1e-10, max_iter: int | None = None, pbrf_tol: float = 1e-9,
+                 tol: float | None = None, max_iter: int | None = None, pbrf_tol: float = 1e-9,
                  pbrf_max_iter: int = 50, batch_size: int | None = None,
                  removal_batch_size: int = 32, n_jobs: int | None = None,
                  memory: Any = None, verbose: int = 0, measure: str = "loss",
@@ -203,8 +206,8 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         self.rungs_ = [r.name for r in LADDER]
         self.responder_ = Responder(self._context(
             curvature=self.curvature, solver=self.solver, solver_params=self.solver_params,
-            tol=self.tol, max_iter=self.max_iter,
-            pbrf_tol=self.pbrf_tol, pbrf_max_iter=self.pbrf_max_iter,
+            tol=default_tol(self.model_.dtype) if self.tol is None else float(self.tol),
+            max_iter=self.max_iter, pbrf_tol=self.pbrf_tol, pbrf_max_iter=self.pbrf_max_iter,
             warm_start_epochs=warm_start_epochs(self._adapter.max_epochs(self.net_),
                                                 self.warm_start_fraction)))
         if X_eval is None:
@@ -212,7 +215,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         elif y_eval is not None or self.metric == "loss":
             self.X_eval_, self.T_eval_ = self._eval_targets(X_eval, y_eval)
         else:  # the function-space distance needs inputs only
-            X_eval = validate_data(self, X_eval, dtype=np.float64, reset=False)
+            X_eval = self._validate_rows(X_eval, "X_eval")
             self.X_eval_ = torch.tensor(X_eval, dtype=self.model_.dtype, device=self.model_.device)
             self.T_eval_ = None
         return self

@@ -10,7 +10,7 @@ sklinfluence.  :class:`FunctionalModel` holds
 - the output loss (:mod:`sklinfluence.losses`) that mirrors the net's
   ``get_loss``;
 - the weight decay ``μ`` as a per-parameter vector, read from the optimiser's
-  parameter groups (SPEC §6).
+  parameter groups.
 
 Everything above it (curvature, responses, estimators) works on flat parameter
 vectors and tensors ``X`` / ``T`` already in the module's dtype and device.
@@ -86,7 +86,7 @@ def read_weight_decay(net: Any, module: torch.nn.Module) -> list[float]:
             raise ValueError(
                 f"the net's optimizer {type(optimizer).__name__} uses decoupled weight "
                 f"decay ({decay}), which is not an L2 term (μ/2)‖θ‖² of the training "
-                "objective (SPEC §6). Pass weight_decay=<float> to the estimator to "
+                "objective. Pass weight_decay=<float> to the estimator to "
                 "state the μ to use, or train with SGD/Adam weight_decay."
             )
         for p in group["params"]:

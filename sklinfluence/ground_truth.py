@@ -61,7 +61,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
 
     Attributes
     ----------
-    net_, model_, epsilon_, n_train_, classes_, n_features_in_
+    net_, model_, epsilon_, n_train_, classes_, n_features_in_, input_shape_
         As for :class:`~sklinfluence.InfluenceEstimator`.
     responder_ : Responder
         Computes and memoises the responses; ``responder_.last_info`` has the
@@ -212,7 +212,7 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
 
     Attributes
     ----------
-    net_, model_, n_train_, classes_, n_features_in_
+    net_, model_, n_train_, classes_, n_features_in_, input_shape_
         As for :class:`~sklinfluence.InfluenceEstimator`.
     initial_params_ : Tensor or None
         ``θ⁰`` of the original fit (``None`` for a frozen net).
@@ -229,7 +229,7 @@ class LOOEstimator(RungViewMixin, BaseResponseEstimator):
     With a mean-reduced loss the recipe minimises
     ``(1/(N−1)) Σ_{i≠m} L_i + (μ/2)‖θ‖²``, whose minimiser is that of
     ``J − L_m/N`` with ``μ`` replaced by ``μ(N−1)/N`` — identical when
-    ``μ = 0`` (SPEC §2). The proximity coefficient is applied as
+    ``μ = 0``. The proximity coefficient is applied as
     ``λN/(N−1)`` so that rung 2's objective is rung 1's plus exactly
     ``(λ/2)‖θ − θˢ‖²`` in that normalisation. Only training rows can be
     removed.

@@ -1,7 +1,7 @@
 """The exact damped Gauss–Newton inverse in kernel (Woodbury) form.
 
 With ``D = diag(μ) + λ`` (weight decay plus damping, positive) the damped
-Gauss–Newton matrix of SPEC §1 is
+Gauss–Newton matrix (``G`` its data part ``(1/N) Σ_i J_iᵀ H_i J_i``) is
 
     ``G + D = D^{1/2} (I + ŨᵀŨ) D^{1/2}``,
     rows of ``Ũ``: ``u_ik = N^{-1/2} D^{-1/2} J_iᵀ L_i[:, k]``,
@@ -73,6 +73,8 @@ BLOCK_ROWS = 1024
 RHS_CHUNK = 64
 #: Most float64 refinement rounds of a mixed-precision solve.
 MAX_REFINEMENTS = 5
+#: Bytes of parameter-space products held at once by :meth:`GaussNewtonKernel.quadratic_forms`.
+QUADRATIC_BYTES = 128 * 2**20
 
 
 def kernel_bytes(n_rows: int, materialised_params: int, itemsize: int = 8) -> int:
@@ -477,6 +479,70 @@ class GaussNewtonKernel:
         if forces.shape[0]:
             Fs = forces.to(torch.float64) * self.scale
             out[forced] += Fs @ Bs.T - forces_rows.T @ Z
+        return out
+
+    def quadratic_forms(self, W: Tensor) -> Tensor:
+        """``wᵀ (I + ŨŨᵀ)⁻¹ w = ‖L⁻¹w‖²`` for each column ``w`` of ``W`` ``(n, k)``,
+        in the factor's precision (float64 result).
+
+        What self-influence needs: a removal's ``gᵀ (G + D)⁻¹ g`` is
+        ``‖D^{-1/2}g‖² − wᵀ(I + ŨŨᵀ)⁻¹w`` with ``w = Ũ D^{-1/2} g``, and for a
+        removal of training rows ``w`` holds their coefficients ``c_i``
+        (:meth:`coefficients`) in their own blocks, ``‖D^{-1/2}g‖²``
+        replaced by ``‖w‖²`` — the diagonal blocks of the inverse: one
+        triangular solve, skipping the leading zero rows of each chunk of
+        columns, no solve per row and no way back to parameters. Exact to
+        rounding with a float64 factor; see :meth:`refined_forms` for a
+        float32 one.
+        """
+        Y = self._forward_solve(W)
+        return (Y * Y).sum(dim=0)
+
+    def refined_forms(self, W: Tensor, check_rows: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+        """``(q, error)``: the forms of :meth:`quadratic_forms` to float64 accuracy
+        from a float32 factor, and an estimate of their error on the columns
+        ``check_rows`` (all by default).
+
+        The variational form ``q = 2 wᵀz − zᵀ(I + ŨŨᵀ)z`` of the float32
+        solution ``z`` (products in float64) is a lower bound of the true form
+        whose error ``(z − z*)ᵀ(I + ŨŨᵀ)(z − z*) = rᵀ(I + ŨŨᵀ)⁻¹r`` is second
+        order in the float32 residual ``r = w − (I + ŨŨᵀ)z``; ``error`` is that
+        quantity with the float32 factor. Costs one product ``ŨᵀZ`` per column
+        (in chunks of :data:`QUADRATIC_BYTES`) and one ``ŨV`` per checked one.
+        """
+        k, P = W.shape[1], self.scale.numel()
+        rows = torch.arange(k) if check_rows is None else check_rows
+        Z = self._kernel_solve(W)
+        W = W.to(torch.float64)
+        q = 2 * (W * Z).sum(dim=0) - (Z * Z).sum(dim=0)
+        chunk = max(1, QUADRATIC_BYTES // (8 * P))
+        for c in range(0, k, chunk):
+            UtZ = Z.new_zeros((min(k, c + chunk) - c, P))
+            self._rows_transposed_times(Z[:, c:c + chunk], UtZ)  # −(ŨᵀZ)ᵀ
+            q[c:c + chunk] -= (UtZ * UtZ).sum(dim=1)
+        UtZ = Z.new_zeros((rows.numel(), P))
+        self._rows_transposed_times(Z[:, rows], UtZ)
+        R = W[:, rows] - Z[:, rows] + self._rows_times(UtZ)  # w − z − ŨŨᵀz
+        return q, (R * self._kernel_solve(R)).sum(dim=0)
+
+    def _forward_solve(self, W: Tensor) -> Tensor:
+        """``L⁻¹ W`` in the factor's precision (float64 result), chunks of columns
+        starting at their first non-zero row (a training row's column is zero
+        above its own block)."""
+        L, k = self.factor, W.shape[1]
+        out = W.new_zeros(W.shape, dtype=torch.float64)
+        nonzero = W != 0
+        first = torch.where(nonzero.any(dim=0), nonzero.to(torch.int8).argmax(dim=0),
+                            W.shape[0])
+        order = torch.argsort(first)
+        for c in range(0, k, RHS_CHUNK * 4):
+            cols = order[c:c + RHS_CHUNK * 4]
+            f = int(first[cols].min())
+            if f >= W.shape[0]:
+                continue
+            out[f:, cols] = torch.linalg.solve_triangular(
+                L[f:, f:], W[f:, cols].to(L.dtype), upper=False).to(torch.float64)
         return out
 
     def coefficients(self, model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor,

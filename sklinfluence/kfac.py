@@ -6,7 +6,7 @@ A layer's Gauss–Newton block is built from its per-sample gradient matrices
     ``G_l = (1/N) Σ_i Σ_k vec(D_ik) vec(D_ik)ᵀ``,
 
 where ``k`` runs over the ``K`` columns of a square root ``L_i L_iᵀ = H_i``
-of the output Hessian (SPEC §1), back-propagated to the layer's output — the
+of the output Hessian, back-propagated to the layer's output — the
 Gauss–Newton matrix *exactly*, not a Monte-Carlo sample of it as the
 "empirical/true Fisher" variants used by other libraries. For a linear layer
 ``s = W a + b`` it is ``D_ik = g_ik ā_iᵀ`` with ``ā_i = (a_i, 1)`` and

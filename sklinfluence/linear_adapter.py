@@ -54,6 +54,8 @@ class LinearAdapter:
         Passed as ``FrozenEstimator(model)``: adopt, never refit for ``fit``.
     """
 
+    accepts_nd = False  # scikit-learn's linear models take 2-D X
+
     exact_proximal = True  # rung 2 is minimised exactly (scikit-learn has no proximity)
     needs_initial_params = False  # convex: the refit does not depend on its start
 

@@ -6,7 +6,7 @@ returning one loss per sample.  The per-sample losses average to exactly what
 the net's ``get_loss`` returns for a batch (this is checked when a net is
 adopted, see :mod:`sklinfluence.functional`), so the training objective is
 ``J(θ) = (1/N) Σ_i L_i(θ) + (μ/2)‖θ‖²`` with the criterion's own scaling
-(SPEC §1, §6).
+(see the Theory page of the documentation, section "Conventions that bite").
 
 The output Hessian ``H_i = ∂²L/∂y²`` and the Bregman divergence
 ``D_L(y, y'; t) = L(y, t) − L(y', t) − ∇_y L(y', t)ᵀ(y − y')`` are derived
@@ -106,7 +106,7 @@ def _check_mean_reduction(criterion: torch.nn.Module) -> None:
         raise ValueError(
             f"criterion {type(criterion).__name__}(reduction={reduction!r}) is not "
             "supported: sklinfluence needs reduction='mean' so that the training "
-            "objective is the mean of per-sample losses (SPEC §1). Use the default "
+            "objective is the mean of per-sample losses. Use the default "
             "reduction='mean'."
         )
 

@@ -16,7 +16,7 @@ A removal's own loss is the weighted sum over its rows,
 ``Σ_{m∈S} w_m L_m`` (one row: ``L_m``). :func:`to_numpy` is the one place
 where results leave torch.
 
-Sign convention (SPEC §4): a positive change means that the removal
+Sign convention: a positive change means that the removal
 increases the measured loss.
 """
 

@@ -9,7 +9,7 @@ The proximal Bregman response function of removing ``z_m`` minimises, from
 Its driving force ``ε ∇L_m = O(1/N)`` is tiny, so it is solved full batch with
 a second-order method — inexact Newton steps solved by scipy's MINRES on exact
 Hessian-vector products from :mod:`torch.func` — to a gradient norm ``tol``
-times the initial one (SPEC §6). See :func:`minimize_response` for why the
+times the initial one. See :func:`minimize_response` for why the
 Newton loop is not scipy's ``minimize``.
 """
 
@@ -57,11 +57,11 @@ LOWEST_CURVATURE_RESTARTS = 15
 class ResponseObjective:
     """``(1/N) Σ_i ℓ_i(θ) + decay − ε Σ_{m∈S} w_m L_m(θ) + (λ/2)‖θ − θˢ‖²``.
 
-    The objective of one removal ``S`` (SPEC §7: rows ``X_S``, targets
+    The objective of one removal ``S`` (rows ``X_S``, targets
     ``T_S``, weights ``w_S``; one row of weight 1 is leave-one-out). ``ℓ_i``
     is the training loss (``bregman=False``) or its Bregman divergence around
     ``θˢ`` (``bregman=True``, whose weight decay becomes
-    ``(μ/2)‖θ − θˢ‖²``: SPEC §2's choice).
+    ``(μ/2)‖θ − θˢ‖²``, a choice taken from the authors' code).
     """
 
     model: FunctionalModel

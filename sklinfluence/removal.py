@@ -1,7 +1,7 @@
 """The unit of work of the response layer: a removal, a set of rows with weights.
 
-Removing the set ``S`` is the objective ``J(θ) − Σ_{m∈S} w_m ε L_m(θ)``
-(SPEC §7); one row with weight 1 is the classic leave-one-out. Every rung
+Removing the set ``S`` is the objective ``J(θ) − Σ_{m∈S} w_m ε L_m(θ)``;
+one row with weight 1 is the classic leave-one-out. Every rung
 computes, caches, batches, parallelises and resumes :class:`Removal` objects,
 so single rows, groups (a data source, a class, the rows one labeller
 touched) and the random halves of the linear datamodeling score are the same
@@ -47,12 +47,16 @@ class Removal:
         Multiplicity of each row in the removal (``None``: 1 each; ``2``
         removes two copies' worth; negative values add copies). Retraining
         rungs accept weights of 1 only.
+    label : object or None
+        The group label of a removal made from ``groups`` (``None``
+        otherwise); for messages only, not part of :attr:`key`.
     """
 
     X: Tensor
     T: Tensor
     index: tuple
     weights: tuple | None = None
+    label: Any = None
     _key: list = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -146,12 +150,30 @@ def group_removals(X: Tensor, T: Tensor, index: np.ndarray, groups: Any,
         if sample_weight.shape != (X.shape[0],) or not np.all(np.isfinite(sample_weight)):
             raise ValueError(f"sample_weight must be {X.shape[0]} finite numbers, one per row; "
                              f"got shape {sample_weight.shape}.")
-    labels, inverse = np.unique(groups, return_inverse=True)
+    if groups.dtype.kind == "f":
+        missing = np.flatnonzero(np.isnan(groups))
+    elif groups.dtype.kind == "O":
+        missing = np.flatnonzero([label is None or (isinstance(label, (float, np.floating))
+                                                    and np.isnan(label)) for label in groups])
+    else:
+        missing = np.empty(0, dtype=int)
+    if missing.size:
+        raise ValueError(
+            f"groups has no label (None or NaN) for {missing.size} of its {groups.shape[0]} "
+            f"rows (first: row {missing[0]}); give every row a group label, e.g. its own "
+            "row number for a row that belongs to no group.")
+    try:
+        labels, inverse = np.unique(groups, return_inverse=True)
+    except TypeError as exc:
+        raise ValueError(
+            f"groups labels must be of one kind that sorts (all numbers or all strings); "
+            f"got {sorted({type(label).__name__ for label in groups.tolist()})} ({exc})."
+        ) from None
     removals = []
     for g in range(len(labels)):
         rows = np.flatnonzero(inverse == g)
         weights = None if sample_weight is None else tuple(float(w) for w in sample_weight[rows])
         position = torch.as_tensor(rows, device=X.device)
         removals.append(Removal(X[position], T[position], tuple(int(index[i]) for i in rows),
-                                weights))
+                                weights, labels[g]))
     return removals, labels

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
+from ._warnings import describe_removal, warn
 from .cache import RESPONSE_CACHE, CacheOwner, ResponseCache
 from .curvature import Curvature
 from .execution import run_responses
@@ -250,8 +250,7 @@ class Responder:
             if fresh:
                 self.timings.setdefault(r.name, []).append(info["seconds"])
                 if not info.get("converged", True):
-                    stopped.append((missing[key].index[0] if missing[key].size == 1 else -1,
-                                    info))
+                    stopped.append((missing[key], info))
         if stopped:
             _warn_not_converged(r, ctx, stopped, len(computed))
         rows = [known[key][0] for key in keys]
@@ -279,9 +278,12 @@ def _piecewise_linear_layers(module: torch.nn.Module) -> list[str]:
 
 
 def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) -> None:
-    """One warning for the solves of a call that stopped short, the worst one named."""
-    m, info = max(stopped, key=lambda s: s[1]["grad_norm"] / max(s[1]["initial_grad_norm"],
-                                                                   1e-300))
+    """One warning for the solves of a call that stopped short, the worst one named.
+
+    ``stopped`` holds ``(removal, info)`` pairs.
+    """
+    removal, info = max(stopped, key=lambda s: s[1]["grad_norm"]
+                        / max(s[1]["initial_grad_norm"], 1e-300))
     found = [v for v in (i.get("lowest_curvature", 0.0) for _, i in stopped) if np.isfinite(v)]
     lowest = min(found, default=float("nan"))
     kinked = _piecewise_linear_layers(ctx.model.module)
@@ -301,9 +303,9 @@ def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) ->
                   "(bounded Lanczos did not find the smallest Hessian eigenvalue, or the net "
                   "is too large to try)." + (kinks or " If a larger max_iter does not help, "
                                              "increase damping."))
-    where = f"training row {m}" if m >= 0 else "a removal"
-    warnings.warn(
+    warn(
         f"{len(stopped)} of {n} {r.name} solves stopped short of tol={ctx.pbrf_tol:g}; the "
-        f"worst, for {where}, after {int(info['n_iter'])} iterations with gradient norm "
+        f"worst, for the removal of {describe_removal(removal)}, after "
+        f"{int(info['n_iter'])} iterations with gradient norm "
         f"{info['grad_norm']:.3e} (initial {info['initial_grad_norm']:.3e})." + advice,
-        ConvergenceWarning, stacklevel=4)
+        ConvergenceWarning)

@@ -13,7 +13,7 @@ the ``N − 1`` remaining rows. :func:`retrain` does that on a private clone,
 With a mean-reduced loss the recipe minimises
 ``(1/(N−1)) Σ_{i≠m} L_i + (μ/2)‖θ‖² + (c/2)‖θ − θˢ‖²``, which is
 ``N/(N−1)`` times ``J_{μ'}(θ) − εL_m(θ) + (λ/2)‖θ − θˢ‖²`` with ``ε = 1/N``,
-``μ' = μ(N−1)/N`` and ``c = λN/(N−1)`` (SPEC §2). The proximity coefficient is
+``μ' = μ(N−1)/N`` and ``c = λN/(N−1)``. The proximity coefficient is
 scaled that way so that rungs 1 and 2 differ only by ``(λ/2)‖θ − θˢ‖²``.
 """
 

@@ -1,4 +1,7 @@
-"""The rungs of the response ladder (SPEC §2, §7), each a small class.
+"""The rungs of the response ladder, each a small class.
+
+The mathematics is on the Theory page of the documentation, sections "The
+response ladder" and "Removing groups of rows".
 
 Every rung answers "what are the parameters after this removal?" by
 minimising
@@ -42,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
+from ._warnings import naming_right_hand_sides, removal_names
 from .functional import FunctionalModel
 from .pbrf import ResponseObjective, minimize_response, minimize_responses_batched
 from .removal import Removal, stacked_rows
@@ -55,7 +59,7 @@ __all__ = ["Rung", "Retrain", "Minimize", "Linear", "LADDER", "TERMS", "rung", "
 
 @dataclass(frozen=True)
 class Rung:
-    """One configuration of the response objective (a row of SPEC §2's table).
+    """One configuration of the response objective (a row of the ladder's table).
 
     Subclasses say how a removal's response is computed. Attributes are the
     objective's switches.
@@ -98,7 +102,7 @@ def compute_each(ctx: ResponseContext, r: Rung, removals: list[Removal]) -> list
 
 def _proximity(ctx: ResponseContext, removal: Removal) -> float:
     """``λN/(N − |S|)``: the recipe on the remaining rows then differs from rung 1 by
-    exactly ``(λ/2)‖θ − θˢ‖²`` (SPEC §2, §7)."""
+    exactly ``(λ/2)‖θ − θˢ‖²``."""
     n = int(ctx.X.shape[0])
     return ctx.damping * n / (n - removal.size)
 
@@ -296,8 +300,9 @@ class Linear(Rung):
     def responses(self, responder: Responder, removals: list[Removal]) -> Tensor:
         """All removals' responses in one solve, ``(n, P)``."""
         ctx = responder.context
-        return ctx.epsilon * responder.solver(self.exact).solve(
-            removal_forces(ctx.model, removals, ctx.batch_size)).to(ctx.model.dtype)
+        with naming_right_hand_sides(removal_names(removals)):
+            return ctx.epsilon * responder.solver(self.exact).solve(
+                removal_forces(ctx.model, removals, ctx.batch_size)).to(ctx.model.dtype)
 
 
 def removal_forces(model: FunctionalModel, removals: list[Removal],

@@ -28,7 +28,7 @@ the true curvature on a few right-hand sides.
 - :class:`ArnoldiSolver`: top eigenpairs plus damping
   (:mod:`sklinfluence.lowrank`).
 - :class:`IdentitySolver`: the curvature of the data replaced by 0, leaving
-  weight decay and damping — grad-dot (SPEC §8), the baseline every
+  weight decay and damping — grad-dot, the baseline every
   curvature-aware solver should beat.
 
 :func:`make_solver` builds one by name; ``"auto"`` is exact while the dense
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -58,6 +57,7 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._warnings import right_hand_side_name, warn
 from .curvature import Curvature
 from .kernel import GaussNewtonKernel, kernel_applies
 from .kfac import KroneckerFactors
@@ -69,7 +69,7 @@ __all__ = ["ExactSolver", "KernelSolver", "CGSolver", "LissaSolver", "KroneckerS
            "ArnoldiSolver", "IdentitySolver",
            "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "MIXED_PRECISION_MIN_TOL",
            "RESIDUAL_CHECKS", "SolveInfo",
-           "LissaDivergenceError", "dense_fits", "make_solver", "measured_rows",
+           "LissaDivergenceError", "default_tol", "dense_fits", "make_solver", "measured_rows",
            "resolve_solver"]
 
 SOLVERS = ("auto", "exact", "kernel", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity")
@@ -96,6 +96,23 @@ MAX_REFINEMENTS = 8
 #: ``"auto"`` above the dense size uses mixed-precision CG at this ``tol`` or looser,
 #: float64 CG below it (see :func:`resolve_solver`).
 MIXED_PRECISION_MIN_TOL = 1e-6
+#: Time of a float64 kernel build and factorisation relative to the float32 one
+#: (one core: GEMM 2.6×, Cholesky 2.5× slower), for the choice between refining
+#: a float32 factor's answers and rebuilding it in float64.
+FLOAT64_REBUILD = 2.5
+#: ``tol=None`` means this relative residual for a float64 net ...
+FLOAT64_TOL = 1e-10
+#: ... and this one for a float32 net (skorch's default), whose gradients carry
+#: float32 rounding: on a 38,282-parameter digits CNN its self-influence differs
+#: from that of the same weights in float64 by up to 2.5e-7 relative, so a
+#: tighter solve buys digits its inputs do not have.
+FLOAT32_TOL = 1e-6
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """The solves' relative residual for ``tol=None``: :data:`FLOAT64_TOL` for a
+    float64 net, :data:`FLOAT32_TOL` for a lower-precision one."""
+    return FLOAT64_TOL if dtype == torch.float64 else FLOAT32_TOL
 
 
 class LissaDivergenceError(ValueError):
@@ -179,12 +196,28 @@ class _SolverBase:
         R = B - self.curvature.matmat(X.to(B.dtype))
         return R.norm(dim=1) / B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
 
-    def _warn_short(self, name: str, n_left: int, n_rhs: int, worst: float) -> None:
-        warnings.warn(
+    def self_products(self, removals: list, forces: Callable) -> Tensor:
+        """``g_sᵀ (C + λI)⁻¹ g_s`` for the force ``g_s = Σ_{i∈S_s} w_i ∇L_i`` of each
+        removal, float64 — what self-influence needs.
+
+        ``forces(removals)`` gives the forces ``(len(removals), P)``. This
+        default solves for them and takes the products; the direct solvers
+        with a factorisation read the forms off it instead (no way back to
+        parameters). Records ``last_solve``.
+        """
+        F = forces(removals)
+        return (F.to(torch.float64) * self.solve(F)).sum(dim=1)
+
+    def _warn_short(self, name: str, n_left: int, n_rhs: int, worst: float,
+                    worst_at: int) -> None:
+        """Warn that ``n_left`` right-hand sides stopped above tol, naming the worst
+        (row ``worst_at`` of ``B``, named by :func:`~._warnings.naming_right_hand_sides`)."""
+        warn(
             f"{name} stopped at max_iter={self.max_iter} with {n_left} of {n_rhs} "
             f"right-hand sides above tol={self.tol:g}; largest relative residual "
-            f"{worst:.3e}. Increase max_iter or damping.",
-            ConvergenceWarning, stacklevel=4,
+            f"{worst:.3e}, for {right_hand_side_name(worst_at)}. Increase max_iter or "
+            "damping.",
+            ConvergenceWarning,
         )
 
 
@@ -283,6 +316,16 @@ class ExactSolver(_DirectSolver):
             "memory_bytes": 8 * curvature.n_params ** 2,
         }
 
+    def self_products(self, removals: list, forces: Callable) -> Tensor:
+        """``gᵀ (C + λI)⁻¹ g = ‖L⁻¹ g‖²`` per removal's force: one triangular solve,
+        half of :meth:`solve`'s two. Records ``last_solve``."""
+        F = forces(removals).to(torch.float64)
+        start = time.perf_counter()
+        Y = torch.linalg.solve_triangular(self._factor.T, F, upper=True, left=False)
+        self.last_solve = SolveInfo(int(F.shape[0]), 0, None, True,
+                                    time.perf_counter() - start)
+        return (Y * Y).sum(dim=1)
+
     def _apply(self, B: Tensor) -> Tensor:
         """``X L Lᵀ = B`` by two triangular solves (faster here than ``cholesky_solve``)."""
         Y = torch.linalg.solve_triangular(self._factor.T, B, upper=True, left=False)
@@ -336,7 +379,7 @@ class KernelSolver(_DirectSolver):
             raise ValueError("solver='kernel' inverts the Gauss–Newton matrix; with "
                              "curvature='hessian' use solver='exact' or 'cg'.")
         self.tol = tol
-        self.mixed_precision = bool(mixed_precision) and curvature.model.dtype == torch.float64
+        self.mixed_precision = bool(mixed_precision)
         self._kernel = GaussNewtonKernel(curvature.model, curvature.theta, curvature.X,
                                          curvature.T, damping=curvature.damping,
                                          batch_size=curvature.batch_size,
@@ -393,7 +436,36 @@ class KernelSolver(_DirectSolver):
         0). Records ``last_solve``.
         """
         c, kernel = self.curvature, self._kernel
-        _, eligible = kernel.coefficients(c.model, c.theta, c.X, c.T, c.batch_size)
+        fast, slow, rows, weights, owner = self._split(removals)
+        like = c.model.params.to(torch.float64)
+        slow_removals = [removals[s] for s in slow]
+        F = forces(slow_removals) if slow else like.new_zeros((0, c.n_params))
+        F_rows = self._force_rows(slow_removals) if slow else like.new_zeros((0, 0))
+
+        def compute(check):
+            W = kernel.gradient_rows(c.model, c.theta, X, T, c.batch_size)
+            if check is not None:  # the checked columns exactly Ũ D^{-1/2} b (a float32
+                # net's captures differ from its gradients by float32 rounding)
+                W[:, check] = kernel._rows_times(B[check].to(torch.float64) * kernel.scale)
+            return kernel.removal_products(
+                W, B, len(removals), rows=rows, weights=weights, owner=owner, forces=F,
+                forces_rows=F_rows, forced=torch.tensor(slow, dtype=torch.long),
+                tol=self.tol if self.mixed_precision else None, check_rows=check)
+
+        return self._recorded(B, compute)
+
+    def _split(self, removals: list) -> tuple:
+        """Which removals need no gradient: ``(fast, slow, rows, weights, owner)``.
+
+        ``fast``: positions of the removals made of training rows (with their
+        training targets) whose gradients lie in their rows' span
+        (:meth:`~sklinfluence.kernel.GaussNewtonKernel.coefficients`);
+        ``slow``: the others. ``rows``, ``weights`` and ``owner`` list the fast
+        removals' training rows, their weights and their removal's position
+        in ``removals``.
+        """
+        c = self.curvature
+        _, eligible = self._kernel.coefficients(c.model, c.theta, c.X, c.T, c.batch_size)
         fast, slow = [], []
         for s, removal in enumerate(removals):
             index = torch.tensor(removal.index, dtype=torch.long)
@@ -402,22 +474,76 @@ class KernelSolver(_DirectSolver):
                 and torch.equal(removal.T.to(c.T.dtype), c.T[index])
             (fast if inside else slow).append(s)
         like = c.model.params.to(torch.float64)
-        slow_removals = [removals[s] for s in slow]
-        F = forces(slow_removals) if slow else like.new_zeros((0, c.n_params))
-        F_rows = self._force_rows(slow_removals) if slow else like.new_zeros((0, 0))
         picked = [removals[s] for s in fast]
         rows = torch.tensor([i for removal in picked for i in removal.index], dtype=torch.long)
         weights, owner = stacked_rows(picked, like)[2:] if picked else (like.new_zeros(0),) * 2
         owner = torch.tensor(fast, dtype=torch.long)[owner.long()]
+        return fast, slow, rows, weights, owner
 
-        def compute(check):
-            W = kernel.gradient_rows(c.model, c.theta, X, T, c.batch_size)
-            return kernel.removal_products(
-                W, B, len(removals), rows=rows, weights=weights, owner=owner, forces=F,
-                forces_rows=F_rows, forced=torch.tensor(slow, dtype=torch.long),
-                tol=self.tol if self.mixed_precision else None, check_rows=check)
+    def self_products(self, removals: list, forces: Callable) -> Tensor:
+        """``g_sᵀ (G + D)⁻¹ g_s`` per removal, from the diagonal blocks of the
+        kernel's inverse (:meth:`~sklinfluence.kernel.GaussNewtonKernel.quadratic_forms`):
+        ``‖w‖²_* − wᵀ(I + ŨŨᵀ)⁻¹w``, for a removal of training rows ``w`` its
+        rows' coefficients ``w_i c_i`` in their own blocks (``‖w‖²_* = ‖w‖²``,
+        no gradient at all), for any other ``w = Ũ D^{-1/2} g`` from its force
+        (``‖w‖²_* = ‖D^{-1/2} g‖²``).
 
-        return self._recorded(B, compute)
+        In float64 exact to rounding (``last_solve`` reports no residual).
+        With a float32 factor the plain forms are checked on
+        :func:`measured_rows` against float64-accurate ones
+        (:meth:`~sklinfluence.kernel.GaussNewtonKernel.refined_forms`); where
+        their relative error exceeds ``tol`` every form is refined (one
+        product with ``Ũᵀ`` per column: on a float32 digits CNN the plain
+        forms err by 6.5e-5, the refined ones by 1.6e-8), and where even that
+        misses ``tol`` the kernel is rebuilt in float64. ``last_solve``'s
+        ``max_relative_residual`` is then the largest relative error of the
+        checked results (an estimate: the float32 forms' difference from the
+        refined ones plus the refined ones' own second-order error).
+        """
+        start = time.perf_counter()
+        c, kernel = self.curvature, self._kernel
+        if not removals:
+            self.last_solve = SolveInfo(0, 0, None, True, 0.0)
+            return torch.zeros(0, dtype=torch.float64)
+        fast, slow, rows, weights, owner = self._split(removals)
+        n, k = kernel.n_rows, len(removals)
+        W = torch.zeros((n, k), dtype=torch.float64)
+        base = torch.zeros(k, dtype=torch.float64)
+        if fast:
+            C = kernel.coefficients(c.model, c.theta, c.X, c.T, c.batch_size)[0]
+            K = C.shape[1]
+            at = (rows[:, None] * K + torch.arange(K)).reshape(-1)
+            W.index_put_((at, owner.repeat_interleave(K)),
+                         (C[rows] * weights[:, None]).reshape(-1), accumulate=True)
+            base[fast] = (W[:, fast] ** 2).sum(dim=0)
+        if slow:
+            slow_removals = [removals[s] for s in slow]
+            Fs = forces(slow_removals).to(torch.float64) * kernel.scale
+            base[slow] = (Fs * Fs).sum(dim=1)
+            W[:, slow] = kernel._rows_times(Fs)
+        result, residual, check = base - kernel.quadratic_forms(W), None, measured_rows(k)
+        if kernel.factor.dtype != torch.float64:  # float32: check, refine, or rebuild
+            floor = result[check].abs().clamp_min(torch.finfo(torch.float64).tiny)
+            checked = time.perf_counter()
+            exact, error = kernel.refined_forms(W[:, check])
+            per_column = (time.perf_counter() - checked) / int(check.numel())
+            residual = float(((((base[check] - exact) - result[check]).abs() + error)
+                              / floor).max())
+            # too coarse: refine every form, or rebuild in float64 where that is
+            # predicted cheaper (float64 costs about 2.5× the float32 build)
+            if residual > self.tol and per_column * k < FLOAT64_REBUILD * self.info.get(
+                    "factor_seconds", math.inf):
+                q, error = kernel.refined_forms(W, check)
+                result = base - q
+                residual = float((error / result[check].abs().clamp_min(
+                    torch.finfo(torch.float64).tiny)).max())
+            if residual > self.tol:
+                kernel._to_float64(f"self-influence from the float32 factor erred by "
+                                   f"{residual:.1e} relative, above tol={self.tol:g}")
+                result, residual = base - kernel.quadratic_forms(W), None
+        self.last_solve = SolveInfo(k, 0, residual, True, time.perf_counter() - start, False,
+                                    0 if residual is None else int(check.numel()))
+        return result
 
     def _force_rows(self, removals: list) -> Tensor:
         """``Ũ D^{-1/2} g_s`` for each removal's force, ``(n, len(removals))``."""
@@ -493,6 +619,13 @@ class CGSolver(_SolverBase):
         self.max_iter = int(max_iter) if max_iter is not None else 10 * curvature.n_params
         self.preconditioner = preconditioner
         self.block_size = int(block_size)
+        if mixed_precision and curvature.model.dtype != torch.float64:
+            warn(
+                f"solver_params={{'mixed_precision': True}} has no effect with solver='cg' on a "
+                f"{str(curvature.model.dtype).removeprefix('torch.')} net: its curvature "
+                "products are already in that precision. Use solver='kernel' (float32 "
+                "factor refined in float64) or a float64 net (net.module_.double()).",
+                UserWarning)
         self.mixed_precision = bool(mixed_precision) and curvature.model.dtype == torch.float64
         self._low = curvature.astype(torch.float32) if self.mixed_precision else None
         self._eta: float | None = None
@@ -672,7 +805,7 @@ class CGSolver(_SolverBase):
         self.last_solve = SolveInfo(int(B.shape[0]), n_iter, worst, n_left == 0,
                                     time.perf_counter() - start, False, int(B.shape[0]))
         if n_left:
-            self._warn_short("CG", n_left, B.shape[0], worst)
+            self._warn_short("CG", n_left, B.shape[0], worst, int(residual.argmax()))
         return X
 
 
@@ -681,7 +814,7 @@ class LissaSolver(_SolverBase):
 
     ``h_0 = b``, ``h_t = b + (I − A/σ) h_{t−1}``, estimate ``x_t = h_t / σ``
     (Agarwal, Bullins & Hazan 2017; Koh & Liang 2017). The series converges iff
-    ``σ > λ_max(A)/2`` (SPEC §5); each column stops when its relative residual
+    ``σ > λ_max(A)/2``; each column stops when its relative residual
     ``‖b − A x_t‖/‖b‖ = ‖h_{t+1} − h_t‖/‖b‖`` (free: it is the update) reaches
     ``tol``. Every curvature product uses the full training set, so the
     result is deterministic and its error has the closed form
@@ -755,7 +888,8 @@ class LissaSolver(_SolverBase):
                                     bool(worst <= self.tol), time.perf_counter() - start,
                                     False, int(B.shape[0]))
         if worst > self.tol:
-            self._warn_short("LiSSA", int((residual > self.tol).sum()), B.shape[0], worst)
+            self._warn_short("LiSSA", int((residual > self.tol).sum()), B.shape[0], worst,
+                             int(residual.argmax()))
         return X
 
     def _diverged(self, n_iter: int, growth: float, previous: float | None,
@@ -880,8 +1014,8 @@ class IdentitySolver(_DirectSolver):
     """Grad-dot: the curvature of the data replaced by 0.
 
     ``(C + λI)⁻¹ ≈ diag(1 / (μ + λ))``, ``μ`` the weight decay of each
-    parameter: the ``G → 0`` limit of the damped Gauss–Newton inverse (SPEC
-    §8). With one weight decay for every parameter (or none) the scores are
+    parameter: the ``G → 0`` limit of the damped Gauss–Newton inverse. With
+    one weight decay for every parameter (or none) the scores are
     the gradient dot products ``∇Qᵀ ∇L`` divided by ``μ + λ``, so rankings do
     not depend on the damping. Always ``approximate``: each solve reports the
     relative residual it measures under the true curvature — how far the
@@ -918,9 +1052,10 @@ def resolve_solver(name: str, curvature: Curvature, tol: float = 1e-10) -> tuple
     in memory (:func:`dense_fits`); above, the kernel form where the data are
     smaller than the net and it fits (:func:`~sklinfluence.kernel.kernel_applies`:
     ``N·K ≤ P``, a Gauss–Newton matrix, registered layers; the exact answer,
-    on the digits CNN faster than CG even at tol 1e-3), in mixed precision for
-    float64 models at ``tol ≥`` :data:`MIXED_PRECISION_MIN_TOL` (float32
-    kernel and factor, solves refined in float64: 2.5× faster factorisation,
+    on the digits CNN faster than CG even at tol 1e-3), in mixed precision at
+    ``tol ≥`` :data:`MIXED_PRECISION_MIN_TOL` and always for a float32 net,
+    whose kernel rows carry float32 rounding anyway (float32 kernel and
+    factor, solves refined in float64 to ``tol``: 2.5× faster factorisation,
     and at tol 1e-3 no refinement on the digits CNN); otherwise block CG without a
     preconditioner (an EK-FAC preconditioner doubled the block iterations on
     the benchmark's MLP and on the digits CNN: 21 against 9 to 1e-3), in
@@ -936,11 +1071,12 @@ def resolve_solver(name: str, curvature: Curvature, tol: float = 1e-10) -> tuple
         return name, {}
     if dense_fits(curvature.n_params):
         return "exact", {}
-    mixed = curvature.model.dtype == torch.float64 and tol >= MIXED_PRECISION_MIN_TOL
+    double = curvature.model.dtype == torch.float64
     if curvature.kind == "ggn" and kernel_applies(curvature.model, curvature.X,
                                                   curvature.damping) is None:
-        return "kernel", {"mixed_precision": mixed}
-    return "cg", {"mixed_precision": mixed}
+        # a float32 net's kernel rows are float32-accurate: a float32 factor, refined
+        return "kernel", {"mixed_precision": tol >= MIXED_PRECISION_MIN_TOL or not double}
+    return "cg", {"mixed_precision": double and tol >= MIXED_PRECISION_MIN_TOL}
 
 
 def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,

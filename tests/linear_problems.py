@@ -1,4 +1,5 @@
-"""Linear least-squares problems with closed-form rungs (SPEC §5) for the ladder tests.
+"""Linear least-squares problems with closed-form rungs (docs/theory.rst, "Closed forms")
+for the ladder tests.
 
 Model ``f(θ, x) = φ(x)ᵀθ`` with ``φ(x) = [x, 1]`` (skorch ``Linear`` weight, then
 bias) and skorch's ``MSELoss``: ``L_i = (φ_iᵀθ − t_i)²``, so ``∇L_i = 2 r_i φ_i``,

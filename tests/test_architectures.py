@@ -6,7 +6,7 @@ against references computed here without the library:
 - the exact influence (rung 4 and ``InfluenceEstimator(solver="exact")``) against a
   dense Gauss–Newton matrix built from ``torch.func`` Jacobians, ``ε ∇Qᵀ(G + λI)⁻¹∇L``;
 - the PBRF (rung 3, alone and for a group) by its stationarity: the gradient of the
-  SPEC's objective, written out here, vanishes at the library's answer;
+  PBRF objective, written out here, vanishes at the library's answer;
 - retraining (rungs 0–2) by determinism and, where the recipe can be replayed as a
   vectorised ensemble, by the one-at-a-time path.
 

@@ -1,4 +1,4 @@
-"""Baselines of SPEC §8 against closed forms on linear least squares."""
+"""Baselines (docs/theory.rst, "Baselines") against closed forms on linear least squares."""
 
 import numpy as np
 import pytest

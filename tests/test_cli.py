@@ -1,10 +1,12 @@
 """The ``sklinfluence`` command line."""
 
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from numpy.testing import assert_allclose
 
 from sklinfluence.cli import main
 
@@ -20,6 +22,37 @@ def test_decompose_prints_the_table_and_writes_csv_and_png(tmp_path, capsys):
     assert len(rows) == 5 and rows[0].startswith("train_row,label,warm_start_gap")
     assert (tmp_path / "decompose.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_decompose_chart_labels_exact_zeros_and_explains_its_whiskers():
+    """decompose.png: bars are the mean |term|, whiskers its smallest to largest value
+    (stopping at the bottom of the log axis where they would reach 0), and a term that
+    is 0 for every removed row — no bar on a log axis — is labelled instead."""
+    from sklinfluence.cli import ZERO_LABEL, _plot_terms
+
+    names = ["warm_start_gap", "proximity_gap", "non_convergence_gap",
+             "linearization_error", "solver_error"]
+    terms = np.array([[0.5, -0.02, 0.3, 1e-3, 0.0],
+                      [0.1, -0.03, 0.0, 2e-3, 0.0],
+                      [0.2, -0.01, 0.4, 4e-3, 0.0]])
+    fig, ax = _plot_terms(terms, names, ylabel="mean ‖Δf‖", title="five terms")
+    assert ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    size = np.abs(terms)
+    assert_allclose([bar.get_height() for bar in ax.patches], size.mean(axis=0)[:4])
+    zero = [t for t in ax.texts if t.get_text() == ZERO_LABEL]
+    assert len(zero) == 1 and zero[0].xy[0] == 4  # the solver error's column, and only it
+    bottom = ax.get_ylim()[0]
+    assert 0 < bottom < size[size > 0].min()
+    whiskers = ax.containers[-1].lines[2][0].get_segments()
+    assert_allclose([w[:, 1] for w in whiskers],
+                    np.c_[np.maximum(size.min(axis=0), bottom), size.max(axis=0)][:4])
+    legend = " / ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert "bars: mean |term| over the 3 removed rows" in legend
+    assert "whiskers: smallest to largest |term|" in legend and "down to 0" in legend
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("method", ["if", "pbrf", "loo", "graddot", "tracin", "loss"])
@@ -86,6 +119,42 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, capsys, args, fragment):
         main(["rank", *args, "--quiet", "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_readme_synopsis_matches_the_parser():
+    """README's synopsis names every option of both subcommands, each list of values
+    is the option's choices (default first), and every value shown is its default."""
+    import argparse
+    from pathlib import Path
+
+    from sklinfluence.cli import _parser
+    from sklinfluence.datasets import BUILTIN
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    own, common = block.split("\nOPTIONS", 1)
+    decompose, rank = own.split("sklinfluence rank")
+    option = re.compile(r"\[(--[\w-]+)(?: ([^\]]+))?\]")
+    shared = dict(option.findall(common))
+    subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, text in (("decompose", decompose), ("rank", rank)):
+        sub = subparsers.choices[name]
+        actions = {s: a for a in sub._actions for s in a.option_strings
+                   if s.startswith("--") and s != "--help"}
+        shown = {**shared, **dict(option.findall(text))}
+        assert set(shown) == set(actions), name
+        for opt, value in shown.items():
+            action = actions[opt]
+            if not value:
+                assert action.nargs == 0, opt  # a flag
+            elif "|" in value:
+                values = value.split("|")
+                choices = list(action.choices or [*BUILTIN, "FILE.csv"])
+                assert values == choices and values[0] == action.default, opt
+            elif value.isupper():
+                assert action.default is None, opt  # a placeholder: no default to show
+            else:
+                assert getattr(sub.parse_args([opt, value]), action.dest) == action.default, opt
 
 
 @pytest.mark.parametrize("command", [[], ["decompose"], ["rank"]])

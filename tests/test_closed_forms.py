@@ -1,4 +1,5 @@
-"""InfluenceEstimator on a linear least-squares skorch model against SPEC §5.
+"""InfluenceEstimator on a linear least-squares skorch model against its closed form
+(docs/theory.rst, "Closed forms").
 
 Model ``f(θ, x) = φ(x)ᵀθ`` with ``φ(x) = [x, 1]`` (skorch ``Linear`` weight then
 bias), skorch's ``MSELoss`` so ``L_i = (φ_iᵀθ − t_i)²``, and SGD weight decay

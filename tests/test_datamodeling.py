@@ -1,4 +1,4 @@
-"""The linear datamodeling score (SPEC §9) on linear least squares, where every subset's
+"""The linear datamodeling score on linear least squares, where every subset's
 model is a closed form."""
 
 import numpy as np
@@ -37,7 +37,7 @@ def test_each_subset_model_is_the_recipe_on_that_subset(problem):
     assert len({row.tobytes() for row in lds.subsets_}) == N_SUBSETS
     theta_s = theta_of(lds.net_)
     for j, kept in enumerate(lds.subsets_):
-        # the recipe on the kept rows minimises J − Σ_C L_m/N with μ(N−|C|)/N (SPEC §7)
+        # the recipe on the kept rows minimises J − Σ_C L_m/N with μ(N−|C|)/N
         theta = minimiser(X[kept], y[kept], MU * kept.sum() / N, extra=N)
         scale = np.abs(theta - theta_s).max()
         assert_allclose(lds.param_changes_[j], theta - theta_s, rtol=RETRAIN_RTOL,
@@ -131,7 +131,7 @@ def test_pbrf_reference_and_bad_input(problem):
         Phi_C = design(X[~kept])
         g = (2 * (Phi_C @ theta_s - y[~kept])[:, None] * Phi_C).sum(axis=0)
         H = A_lam - 2 * Phi_C.T @ Phi_C / N  # the objective's Hessian
-        expected = np.linalg.solve(H, g / N)  # SPEC §7
+        expected = np.linalg.solve(H, g / N)  # closed form of a group, not converged
         # the solve stops at ‖∇‖ ≤ pbrf_tol ‖∇ at θˢ‖ = 1e-9 ‖g/N‖, so the parameters err
         # by at most ‖H⁻¹‖ times that (κ(H) ≈ 3.7 here), plus rounding
         bound = 1e-9 * np.linalg.norm(g / N) / np.linalg.eigvalsh(H)[0]

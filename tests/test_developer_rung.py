@@ -22,7 +22,7 @@ CONVERGED_LOO = Minimize("converged_loo")
 # -- a new computation: one class -------------------------------------------------------
 @dataclass(frozen=True)
 class GradDot(Rung):
-    """Grad-dot (SPEC §8) as a response: ``ε Σ_S w_m ∇L_m(θˢ) / λ``, the influence rung
+    """Grad-dot as a response: ``ε Σ_S w_m ∇L_m(θˢ) / λ``, the influence rung
     with the curvature replaced by 0."""
 
     closed_form = True  # all removals at once, no cache
@@ -55,7 +55,7 @@ def test_a_new_row_converged_loo_is_sherman_morrison():
     for m in range(3):
         x, g = design(X[m:m + 1])[0], grads(X[m:m + 1], y[m:m + 1], theta_s)[0]
         h = x @ np.linalg.solve(A, x)
-        expected = np.linalg.solve(A, g) / N / (1 - 2 * h / N)  # SPEC §5 (θˢ converged)
+        expected = np.linalg.solve(A, g) / N / (1 - 2 * h / N)  # closed form, θˢ converged
         assert_allclose(delta[m], expected, rtol=1e-7)
 
 

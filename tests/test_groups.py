@@ -1,4 +1,5 @@
-"""Removing groups of rows (``groups=``) against SPEC §7's closed forms.
+"""Removing groups of rows (``groups=``) against their closed forms (docs/theory.rst,
+"Removing groups of rows").
 
 Linear least squares as in ``test_ladder.py``: ``L_i = (φ_iᵀθ − t_i)²``, so
 ``∇L_i = 2 r_i φ_i``, ``∇²L_i = 2 φ_i φ_iᵀ`` and ``A = (2/N) ΦᵀΦ + μI``.
@@ -52,7 +53,7 @@ def test_group_loo_equals_woodbury_with_the_n_minus_s_weight_decay(converged):
         keep = np.setdiff1d(np.arange(N), rows)
         mu_ = MU * (N - k) / N  # the recipe on N − |S| rows minimises J − ΣL_m/N with μ(N−|S|)/N
         direct = minimiser(X[keep], y[keep], mu_, extra=N)
-        # Woodbury (SPEC §7) around the minimiser θ' of J with μ', ε = 1/N:
+        # Woodbury around the minimiser θ' of J with μ', ε = 1/N:
         # θ' + ε A'⁻¹ Φ_Sᵀ (I − 2εK)⁻¹ 2 r_S,  K = Φ_S A'⁻¹ Φ_Sᵀ
         theta_ = minimiser(X, y, mu_)
         A_ = curvature(X, mu_)
@@ -68,7 +69,7 @@ def test_group_loo_equals_woodbury_with_the_n_minus_s_weight_decay(converged):
 def test_non_converged_group_pbrf_and_proximal_equal_their_closed_forms():
     X, y = well_conditioned_data(seed=1)
     N = len(X)
-    net = recipe(X, 0.0, max_epochs=2)  # μ = 0: SPEC's formulas verbatim
+    net = recipe(X, 0.0, max_epochs=2)  # μ = 0: the closed forms verbatim
     batched = PBRFEstimator(net, damping=LAM, random_state=0, tol=1e-12).fit(X, y)
     single = PBRFEstimator(net, damping=LAM, random_state=0, tol=1e-12,
                            removal_batch_size=1).fit(X, y)

@@ -1,4 +1,5 @@
-"""The response ladder on linear least squares against SPEC §5's closed forms.
+"""The response ladder on linear least squares against its closed forms (docs/theory.rst,
+"Closed forms").
 
 See ``linear_problems.py`` for the model, its curvature ``A`` and the recipe.
 """
@@ -63,8 +64,8 @@ def test_converged_loo_equals_sherman_morrison_with_the_n_minus_1_weight_decay(c
 
 
 def _converged_rungs(X, y, theta_s, m):
-    """SPEC §5's six rungs for removing row ``m`` of a converged fit (the retraining
-    rungs with the ``μ(N−1)/N`` weight decay of the recipe on ``N − 1`` rows, §2)."""
+    """The six rungs in closed form for removing row ``m`` of a converged fit (the
+    retraining rungs with the ``μ(N−1)/N`` weight decay of the recipe on ``N − 1`` rows)."""
     N = len(X)
     keep = np.arange(N) != m
     mu_ = MU * (N - 1) / N
@@ -93,7 +94,7 @@ def test_converged_decomposition_matches_closed_forms(converged):
         distance = [np.abs(out(expected[k + 1]) - out(expected[k])).mean() for k in range(5)]
         assert terms[row, 0] < 1e-10 * distance[1]  # warm start gap: cold = warm
         _close(terms[row, 1], distance[1], rtol=1e-7)  # proximity gap
-        # non-convergence gap: only the O(μ/N) weight decay of the N−1 recipe (SPEC §2)
+        # non-convergence gap: only the O(μ/N) weight decay of the N−1 recipe
         _close(terms[row, 2], distance[2], rtol=1e-6)
         _close(terms[row, 3], distance[3], rtol=1e-7)  # linearization error
         assert terms[row, 4] == 0.0  # rung 5 is rung 4 with the exact GGN solve
@@ -110,7 +111,7 @@ def test_proximity_gap_is_exactly_zero_without_damping(converged):
 def test_non_converged_pbrf_and_proximal_rungs_equal_their_closed_forms():
     X, y = well_conditioned_data(seed=1)
     N = len(X)
-    net = recipe(X, 0.0, max_epochs=2)  # μ = 0: SPEC's formulas verbatim
+    net = recipe(X, 0.0, max_epochs=2)  # μ = 0: the closed forms verbatim
     pbrf = PBRFEstimator(net, damping=LAM, random_state=0, tol=1e-12).fit(X, y)
     prox = LOOEstimator(net, warm_start=True, proximal=True, damping=LAM,
                         warm_start_fraction=150, random_state=0).fit(X, y)
@@ -152,7 +153,7 @@ def test_over_parameterised_warm_start_gap():
         projection = theta_0 + np.linalg.pinv(Pm) @ (y[keep] - Pm @ theta_0)
         delta_cold = cold.param_change(X[m:m + 1])[0]
         _close(delta_cold, projection - theta_s, rtol=1e-7)
-        # SPEC §5: θ_warm − θ_cold = (I − Φ₋ₘ⁺Φ₋ₘ)(θˢ − θ⁰), the null-space part
+        # θ_warm − θ_cold = (I − Φ₋ₘ⁺Φ₋ₘ)(θˢ − θ⁰), the null-space part
         null = np.eye(d + 1) - np.linalg.pinv(Pm) @ Pm
         delta_warm = warm.param_change(X[m:m + 1])[0]
         assert np.abs(delta_warm).max() < 1e-9 * np.abs(delta_cold).max()
@@ -169,7 +170,7 @@ def test_over_parameterised_warm_start_gap():
 
 def test_signed_loss_terms_are_loss_changes_between_closed_form_rungs(converged):
     """``metric="loss"``: each term is ``Q(θ_{k+1}) − Q(θ_k)``, ``Q`` the mean training
-    loss, recomputed here with numpy at SPEC §5's closed-form parameters of every rung,
+    loss, recomputed here with numpy at the closed-form parameters of every rung,
     and the five terms telescope to ``Q(θ_5) − Q(θ_0)``."""
     X, y, cold = converged
     dec = Decomposer(cold.net, damping=LAM, metric="loss", warm_start_fraction=1.0,

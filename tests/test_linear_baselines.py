@@ -64,7 +64,7 @@ def test_linear_regression_influence_is_loo_without_the_leverage_factor(diabetes
     Phi = np.hstack([X, np.ones((N, 1))])
     leverage = np.einsum("ij,ji->i", Phi, np.linalg.solve(Phi.T @ Phi, Phi.T))
     removed = np.arange(10)
-    # SPEC §5: undamped influence and LOO differ by the factor 1/(1 − leverage)
+    # undamped influence and LOO differ by the factor 1/(1 − leverage)
     assert_allclose(loo.param_change(X[removed]),
                     est.param_change(X[removed]) / (1 - leverage[removed])[:, None],
                     rtol=1e-8, atol=1e-10)

@@ -5,7 +5,7 @@ weight decay ``μ``, whose objective ``(1/N) Σ L_i + (μ/2)‖θ‖²`` is scik
 ``LogisticRegression(fit_intercept=False, C=1/(Nμ))`` objective divided by
 ``CN``. Its parameters are scikit-learn's solution (adopted with
 ``FrozenEstimator``); every leave-one-out model is a scikit-learn refit of the
-same recipe on the N−1 remaining rows (``C = 1/((N−1)μ)``, SPEC §2).
+same recipe on the N−1 remaining rows (``C = 1/((N−1)μ)``).
 """
 
 import numpy as np
@@ -68,5 +68,5 @@ def test_influence_tracks_leave_one_out_refits(problem):
         print(f"IF vs LOO ({name}): Pearson {pearson:.4f}, Spearman {spearman:.4f}")
         assert pearson > IF_LOO_MIN_CORRELATION and spearman > IF_LOO_MIN_CORRELATION
     # ε gᵀ(C + λI)⁻¹g > 0; the refits' self-effect can dip below 0 for samples of
-    # ~zero influence, since the N−1 recipe also rescales the penalty (SPEC §2).
+    # ~zero influence, since the N−1 recipe also rescales the penalty.
     assert np.all(estimated_self > 0)

@@ -1,5 +1,5 @@
 """No dense P × P matrix unless it fits: the memory limit, the clear refusal before
-allocating, and the matrix-free paths that take over above it (issue 13, item 2).
+allocating, and the matrix-free paths that take over above it.
 
 A limit just below ``16 P²`` bytes makes a small net "too large", so that the
 paths a large net takes are run to values and compared with the dense ones."""

@@ -25,6 +25,42 @@ def test_readme_opens_with_two_setup_commands_and_ci_runs_the_test_one():
     assert "set -euo pipefail" in ci
 
 
+def _name(requirement: str) -> str:
+    """The normalised project name of a requirement (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", requirement)[0]).lower()
+
+
+def test_floors_file_pins_every_declared_floor_and_ci_tests_it():
+    """.ci/floors.txt pins each floor of pyproject's dependencies and dev extra at
+    exactly that version (torch excepted: the install command pins it), and CI
+    installs it with the command README.md shows."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+    pins = {}
+    for line in (ROOT / ".ci" / "floors.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[_name(name)] = Version(version)
+    floors = {}
+    for text in declared:
+        requirement = Requirement(text)
+        lower = [s.version for s in requirement.specifier if s.operator == ">="]
+        assert len(lower) == 1, f"{text!r} declares no single floor (>=)"
+        floors[_name(requirement.name)] = Version(lower[0])
+    floors.pop("torch")
+    assert {name: pins.get(name) for name in floors} == floors
+    # nothing pinned that pyproject does not ask for (dask's distributed extra aside)
+    assert set(pins) - set(floors) <= {"distributed"}
+    floors_command = [c for c in _readme_commands() if "floors.txt" in c]
+    assert len(floors_command) == 1
+    assert floors_command[0] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
 @pytest.mark.slow
 def test_quickstart_prints_its_three_tables():
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
@@ -104,7 +140,60 @@ def test_shared_parameter_docs_are_filled_in():
         obj = getattr(sklinfluence, name)
         if not inspect.isclass(obj) or not obj.__doc__:
             continue
-        assert not re.search(r"^\s*\{\w+\}\s*$", obj.__doc__, re.M), name
-        documented = set(re.findall(r"^    (\w+) :", obj.__doc__, re.M))
+        # cleandoc: Python 3.13 dedents docstrings itself, older versions keep
+        # the four-space indent; either way the parameters then start a line.
+        doc = inspect.cleandoc(obj.__doc__)
+        assert not re.search(r"^\s*\{\w+\}\s*$", doc, re.M), name
+        documented = set(re.findall(r"^(\w+) :", doc, re.M))
         signature = set(inspect.signature(obj).parameters) - {"self"}
         assert signature <= documented, (name, signature - documented)
+
+
+#: Citations that users cannot follow: the private specification and design notes
+#: (upper case: "spec" and "design" are plain words) and tickets. Built from pieces
+#: so that this file, which is scanned too, does not match itself.
+_PRIVATE_DOCUMENTS = re.compile(r"\bSP" + r"EC\b|\bDES" + r"IGN\b")
+_TICKETS = re.compile(r"\b(?:the|this|that|our|an?)\s+iss" + r"ue(?:'s)?\b|\biss" + r"ue\s*#?\d+",
+                      re.IGNORECASE)
+
+
+def _private_references(text):
+    """``(line, match)`` of every citation of a private document or a ticket in ``text``."""
+    return [(text.count("\n", 0, m.start()) + 1, m.group(0))
+            for pattern in (_PRIVATE_DOCUMENTS, _TICKETS) for m in pattern.finditer(text)]
+
+
+def _user_visible_text_files():
+    skip = {"__pycache__", "_build", "auto_examples", ".ipynb_checkpoints"}
+    yield ROOT / "README.md"
+    yield ROOT / "pyproject.toml"
+    for folder in ("docs", "examples", "benchmarks", "sklinfluence", "tests"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if (path.is_file() and path.suffix in {".py", ".rst", ".md", ".txt", ".toml"}
+                    and not skip.intersection(path.relative_to(ROOT).parts)):
+                yield path
+
+
+def test_no_text_cites_private_documents_or_tickets():
+    """Users see README, docs, examples, benchmarks, docstrings, error messages and
+    tests: none may send them to the private specification or design notes, or to a
+    ticket, instead of the documentation (docs/theory.rst states the mathematics)."""
+    offending = {}
+    for path in _user_visible_text_files():
+        found = _private_references(path.read_text(encoding="utf-8"))
+        if found:
+            offending[str(path.relative_to(ROOT))] = found
+    assert not offending, offending
+
+
+@pytest.mark.parametrize("text, cited", [
+    ("closed forms (" + "SP" + "EC §5)", True),
+    ("see " + "DES" + "IGN.md", True),
+    ("the " + "iss" + "ue's target is 10x", True),
+    ("(" + "iss" + "ue 13, item 2)", True),
+    ("importlib.util.spec_from_file_location(name, path)", False),
+    ("a careful design of the solver", False),
+    ("each spec dict names the task", False),
+])
+def test_private_reference_pattern(text, cited):
+    assert bool(_private_references(text)) is cited

@@ -5,7 +5,7 @@
   training rows;
 - the Decomposer's signed loss terms and distances equal those of every rung
   recomputed without the library (a numpy replay of the training recipe for
-  the retraining rungs, SPEC §5's closed forms for the others); the loss terms
+  the retraining rungs, the closed forms for the others); the loss terms
   telescope to (influence − cold-start LOO) and the distances obey the
   triangle inequality;
 - every supported loss's Bregman divergence is ≥ 0, exactly 0 at its centre
@@ -15,6 +15,7 @@ Examples are derandomised (the same examples on every run, no example
 database), and few, so the file stays fast on two cores.
 """
 
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.frozen import FrozenEstimator
 from torch.func import grad, hessian
 
@@ -116,19 +118,26 @@ def test_solvers_meet_their_residual_bound_on_random_spd_systems(name, params, b
     assert np.all(np.linalg.eigvalsh(A) > 0)  # the system is SPD
     solver = make_solver(name, curvature, tol=tol, max_iter=50 * curvature.n_params,
                          solver_params=params)
-    X = solver.solve(B)
+    # Below rounding times the condition, tol can be out of float64's reach (even
+    # numpy's LU solve misses 1e-12 at cond 6e5): a solver that checks its true
+    # residual may then say it fell short, with a ConvergenceWarning.
+    reachable = tol >= SOLVE_RESIDUAL_PER_CONDITION * cond
+    with warnings.catch_warnings():
+        if not reachable:
+            warnings.simplefilter("ignore", ConvergenceWarning)
+        X = solver.solve(B)
     assert X.shape == B.shape and X.dtype == torch.float64
     assert bool(torch.isfinite(X).all())
     residual = (B - curvature.matmat(X)).norm(dim=1) / B.norm(dim=1)
     assert float(residual.max()) <= bound(tol, cond), (float(residual.max()), cond)
     info = solver.last_solve
-    assert info.n_rhs == B.shape[0] and info.converged
+    assert info.n_rhs == B.shape[0] and (info.converged or not reachable)
     if info.max_relative_residual is None:
         return
     slack = SOLVE_RESIDUAL_PER_CONDITION * cond
     if params.get("mixed_precision"):  # a float32 residual plus its margin: an upper bound
         assert float(residual.max()) <= info.max_relative_residual + slack
-        assert info.max_relative_residual <= tol
+        assert info.max_relative_residual <= (tol if info.converged else bound(tol, cond))
     else:  # what the solver reports is the truth
         assert_allclose(info.max_relative_residual, float(residual.max()), rtol=1e-6, atol=slack)
 
@@ -185,8 +194,8 @@ def _independent_rungs(net, X, y, theta_0, removed, mu, damping, epochs):
     """The six rungs' parameters for removing each row of ``removed``, computed here
     without the library: the retraining rungs (0–2) by replaying the recipe in numpy
     (cold start from ``θ⁰``; warm and proximal from ``θˢ`` for the default
-    ``warm_start_fraction`` 0.5 of the epochs, the proximal term ``λN/(N−1)``, SPEC
-    §2/§7), the PBRF and influence (3–5) by SPEC §5's closed forms for any ``θˢ``."""
+    ``warm_start_fraction`` 0.5 of the epochs, the proximal term ``λN/(N−1)``),
+    the PBRF and influence (3–5) by their closed forms for any ``θˢ``."""
     N = len(X)
     theta_s = replay_recipe(net, X, y, theta_0, epochs)
     warm_epochs = max(1, int(round(0.5 * epochs)))
@@ -286,7 +295,7 @@ def _kl_bernoulli(y, y_ref):  # mean over outputs of KL(σ(y') ‖ σ(y)), stabl
 #: nll_takes_probabilities, outputs, targets, closed form or None)``. Outputs are
 #: "logits" (any real; log-probabilities for NLL) or "probabilities"; targets
 #: "real", "index", "binary" or "fraction" (soft labels). A closed form is
-#: target-free: the divergence does not depend on the targets (SPEC §1); with
+#: target-free: the divergence does not depend on the targets; with
 #: ``pos_weight`` or on probabilities it does.
 LOSSES = (
     ("mse", lambda K: torch.nn.MSELoss(), False, "logits", "real",
@@ -334,9 +343,14 @@ def loss_problem(draw):
 
 
 def _rounding_slack(loss, y, y_ref, t):
-    """What the three terms of ``L(y) − L(y') − ∇L(y')ᵀ(y − y')`` can lose to rounding."""
+    """What the three terms of ``L(y) − L(y') − ∇L(y')ᵀ(y − y')`` can lose to rounding.
+
+    A loss computed from logits errs by rounding times the logits' size, not its
+    own (log-sum-exp subtracts numbers that large: cross-entropy at logits ±6 is
+    1e-5, with errors of 1e-16), so the outputs' size counts too."""
     linear = (loss.output_grad(y_ref, t) * (y - y_ref)).abs().sum(-1)
-    return 64 * EPS * (loss(y, t).abs() + loss(y_ref, t).abs() + linear)
+    size = y.abs().amax(-1) + y_ref.abs().amax(-1)
+    return 64 * EPS * (loss(y, t).abs() + loss(y_ref, t).abs() + linear + size)
 
 
 @_settings(80)
@@ -356,7 +370,7 @@ def test_bregman_is_nonnegative_and_zero_with_curvature_h_at_its_centre(problem)
         assert_allclose(loss.bregman(y, y_ref, t_other), d, rtol=CLOSED_FORM_RTOL,
                         atol=float(torch.maximum(slack, _rounding_slack(loss, y, y_ref,
                                                                         t_other)).max()))
-    # gradient 0 and Hessian H = ∂²L/∂y² at y = y' (SPEC §1), sample by sample
+    # gradient 0 and Hessian H = ∂²L/∂y² at y = y', sample by sample
     H = loss.output_hessian(y_ref, t)
     for i in range(y.shape[0]):
         def one(v, i=i):

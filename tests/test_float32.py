@@ -1,0 +1,80 @@
+"""float32 nets, as skorch trains them: ``tol=None`` means a float32-sized tolerance,
+``"auto"`` takes the mixed-precision kernel for them, an explicit mixed-precision
+request is honoured (kernel) or refused with a warning (CG, whose products are float32
+already), and the answers match the same weights in float64 to what float32 carries."""
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose
+from skorch import NeuralNetClassifier
+from sklearn.datasets import load_digits
+from sklearn.frozen import FrozenEstimator
+from torch import nn
+
+from sklinfluence import InfluenceEstimator
+from sklinfluence import solvers
+
+
+def _module():
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 3, 3), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(108, 3))
+
+
+@pytest.fixture(scope="module")
+def nets():
+    """A float32 CNN (357 parameters) trained on 60 digits of 3 classes, and a
+    float64 net holding the same weights."""
+    X, y = load_digits(return_X_y=True)
+    keep = y < 3
+    X, y = (X[keep][:60] / 16.0).astype(np.float32), y[keep][:60]
+    torch.manual_seed(0)
+    net = NeuralNetClassifier(_module, criterion=nn.CrossEntropyLoss, max_epochs=8, lr=0.2,
+                              optimizer__weight_decay=1e-3, train_split=None, verbose=0)
+    net.fit(X, y)
+    double = NeuralNetClassifier(_module, criterion=nn.CrossEntropyLoss,
+                                 optimizer__weight_decay=1e-3, train_split=None, verbose=0)
+    double.initialize()
+    double.module_.load_state_dict(net.module_.state_dict())
+    double.module_.double()
+    return net, double, X, y
+
+
+def test_auto_on_a_float32_net_is_the_mixed_kernel_at_a_float32_tol(nets, monkeypatch):
+    """Above the dense size a float32 net gets the float32 kernel, refined in
+    float64 to ``tol=1e-6`` (the default for float32 nets); its self-influence and
+    influence matrix equal the float64 net's to float32's reach (measured 3e-7)."""
+    net, double, X, y = nets
+    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", 100)
+    est = InfluenceEstimator(FrozenEstimator(net), damping=1e-2).fit(X, y)
+    d = est.diagnostics_
+    assert (d["solver"], d["precision"], d["mixed_precision"], d["tol"]) == \
+        ("kernel", "float32", True, 1e-6)
+    ref = InfluenceEstimator(FrozenEstimator(double), damping=1e-2, solver="exact").fit(
+        X.astype(np.float64), y)
+    assert ref.diagnostics_["tol"] == 1e-10
+    expected = ref.score_samples(X.astype(np.float64))
+    assert_allclose(est.score_samples(X), expected, rtol=1e-5)
+    assert est.diagnostics_["converged"]
+    matrix = ref.loss_change(X.astype(np.float64), y, X[:9].astype(np.float64), y[:9])
+    got = est.loss_change(X, y, X[:9], y[:9])
+    assert_allclose(got, matrix, rtol=0, atol=1e-5 * np.abs(matrix).max())
+    residual = est.diagnostics_["max_relative_residual"]  # None once rebuilt in float64
+    assert est.diagnostics_["converged"] and (residual is None or residual <= 1e-6)
+
+
+def test_an_explicit_mixed_precision_request_is_honoured_on_a_float32_kernel(nets):
+    net, _, X, y = nets
+    for mixed, precision in [(True, "float32"), (False, "float64")]:
+        est = InfluenceEstimator(FrozenEstimator(net), damping=1e-2, solver="kernel",
+                                 solver_params={"mixed_precision": mixed}).fit(X, y)
+        assert est.diagnostics_["precision"] == precision
+        assert est.diagnostics_["mixed_precision"] is mixed
+
+
+def test_mixed_precision_cg_on_a_float32_net_says_it_has_no_effect(nets):
+    net, _, X, y = nets
+    with pytest.warns(UserWarning, match="no effect with solver='cg' on a float32 net"):
+        est = InfluenceEstimator(FrozenEstimator(net), damping=1e-2, solver="cg",
+                                 solver_params={"mixed_precision": True}).fit(X, y)
+    assert est.diagnostics_["mixed_precision"] is False
