@@ -5,8 +5,10 @@ from __future__ import annotations
 from numbers import Integral, Real
 from typing import Any
 
+import numpy as np
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
 
 from ._docs import fill_doc
 from .base import BaseResponseEstimator, RungViewMixin
@@ -35,7 +37,13 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
     (damping), while down-weighting ``z_m``. Solved full batch with
     inexact Newton (MINRES on exact Hessian-vector products) or, for many
     samples at once, a chord iteration with the shared damped Gauss–Newton
-    factor, to a gradient norm ``tol`` times the initial one.
+    factor, to a gradient norm ``tol`` times the initial one. A float32 net's
+    PBRF is solved on a float64 copy (its gradient rounding is a few percent
+    of the ``O(1/N)`` driving force). On a net with kinks (ReLU, max pooling)
+    a minimiser may sit on a kink, where no gradient vanishes and Newton
+    steps stall: those solves continue with L-BFGS on the objective itself
+    (:func:`~sklinfluence.pbrf.minimize_kinked`), which stops when the
+    objective and the step stop changing.
 
     Parameters
     ----------
@@ -64,9 +72,19 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
     net_, model_, epsilon_, n_train_, classes_, n_features_in_, input_shape_
         As for :class:`~sklinfluence.InfluenceEstimator`.
     responder_ : Responder
-        Computes and memoises the responses; ``responder_.last_info`` has the
-        final gradient norm, initial gradient norm, iterations and time of
-        each sample of the latest call.
+        Computes and memoises the responses; ``responder_.last_info`` has, per
+        removal of the latest call, the final and initial gradient norms,
+        iterations, time, whether it converged, ``method`` (``"chord"``,
+        ``"newton"`` or ``"lbfgs"``) and, for the L-BFGS continuation, the
+        objective's ``objective_decrease`` and the ``relative_step`` over its
+        last iterations.
+    diagnostics_ : dict
+        The latest call's solves summed up (empty before the first):
+        ``n_removals``, ``converged`` (all of them), ``methods`` (removals per
+        method), ``max_relative_grad_norm`` (largest final over initial
+        gradient norm), ``max_objective_decrease`` and ``max_relative_step``
+        (of the L-BFGS continuations, ``None`` without one) and
+        ``seconds_per_removal``.
 
     Notes
     -----
@@ -148,6 +166,28 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
 
     def _rung(self) -> Rung:
         return rung("pbrf")
+
+    @property
+    def diagnostics_(self) -> dict:
+        """How the latest call's PBRF solves ended (see the class docstring)."""
+        check_is_fitted(self, "responder_")
+        info = self.responder_.last_info
+        if info.get("rung") != "pbrf" or not len(info.get("converged", ())):
+            return {}
+        methods, counts = np.unique(info["method"].astype(str), return_counts=True)
+        continued = info["method"] == "lbfgs"
+
+        def largest(key: str) -> float | None:
+            return float(np.max(info[key][continued])) if continued.any() else None
+
+        return {"n_removals": int(len(info["converged"])),
+                "converged": bool(np.all(info["converged"])),
+                "methods": dict(zip(methods.tolist(), counts.tolist())),
+                "max_relative_grad_norm": float(np.max(info["grad_norm"]
+                                                       / info["initial_grad_norm"])),
+                "max_objective_decrease": largest("objective_decrease"),
+                "max_relative_step": largest("relative_step"),
+                "seconds_per_removal": float(np.mean(info["seconds"]))}
 
 
 @fill_doc

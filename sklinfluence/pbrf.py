@@ -15,6 +15,7 @@ Newton loop is not scipy's ``minimize``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -27,8 +28,8 @@ from torch.func import grad, vjp, vmap
 
 from .functional import FunctionalModel
 
-__all__ = ["ResponseObjective", "MinimizeResult", "minimize_response",
-           "minimize_responses_batched"]
+__all__ = ["ResponseObjective", "MinimizeResult", "has_kinks", "minimize_kinked",
+           "minimize_response", "minimize_responses_batched"]
 
 #: Cap on MINRES iterations per Newton step (a well-posed step needs far fewer).
 MINRES_MAX_ITER = 1000
@@ -43,6 +44,22 @@ STALL_WINDOW = 5
 FALLBACK_STALL_WINDOW = 2
 #: Previous steps the batched chord iteration mixes (Anderson acceleration).
 ANDERSON_MEMORY = 5
+#: Curvature pairs kept by the L-BFGS continuation of a solve stalled on kinks.
+LBFGS_MEMORY = 30
+#: Iterations of the L-BFGS continuation at most.
+LBFGS_MAX_ITER = 1000
+#: The continuation's stopping rule looks back this many iterations ...
+LBFGS_WINDOW = 10
+#: ... and stops where the objective fell by at most this fraction of its total
+#: decrease from θˢ and ...
+LBFGS_FTOL = 1e-10
+#: ... the iterate moved by at most this fraction of the response ``‖θ − θˢ‖``.
+LBFGS_XTOL = 1e-5
+#: Layer types whose output has kinks (the PBRF objective is then piecewise smooth).
+PIECEWISE_LINEAR = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU,
+                    torch.nn.Hardtanh, torch.nn.Hardswish, torch.nn.Hardsigmoid,
+                    torch.nn.modules.pooling._MaxPoolNd,
+                    torch.nn.modules.pooling._AdaptiveMaxPoolNd)
 #: Parameters above which :meth:`ResponseObjective.lowest_curvature` does not try:
 #: the smallest eigenvalue sits in a cluster of ``P − N·K`` eigenvalues near ``μ + λ``
 #: (the Gauss–Newton matrix's null space) that bounded Lanczos cannot resolve — on the
@@ -79,6 +96,36 @@ class ResponseObjective:
         if self.bregman:
             with torch.no_grad():
                 self._ref_outputs = self.model.forward(self.theta_s, self.X)
+
+    def astype(self, dtype: torch.dtype) -> ResponseObjective:
+        """The same objective computed in ``dtype`` (a float64 copy of a float32 net)."""
+        def cast(t: Tensor) -> Tensor:
+            return t.to(dtype) if t.is_floating_point() else t
+
+        return ResponseObjective(self.model.astype(dtype), cast(self.X), cast(self.T),
+                                 cast(self.theta_s), cast(self.X_S), cast(self.T_S),
+                                 cast(self.w_S), self.epsilon, self.damping, self.bregman)
+
+    def shifted(self, theta: Tensor) -> Tensor:
+        """``F(θ) − F(θˢ)``, without the rounding of ``F``'s ``O(1)`` terms.
+
+        With the Bregman data term (0 at ``θˢ``, computed as a divergence) the
+        only term that is not small near ``θˢ`` is ``ε L_m``; its value at
+        ``θˢ`` is subtracted row by row, so a change of the objective of
+        ``O(ε²)`` is resolved to rounding of itself — what a line search on
+        the objective needs.
+        """
+        if not self.bregman:
+            raise ValueError("shifted() is defined for the Bregman (PBRF) objective only")
+        model, diff = self.model, theta - self.theta_s
+        if not hasattr(self, "_removed_s"):
+            with torch.no_grad():
+                self._removed_s = model.losses(self.theta_s, self.X_S, self.T_S)
+        data = model.loss.bregman(model.forward(theta, self.X), self._ref_outputs,
+                                  self.T).mean()
+        removed = (self.w_S * (model.losses(theta, self.X_S, self.T_S) - self._removed_s)).sum()
+        return (data + model.penalty(diff) - self.epsilon * removed
+                + 0.5 * self.damping * (diff * diff).sum())
 
     def noise_floor(self) -> float:
         """Gradient norm below which rounding dominates: ``10 u ‖∇²F θˢ‖``.
@@ -153,6 +200,14 @@ class MinimizeResult:
     converged: bool
     seconds: float
     lowest_curvature: float | None = None
+    #: How the solve ended: ``"newton"`` (or the batched ``"chord"``) where the
+    #: gradient met ``tol``, ``"lbfgs"`` where the L-BFGS continuation took over.
+    method: str = "newton"
+    #: L-BFGS continuation: the objective's decrease over its last
+    #: ``LBFGS_WINDOW`` iterations relative to its total decrease from ``θˢ``,
+    #: and the iterate's move over them relative to ``‖θ − θˢ‖``.
+    objective_decrease: float | None = None
+    relative_step: float | None = None
 
 
 def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
@@ -238,6 +293,152 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
                           time.perf_counter() - began)
 
 
+def has_kinks(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has layers with kinks (ReLU, max pooling, …)."""
+    return any(isinstance(layer, PIECEWISE_LINEAR) for layer in module.modules()) or any(
+        isinstance(layer, torch.nn.TransformerEncoderLayer)
+        and getattr(layer, "activation_relu_or_gelu", 0) == 1 for layer in module.modules())
+
+
+def _weak_wolfe(phi: Callable[[float], tuple[float, Tensor, float]], f0: float, slope: float,
+                max_evals: int = 30) -> tuple[float, float, Tensor] | None:
+    """Step ``t`` along a descent direction meeting the weak Wolfe conditions.
+
+    ``phi(t)`` returns ``(value, gradient, directional derivative)``. The
+    bisection–expansion of Lewis & Overton (2013), made for nonsmooth
+    objectives: sufficient decrease ``f(t) ≤ f0 + 1e-4 t slope`` and a
+    directional derivative that rose to ``0.9 slope``. Returns
+    ``(t, value, gradient)``, the best decreasing point if no step met both, or
+    None if none decreased.
+    """
+    low, high, t, best = 0.0, math.inf, 1.0, None
+    for _ in range(max_evals):
+        value, gradient, derivative = phi(t)
+        if not math.isfinite(value) or value > f0 + 1e-4 * t * slope:
+            high = t
+        else:
+            if best is None or value < best[1]:
+                best = (t, value, gradient)
+            if derivative >= 0.9 * slope:
+                return t, value, gradient
+            low = t
+        t = 0.5 * (low + high) if math.isfinite(high) else 2.0 * low
+    return best
+
+
+def minimize_kinked(objective: ResponseObjective, start: Tensor, *, tol: float = 1e-9,
+                    initial_grad_norm: float, precondition: Callable | None = None,
+                    max_iter: int | None = None) -> MinimizeResult:
+    """Continue a PBRF solve that stalled on kinks: L-BFGS on the objective, float64.
+
+    Where a ReLU (or max-pooling) unit's input crosses 0 the objective has a
+    kink, its minimiser may sit on one, and Newton and chord steps — built on
+    a Hessian that does not see kinks — stall short of it. L-BFGS with a weak
+    Wolfe line search on the objective itself is what Lewis & Overton (2013)
+    found to converge on such piecewise-smooth functions. It runs on
+    :meth:`ResponseObjective.shifted` (``F(θ) − F(θˢ)``: changes of
+    ``O(ε²)`` resolved, not drowned in rounding) in float64 whatever the net's
+    dtype (a float32 gradient's rounding is a few percent of the PBRF's
+    ``O(1/N)`` driving force), from ``start``, with ``precondition`` — the
+    damped Gauss–Newton inverse ``H₀⁻¹`` the batched solves share — as its
+    initial inverse Hessian (plain scaled identity without it).
+
+    It stops when the gradient norm meets ``tol`` times
+    ``initial_grad_norm`` (or the objective's rounding noise,
+    :meth:`ResponseObjective.noise_floor`), or — the rule that means something at a kink,
+    where the gradient need not vanish — when over the last
+    :data:`LBFGS_WINDOW` iterations the objective fell by at most
+    :data:`LBFGS_FTOL` of its total decrease from ``θˢ`` and the iterate
+    moved by at most :data:`LBFGS_XTOL` of ``‖θ − θˢ‖``, or when not even the
+    preconditioned gradient direction — a descent direction wherever the
+    objective is smooth — decreases it (a minimiser on a kink, to float64's
+    resolution of ``F``); these count as converged and are reported
+    (``objective_decrease``, ``relative_step``). At ``max_iter`` (default
+    :data:`LBFGS_MAX_ITER`) it reports not converged.
+    """
+    began = time.perf_counter()
+    max_iter = LBFGS_MAX_ITER if max_iter is None else max_iter
+    dtype = objective.theta_s.dtype
+    obj = objective if dtype == torch.float64 else objective.astype(torch.float64)
+    theta_s = obj.theta_s
+    value_and_grad = torch.func.grad_and_value(obj.shifted)
+
+    def evaluate(theta: Tensor) -> tuple[float, Tensor]:
+        g, f = value_and_grad(theta)
+        return float(f), g.detach()
+
+    theta = start.detach().to(torch.float64).clone()
+    f, g = evaluate(theta)
+    target = max(tol * float(initial_grad_norm), obj.noise_floor())
+    pairs: list[tuple[Tensor, Tensor, float]] = []
+    values, moves = [f], []
+    n_iter, converged, decrease, step_ratio = 0, False, None, None
+    while n_iter < max_iter:
+        if float(g.norm()) <= target:
+            converged = True
+            break
+        # two-loop recursion, initial inverse Hessian H₀⁻¹ (or a scaled identity)
+        q, alphas = g.clone(), []
+        for s_, y_, rho in reversed(pairs):
+            a = rho * float(s_ @ q)
+            alphas.append(a)
+            q -= a * y_
+        if precondition is not None:
+            r = precondition(q.unsqueeze(0))[0].to(torch.float64)
+        elif pairs:
+            s_, y_, _ = pairs[-1]
+            r = (float(s_ @ y_) / float(y_ @ y_)) * q
+        else:  # the Hessian is about G + μ + λ ≥ μ + λ: a step no longer than q/(μ + λ)
+            r = q / max(obj.damping + float(obj.model.weight_decay.max()), 1e-12)
+        for (s_, y_, rho), a in zip(pairs, reversed(alphas)):
+            r += (a - rho * float(y_ @ r)) * s_
+        direction = -r
+        slope = float(g @ direction)
+        if slope >= 0:  # not a descent direction: forget the curvature pairs
+            pairs.clear()
+            direction = -g if precondition is None else \
+                -precondition(g.unsqueeze(0))[0].to(torch.float64)
+            slope = float(g @ direction)
+
+        def phi(t: float, theta=theta, direction=direction) -> tuple[float, Tensor, float]:
+            value, gradient = evaluate(theta + t * direction)
+            return value, gradient, float(gradient @ direction)
+
+        found = _weak_wolfe(phi, f, slope)
+        if found is None and pairs:  # the curvature pairs misled it: once more without
+            pairs.clear()
+            continue
+        if found is None:  # no decrease even along the (preconditioned) gradient, a
+            # descent direction wherever F is smooth, down to 2⁻³⁰ of a Newton-sized step:
+            # a minimiser on a kink, to float64's resolution of F
+            if n_iter:
+                back = min(n_iter, LBFGS_WINDOW)
+                decrease = (values[-1 - back] - f) / max(-f, 1e-300)
+            converged = True
+            break
+        t, f_new, g_new = found
+        s_vec, y_vec = t * direction, g_new - g
+        curvature = float(s_vec @ y_vec)
+        if curvature > 1e-12 * float(s_vec.norm()) * float(y_vec.norm()):
+            pairs.append((s_vec, y_vec, 1.0 / curvature))
+            del pairs[:-LBFGS_MEMORY]
+        theta, f, g = theta + s_vec, f_new, g_new
+        n_iter += 1
+        values.append(f)
+        moves.append(float(s_vec.norm()))
+        if n_iter >= LBFGS_WINDOW:
+            total = max(-f, 1e-300)  # F(θˢ) − F(θ): the decrease so far
+            decrease = (values[-1 - LBFGS_WINDOW] - f) / total
+            step_ratio = sum(moves[-LBFGS_WINDOW:]) / max(float((theta - theta_s).norm()),
+                                                          1e-300)
+            if decrease <= LBFGS_FTOL and step_ratio <= LBFGS_XTOL:
+                converged = True
+                break
+    return MinimizeResult(theta.to(dtype), float(g.norm()), float(initial_grad_norm), n_iter,
+                          converged, time.perf_counter() - began, method="lbfgs",
+                          objective_decrease=decrease, relative_step=step_ratio)
+
+
 def _anderson(Theta: Tensor, F: Tensor, hist_T: list[Tensor], hist_F: list[Tensor]) -> Tensor:
     """Anderson-mixed iterate ``θ + f − (ΔΘ + ΔF) γ``, ``γ = argmin ‖f − ΔF γ‖``, per row.
 
@@ -288,7 +489,10 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
     lowest eigenvalue) as ``lowest_curvature``. Otherwise it is handed to
     :func:`minimize_response` from its best point (giving up after
     ``FALLBACK_STALL_WINDOW`` iterations without halving the gradient), so
-    every answer is the one-at-a-time answer to within ``tol``.
+    every answer is the one-at-a-time answer to within ``tol`` — or, on a net
+    with kinks (ReLU, max pooling), to :func:`minimize_kinked`, L-BFGS on
+    the objective preconditioned by ``solve``, whose stopping rule holds at
+    a minimiser on a kink.
 
     Parameters
     ----------
@@ -357,6 +561,7 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
         history.append(best_norm.clone())
     seconds = (time.perf_counter() - start) / B
     results = []
+    kinked = objective.bregman and has_kinks(objective.model.module)
     for b in range(B):
         g = float(best_norm[b])
         if g > float(target[b]):
@@ -379,10 +584,15 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
             single = ResponseObjective(objective.model, objective.X, objective.T, theta_s,
                                        xs[b], ts[b], ws[b], objective.epsilon,
                                        objective.damping, objective.bregman)
+            if kinked:  # Newton's Hessian does not see the kinks it stalls on
+                results.append(minimize_kinked(single, best[b], tol=tol,
+                                               initial_grad_norm=float(g0[b]),
+                                               precondition=solve))
+                continue
             results.append(minimize_response(single, tol=tol, max_iter=max_iter,
                                              start=best[b], initial_grad_norm=float(g0[b]),
                                              stall_window=FALLBACK_STALL_WINDOW))
         else:
             results.append(MinimizeResult(best[b].clone(), g, float(g0[b]), int(n_iter[b]),
-                                          True, seconds))
+                                          True, seconds, method="chord"))
     return results

@@ -29,6 +29,8 @@ from .curvature import Curvature
 from .execution import run_responses
 from .functional import FunctionalModel
 from .memory import dense_fits_memory
+from . import pbrf
+from .pbrf import PIECEWISE_LINEAR
 from .removal import Removal
 from .rungs import LADDER, TERMS, Rung, rung
 from .solvers import dense_fits, make_solver, resolve_solver
@@ -261,16 +263,12 @@ class Responder:
         return torch.stack(rows)
 
 
-_PIECEWISE_LINEAR = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU,
-                     torch.nn.Hardtanh, torch.nn.Hardswish, torch.nn.Hardsigmoid,
-                     torch.nn.modules.pooling._MaxPoolNd,
-                     torch.nn.modules.pooling._AdaptiveMaxPoolNd)
 
 
 def _piecewise_linear_layers(module: torch.nn.Module) -> list[str]:
     """Names of the layer types in ``module`` whose output has kinks (ReLU, max pooling…)."""
     names = {type(layer).__name__ for layer in module.modules()
-             if isinstance(layer, _PIECEWISE_LINEAR)}
+             if isinstance(layer, PIECEWISE_LINEAR)}
     names |= {"ReLU (in TransformerEncoderLayer)" for layer in module.modules()
               if isinstance(layer, torch.nn.TransformerEncoderLayer)
               and getattr(layer, "activation_relu_or_gelu", 0) == 1}
@@ -289,8 +287,11 @@ def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) ->
     kinked = _piecewise_linear_layers(ctx.model.module)
     kinks = (f" The net has piecewise-linear layers ({', '.join(kinked)}): its objective has "
              "kinks where a unit's input crosses 0, and a minimiser on a kink has no zero "
-             "gradient, so the solve can stall close to it whatever max_iter is (smooth "
-             "activations such as Tanh, GELU or Softplus do not have this)." if kinked else "")
+             "gradient; the L-BFGS continuation that takes such solves on stopped at its "
+             f"iteration cap (sklinfluence.pbrf.LBFGS_MAX_ITER = {pbrf.LBFGS_MAX_ITER}) "
+             "before the objective and the step "
+             "stopped changing (smooth activations such as Tanh, GELU or Softplus do not "
+             "have kinks)." if kinked else "")
     if lowest < 0:
         advice = (" The most negative eigenvalue of their Hessians at θˢ is at most "
                   f"{lowest:.3e}: the removal term outweighs curvature plus damping, so these "

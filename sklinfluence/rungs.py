@@ -47,7 +47,8 @@ from torch import Tensor
 
 from ._warnings import naming_right_hand_sides, removal_names
 from .functional import FunctionalModel
-from .pbrf import ResponseObjective, minimize_response, minimize_responses_batched
+from .pbrf import (MinimizeResult, ResponseObjective, has_kinks, minimize_kinked,
+                   minimize_response, minimize_responses_batched)
 from .removal import Removal, stacked_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,8 +110,14 @@ def _proximity(ctx: ResponseContext, removal: Removal) -> float:
 
 def _objective(ctx: ResponseContext, removal: Removal, damping: float,
                bregman: bool) -> ResponseObjective:
-    return ResponseObjective(ctx.model, ctx.X, ctx.T, ctx.model.params, removal.X, removal.T,
-                             removal.weight_tensor(ctx.X), ctx.epsilon, damping, bregman)
+    objective = ResponseObjective(ctx.model, ctx.X, ctx.T, ctx.model.params, removal.X,
+                                  removal.T, removal.weight_tensor(ctx.X), ctx.epsilon,
+                                  damping, bregman)
+    # the PBRF's driving force ε∇L_m is O(1/N): a float32 net's gradient rounding is a
+    # few percent of it, so its PBRF is solved on a float64 copy of the net
+    if bregman and ctx.model.dtype != torch.float64:
+        return objective.astype(torch.float64)
+    return objective
 
 
 @dataclass(frozen=True)
@@ -225,11 +232,14 @@ class Minimize(Rung):
         start = time.perf_counter()
         objective = _objective(ctx, removal, self.damping(ctx), self.bregman)
         result = minimize_response(objective, tol=ctx.pbrf_tol, max_iter=ctx.pbrf_max_iter)
-        info = {"grad_norm": result.grad_norm, "initial_grad_norm": result.initial_grad_norm,
-                "n_iter": result.n_iter, "converged": result.converged}
+        if not result.converged and self.bregman and has_kinks(ctx.model.module):
+            result = minimize_kinked(objective, result.theta, tol=ctx.pbrf_tol,
+                                     initial_grad_norm=result.initial_grad_norm)
+        info = _solve_info(result)
         if not result.converged:
             info["lowest_curvature"] = objective.lowest_curvature()
-        return result.theta - ctx.model.params, {**info, "seconds": time.perf_counter() - start}
+        delta = (result.theta - objective.theta_s).to(ctx.model.dtype)
+        return delta, {**info, "seconds": time.perf_counter() - start}
 
     def plan(self, responder: Responder) -> tuple[Callable, int]:
         ctx = responder.context
@@ -237,6 +247,19 @@ class Minimize(Rung):
             return (partial(compute_pbrf_batch, ctx, self, responder.chord_solver()),
                     ctx.removal_batch_size)
         return super().plan(responder)
+
+
+def _solve_info(result: MinimizeResult) -> dict:
+    """What a PBRF solve reports per removal (``responder_.last_info``): gradient norms,
+    iterations, whether it converged, how it ended and, for the L-BFGS continuation on
+    kinks, the objective's relative decrease and the relative step over its last
+    iterations (``nan`` otherwise)."""
+    return {"grad_norm": result.grad_norm, "initial_grad_norm": result.initial_grad_norm,
+            "n_iter": result.n_iter, "converged": result.converged, "method": result.method,
+            "objective_decrease": (float("nan") if result.objective_decrease is None
+                                   else result.objective_decrease),
+            "relative_step": (float("nan") if result.relative_step is None
+                              else result.relative_step)}
 
 
 def _stacked(removals: list[Removal], like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -264,20 +287,23 @@ def compute_pbrf_batch(ctx: ResponseContext, r: Minimize, solver: Any,
     """PBRF responses of several removals at once (:func:`minimize_responses_batched`)."""
     start = time.perf_counter()
     theta_s = ctx.model.params
-    xs, ts, ws = _stacked(removals, ctx.X)
     objective = _objective(ctx, removals[0], r.damping(ctx), True)
+    xs, ts, ws = _stacked(removals, objective.X)
+    if xs.is_floating_point():
+        xs = xs.to(objective.X.dtype)
+    ts = ts.to(objective.T.dtype)
     results = minimize_responses_batched(objective, xs, ts, ws, solver.solve, tol=ctx.pbrf_tol,
                                          max_iter=ctx.pbrf_max_iter)
     seconds = (time.perf_counter() - start) / len(removals)
     out = []
     for result, removal in zip(results, removals):
-        info = {"grad_norm": result.grad_norm, "initial_grad_norm": result.initial_grad_norm,
-                "n_iter": result.n_iter, "converged": result.converged, "seconds": seconds}
+        info = {**_solve_info(result), "seconds": seconds + (
+            result.seconds if result.method == "lbfgs" else 0.0)}
         if not result.converged:
             info["lowest_curvature"] = result.lowest_curvature \
                 if result.lowest_curvature is not None \
                 else _objective(ctx, removal, objective.damping, True).lowest_curvature()
-        out.append((result.theta - theta_s, info))
+        out.append(((result.theta - objective.theta_s).to(theta_s.dtype), info))
     return out
 
 

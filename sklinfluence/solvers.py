@@ -96,10 +96,6 @@ MAX_REFINEMENTS = 8
 #: ``"auto"`` above the dense size uses mixed-precision CG at this ``tol`` or looser,
 #: float64 CG below it (see :func:`resolve_solver`).
 MIXED_PRECISION_MIN_TOL = 1e-6
-#: Time of a float64 kernel build and factorisation relative to the float32 one
-#: (one core: GEMM 2.6×, Cholesky 2.5× slower), for the choice between refining
-#: a float32 factor's answers and rebuilding it in float64.
-FLOAT64_REBUILD = 2.5
 #: ``tol=None`` means this relative residual for a float64 net ...
 FLOAT64_TOL = 1e-10
 #: ... and this one for a float32 net (skorch's default), whose gradients carry
@@ -494,8 +490,9 @@ class KernelSolver(_DirectSolver):
         (:meth:`~sklinfluence.kernel.GaussNewtonKernel.refined_forms`); where
         their relative error exceeds ``tol`` every form is refined (one
         product with ``Ũᵀ`` per column: on a float32 digits CNN the plain
-        forms err by 6.5e-5, the refined ones by 1.6e-8), and where even that
-        misses ``tol`` the kernel is rebuilt in float64. ``last_solve``'s
+        forms err by 6.5e-5, the refined ones by 1.6e-8); where even that
+        misses ``tol``, or there are more removals than training rows (then
+        refining costs more than a rebuild), the kernel is rebuilt in float64. ``last_solve``'s
         ``max_relative_residual`` is then the largest relative error of the
         checked results (an estimate: the float32 forms' difference from the
         refined ones plus the refined ones' own second-order error).
@@ -524,15 +521,14 @@ class KernelSolver(_DirectSolver):
         result, residual, check = base - kernel.quadratic_forms(W), None, measured_rows(k)
         if kernel.factor.dtype != torch.float64:  # float32: check, refine, or rebuild
             floor = result[check].abs().clamp_min(torch.finfo(torch.float64).tiny)
-            checked = time.perf_counter()
             exact, error = kernel.refined_forms(W[:, check])
-            per_column = (time.perf_counter() - checked) / int(check.numel())
             residual = float(((((base[check] - exact) - result[check]).abs() + error)
                               / floor).max())
-            # too coarse: refine every form, or rebuild in float64 where that is
-            # predicted cheaper (float64 costs about 2.5× the float32 build)
-            if residual > self.tol and per_column * k < FLOAT64_REBUILD * self.info.get(
-                    "factor_seconds", math.inf):
+            # too coarse: refine every form — one product with Ũᵀ and a float32 solve per
+            # column, about 1/K' of a rebuild (Gram matrix and Cholesky, n = N·K' rows)
+            # per training row's worth of columns — or rebuild in float64 where there
+            # are more removals than training rows
+            if residual > self.tol and k <= kernel.n_samples:
                 q, error = kernel.refined_forms(W, check)
                 result = base - q
                 residual = float((error / result[check].abs().clamp_min(

@@ -285,30 +285,44 @@ def test_retraining_rungs_and_the_five_terms(fitted):
     assert_allclose(responses["cold_start_loo"], one[:2], rtol=0, atol=1e-12 * scale)
 
 
+class ReLUCNN(CNN):
+    def __init__(self):
+        super().__init__()
+        self.net[2] = self.net[4] = nn.ReLU()
+
+
+def _relu_pbrf():
+    X, y = _digits()
+    net = NeuralNetClassifier(ReLUCNN, criterion=nn.CrossEntropyLoss, max_epochs=6, lr=0.1,
+                              batch_size=16, optimizer__weight_decay=MU, train_split=None,
+                              iterator_train__shuffle=True, verbose=0)
+    return PBRFEstimator(net, damping=LAMBDA, random_state=0).fit(X, y), X, y
+
+
+def test_a_relu_nets_pbrf_solves_stalled_on_kinks_are_continued_to_the_minimum():
+    """The same CNN with ReLU: its PBRF objective has kinks and the chord/Newton
+    solves stall short of ``tol`` at this damping; the L-BFGS continuation takes them
+    to the minimum (no warning) and reports how it stopped."""
+    est, X, y = _relu_pbrf()
+    est.score_samples(X[:4], y[:4])  # a ConvergenceWarning would fail the test
+    info = est.responder_.last_info
+    assert info["converged"].all() and "lbfgs" in set(info["method"])
+
+
 @pytest.mark.parametrize("lanczos", ["tried", "too large"])
 def test_a_relu_nets_stalled_pbrf_solve_says_why(lanczos, monkeypatch):
-    """The same CNN with ReLU: its PBRF objective has kinks, the Newton solves stall
-    short of ``tol`` at this damping, and the warning names the layer type — also when
-    the net is too large for the Lanczos convexity check (lowered limit here)."""
+    """Where the continuation cannot finish (capped at 2 iterations here) the warning
+    names the layer type — also when the net is too large for the Lanczos convexity
+    check (lowered limit here)."""
     from sklearn.exceptions import ConvergenceWarning
 
     from sklinfluence import pbrf
 
+    monkeypatch.setattr(pbrf, "LBFGS_MAX_ITER", 2)
     expected = r"piecewise-linear layers \(ReLU\).*kinks"
     if lanczos == "too large":
         monkeypatch.setattr(pbrf, "LOWEST_CURVATURE_MAX_PARAMS", 0)
         expected = "too large to try.*" + expected
-
-    X, y = _digits()
-
-    class ReLUCNN(CNN):
-        def __init__(self):
-            super().__init__()
-            self.net[2] = self.net[4] = nn.ReLU()
-
-    net = NeuralNetClassifier(ReLUCNN, criterion=nn.CrossEntropyLoss, max_epochs=6, lr=0.1,
-                              batch_size=16, optimizer__weight_decay=MU, train_split=None,
-                              iterator_train__shuffle=True, verbose=0)
-    est = PBRFEstimator(net, damping=LAMBDA, random_state=0).fit(X, y)
+    est, X, y = _relu_pbrf()
     with pytest.warns(ConvergenceWarning, match=expected):
         est.score_samples(X[:4], y[:4])

@@ -149,7 +149,7 @@ def test_readme_synopsis_matches_the_parser():
                 assert action.nargs == 0, opt  # a flag
             elif "|" in value:
                 values = value.split("|")
-                choices = list(action.choices or [*BUILTIN, "FILE.csv"])
+                choices = list(action.choices or [*BUILTIN, "FILE.csv", "FILE.npz"])
                 assert values == choices and values[0] == action.default, opt
             elif value.isupper():
                 assert action.default is None, opt  # a placeholder: no default to show

@@ -11,7 +11,6 @@ import torch
 from numpy.testing import assert_allclose
 
 from sklinfluence import InfluenceEstimator
-from sklinfluence import solvers
 from sklinfluence.curvature import Curvature
 from sklinfluence.rungs import removal_forces
 from sklinfluence.solvers import make_solver
@@ -73,11 +72,10 @@ def test_a_float32_factor_meets_a_loose_tol_without_refinement():
     assert s.last_solve.max_relative_residual <= 1e-3 and s.last_solve.n_measured == 7
 
 
-def test_a_float32_factor_refines_every_form_where_that_is_cheaper(monkeypatch):
-    """At ``tol=1e-8`` the plain float32 forms fail their check; with a rebuild
-    predicted dearer, every form is refined (variational form, second-order error)
-    and meets tol against the dense reference, the factor still float32."""
-    monkeypatch.setattr(solvers, "FLOAT64_REBUILD", 1e9)
+def test_a_float32_factor_refines_every_form_it_checked_too_coarse():
+    """At ``tol=1e-8`` the plain float32 forms fail their check; every form is
+    refined (variational form, second-order error) and meets tol against the dense
+    reference, the factor still float32."""
     model, X, T, removals, expected = _problem("cnn_batchnorm", "CrossEntropyLoss")
     s = make_solver("kernel", Curvature(model, X, T, damping=LAMBDA), tol=1e-8,
                     solver_params={"mixed_precision": True})
@@ -87,13 +85,17 @@ def test_a_float32_factor_refines_every_form_where_that_is_cheaper(monkeypatch):
     assert float(((got - expected).abs() / expected.abs()).max()) <= 1e-8
 
 
-def test_a_float32_factor_is_rebuilt_in_float64_where_that_is_cheaper(monkeypatch):
-    """With refinement predicted dearer than a float64 rebuild, a tol the float32
-    forms miss rebuilds the kernel in float64 (``fallback`` says why) and the forms
-    are exact to rounding."""
-    monkeypatch.setattr(solvers, "FLOAT64_REBUILD", 0.0)
+@pytest.mark.parametrize("tol, many", [(1e-14, False), (1e-8, True)])
+def test_a_float32_factor_is_rebuilt_in_float64_where_refining_cannot_do(tol, many):
+    """A tol beyond even the refined forms (1e-14), or more removals than training
+    rows: the kernel is rebuilt in float64 (``fallback`` says why) and the forms are
+    exact to rounding."""
     model, X, T, removals, expected = _problem("mlp", "MSELoss")
-    s = make_solver("kernel", Curvature(model, X, T, damping=LAMBDA), tol=1e-12,
+    if many:
+        removals = removals * 2
+        expected = torch.cat([expected, expected])
+    assert (len(removals) > X.shape[0]) is many
+    s = make_solver("kernel", Curvature(model, X, T, damping=LAMBDA), tol=tol,
                     solver_params={"mixed_precision": True})
     got = s.self_products(removals, lambda r: removal_forces(model, r))
     assert s.info["precision"] == "float64" and "self-influence" in s.info["fallback"]
