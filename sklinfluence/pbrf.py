@@ -28,7 +28,7 @@ from torch.func import grad, vjp, vmap
 
 from .functional import FunctionalModel
 
-__all__ = ["ResponseObjective", "MinimizeResult", "has_kinks", "minimize_kinked",
+__all__ = ["ResponseObjective", "MinimizeResult", "has_kinks", "kinked_layers", "minimize_kinked",
            "minimize_response", "minimize_responses_batched"]
 
 #: Cap on MINRES iterations per Newton step (a well-posed step needs far fewer).
@@ -296,11 +296,19 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
                           time.perf_counter() - began)
 
 
+def kinked_layers(module: torch.nn.Module) -> list[str]:
+    """Names of the layer types in ``module`` whose output has kinks (ReLU, max pooling…)."""
+    names = {type(layer).__name__ for layer in module.modules()
+             if isinstance(layer, PIECEWISE_LINEAR)}
+    names |= {"ReLU (in TransformerEncoderLayer)" for layer in module.modules()
+              if isinstance(layer, torch.nn.TransformerEncoderLayer)
+              and getattr(layer, "activation_relu_or_gelu", 0) == 1}
+    return sorted(names)
+
+
 def has_kinks(module: torch.nn.Module) -> bool:
-    """Whether ``module`` has layers with kinks (ReLU, max pooling, …)."""
-    return any(isinstance(layer, PIECEWISE_LINEAR) for layer in module.modules()) or any(
-        isinstance(layer, torch.nn.TransformerEncoderLayer)
-        and getattr(layer, "activation_relu_or_gelu", 0) == 1 for layer in module.modules())
+    """Whether ``module`` has layers with kinks (:func:`kinked_layers`)."""
+    return bool(kinked_layers(module))
 
 
 def _weak_wolfe(phi: Callable[[float], tuple[float, Tensor, float]], f0: float, slope: float,

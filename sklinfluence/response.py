@@ -30,7 +30,6 @@ from .execution import run_responses
 from .functional import FunctionalModel
 from .memory import dense_fits_memory
 from . import pbrf
-from .pbrf import PIECEWISE_LINEAR
 from .removal import Removal
 from .rungs import LADDER, TERMS, Rung, rung
 from .solvers import dense_fits, make_solver, resolve_solver
@@ -265,16 +264,6 @@ class Responder:
 
 
 
-def _piecewise_linear_layers(module: torch.nn.Module) -> list[str]:
-    """Names of the layer types in ``module`` whose output has kinks (ReLU, max pooling…)."""
-    names = {type(layer).__name__ for layer in module.modules()
-             if isinstance(layer, PIECEWISE_LINEAR)}
-    names |= {"ReLU (in TransformerEncoderLayer)" for layer in module.modules()
-              if isinstance(layer, torch.nn.TransformerEncoderLayer)
-              and getattr(layer, "activation_relu_or_gelu", 0) == 1}
-    return sorted(names)
-
-
 def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) -> None:
     """One warning for the solves of a call that stopped short, the worst one named.
 
@@ -284,7 +273,7 @@ def _warn_not_converged(r: Rung, ctx: ResponseContext, stopped: list, n: int) ->
                         / max(s[1]["initial_grad_norm"], 1e-300))
     found = [v for v in (i.get("lowest_curvature", 0.0) for _, i in stopped) if np.isfinite(v)]
     lowest = min(found, default=float("nan"))
-    kinked = _piecewise_linear_layers(ctx.model.module)
+    kinked = pbrf.kinked_layers(ctx.model.module)
     kinks = (f" The net has piecewise-linear layers ({', '.join(kinked)}): its objective has "
              "kinks where a unit's input crosses 0, and a minimiser on a kink has no zero "
              "gradient; the L-BFGS continuation that takes such solves on stopped at its "
