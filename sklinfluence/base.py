@@ -18,10 +18,10 @@ import torch
 from scipy.sparse import issparse
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._sklearn import Interval, StrOptions
 from .adapters import make_adapter
 from .execution import resolve_memory
 from .cache import CacheOwner
@@ -90,8 +90,10 @@ class BaseResponseEstimator(BaseEstimator):
     }
 
     # ------------------------------------------------------------------ fit
-    def _fit_net(self, X: Any, y: Any, checkpoints: list | None = None) -> None:
-        epsilon = getattr(self, "epsilon", None)
+    def _fit_net(self, X: Any, y: Any, checkpoints: list | None = None,
+                 epsilon: float | None = None) -> None:
+        """Validate, train the net and set the fitted state; ``epsilon`` is the
+        estimator's ``epsilon`` parameter where it has one (``None``: ``1/N``)."""
         if epsilon is not None and epsilon == 0:
             raise ValueError(
                 "epsilon must be non-zero: 1/N removes one sample's share, -1/N adds "
@@ -148,19 +150,22 @@ class BaseResponseEstimator(BaseEstimator):
         self.epsilon_ = 1.0 / self.n_train_ if epsilon is None else float(epsilon)
 
     def _context(self, **options: Any) -> ResponseContext:
-        """The response context of the fitted net; ``options`` set solver details."""
+        """The response context of the fitted net, from the parameters every
+        estimator with responses has (``damping``, ``batch_size``, ``verbose``)
+        and :meth:`_execution_options`; ``options`` set solver details."""
         return ResponseContext(
             model=self.model_, X=self.X_train_, T=self.T_train_, epsilon=self.epsilon_,
-            damping=float(getattr(self, "damping", 0.0)),
-            batch_size=self.batch_size, recipe=self._adapter,
+            damping=float(self.damping), batch_size=self.batch_size, recipe=self._adapter,
             theta_0=self.initial_params_, seed=self.seed_,
-            max_epochs=self._adapter.max_epochs(self.net_),
-            n_jobs=getattr(self, "n_jobs", None),
-            store=resolve_memory(getattr(self, "memory", None)),
-            verbose=int(getattr(self, "verbose", 0)),
-            removal_batch_size=int(getattr(self, "removal_batch_size", 1)),
-            cache_owner=self._cache_owner_token(), **options,
+            max_epochs=self._adapter.max_epochs(self.net_), verbose=int(self.verbose),
+            cache_owner=self._cache_owner_token(), **self._execution_options(), **options,
         )
+
+    def _execution_options(self) -> dict:
+        """The context's execution options from the parameters ``n_jobs``, ``memory``
+        and ``removal_batch_size``; an estimator without them overrides this."""
+        return {"n_jobs": self.n_jobs, "store": resolve_memory(self.memory),
+                "removal_batch_size": int(self.removal_batch_size)}
 
     # --------------------------------------------------------------- cloning
     def _cache_owner_token(self) -> CacheOwner:
@@ -287,12 +292,9 @@ class BaseResponseEstimator(BaseEstimator):
             return single_removals(Xt, Tt, index), None
         return group_removals(Xt, Tt, index, groups)
 
-    def _measure(self) -> str:
-        return getattr(self, "measure", "loss")
-
     def _own_change(self, removals: list[Removal], deltas: torch.Tensor) -> np.ndarray:
         """Each removal's own loss change under its response (``measure``)."""
-        return to_numpy(own_change(self.model_, removals, deltas, self._measure(),
+        return to_numpy(own_change(self.model_, removals, deltas, self.measure,
                                    self.batch_size))
 
     def _eval_targets(self, X_eval: Any, y_eval: Any) -> tuple:
@@ -402,7 +404,7 @@ class RungViewMixin:
         """
         Xe, Te = self._eval_targets(X_eval, y_eval)
         _, delta = self._responses(X, y, groups)
-        if self._measure() == "linear":
+        if self.measure == "linear":
             return to_numpy(linear_change(self.model_, delta, Xe, Te, self.batch_size))
         return to_numpy(loss_change(self.model_, delta, Xe, Te))
 

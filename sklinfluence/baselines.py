@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import _fit_context
 from sklearn.utils.validation import check_is_fitted
 
+from ._sklearn import _fit_context
 from .base import BaseResponseEstimator
 from .measure import to_numpy
 from .removal import Removal
@@ -38,8 +38,9 @@ class TracInCP(BaseResponseEstimator):
     """TracIn-CP: gradient agreement summed over the checkpoints of the net's own fit.
 
     ``fit`` trains the net as every estimator does and keeps its parameters
-    ``θ_k`` at the end of each epoch ``k`` with the learning rate ``η_k``
-    the optimiser then had. The score of removing row ``m`` on the loss of
+    ``θ_k`` at the end of each epoch ``k`` with the step size ``η_k`` of that
+    epoch's own steps (Pruthi et al.'s step size between checkpoints
+    ``k − 1`` and ``k``). The score of removing row ``m`` on the loss of
     point ``z`` is
 
         ``Σ_k (η_k / B) ∇L_z(θ_k)ᵀ ∇L_m(θ_k)``,
@@ -64,14 +65,17 @@ class TracInCP(BaseResponseEstimator):
     checkpoints_ : Tensor of shape (n_epochs, n_params)
         ``θ_k``, held in memory: ``8 · n_epochs · P`` bytes in float64.
     learning_rates_ : ndarray of shape (n_epochs,)
-        ``η_k``.
+        ``η_k``: the learning rate of epoch ``k``'s training steps (their mean
+        where a scheduler changes it between steps). Under a schedule stepped
+        at the end of each epoch (skorch's ``LRScheduler``), ``η_k`` is the
+        rate epoch ``k`` trained with, not the one set for epoch ``k + 1``.
     train_batch_size_ : int
         ``B``.
 
     Notes
     -----
-    **(choice)** One checkpoint per epoch and the step size the
-    optimiser used at its end. For SGD this is the first-order effect of
+    **(choice)** One checkpoint per epoch, weighted by the step size of
+    the epoch that ends there. For SGD this is the first-order effect of
     the epoch's step on ``m``'s batch; for adaptive optimisers (Adam,
     RMSprop) the learning rate is not the step size, and the score is only a
     heuristic. Momentum is not accounted for.

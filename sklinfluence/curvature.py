@@ -92,7 +92,7 @@ class Curvature:
                          batch_size=self.batch_size)
 
     def _diagonal(self) -> Tensor:
-        return self.model.weight_decay + self.damping
+        return self.model.damped_diagonal(self.damping)
 
     # ------------------------------------------------------------- products
     def matmat(self, V: Tensor) -> Tensor:

@@ -28,11 +28,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from scipy.stats import rankdata
-from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from ._sklearn import Interval, StrOptions, _fit_context
 from ._docs import fill_doc
 from .base import BaseResponseEstimator
 from .measure import loss_change, to_numpy

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import TransformerMixin, _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.base import TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._sklearn import Interval, StrOptions, _fit_context
 from ._docs import fill_doc
 from .base import BaseResponseEstimator
 from .curvature import CURVATURES

@@ -243,6 +243,11 @@ class FunctionalModel:
         """The weight-decay term ``(1/2) Σ_j μ_j θ_j²``."""
         return 0.5 * (self.weight_decay * theta * theta).sum()
 
+    def damped_diagonal(self, damping: float) -> Tensor:
+        """``μ_j + λ`` per parameter: the diagonal every damped curvature adds (the one
+        place it is formed)."""
+        return self.weight_decay + damping
+
     def objective(self, theta: Tensor, X: Tensor, T: Tensor) -> Tensor:
         """Training objective ``J(θ) = mean_i L_i(θ) + (μ/2)‖θ‖²`` over ``X``."""
         return self.losses(theta, X, T).mean() + self.penalty(theta)

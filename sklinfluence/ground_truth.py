@@ -6,10 +6,9 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-from sklearn.base import _fit_context
-from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
+from ._sklearn import Interval, _fit_context
 from ._docs import fill_doc
 from .base import BaseResponseEstimator, RungViewMixin
 from .response import Responder, Rung, rung
@@ -159,7 +158,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         -------
         self : PBRFEstimator
         """
-        self._fit_net(X, y)
+        self._fit_net(X, y, epsilon=self.epsilon)
         self.responder_ = Responder(self._context(pbrf_tol=self.tol,
                                                   pbrf_max_iter=self.max_iter))
         return self

@@ -8,9 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
 
+from ._sklearn import Interval, StrOptions, _fit_context
 from ._warnings import naming_right_hand_sides, removal_names
 from .base import BaseResponseEstimator, RungViewMixin
 from .curvature import CURVATURES
@@ -276,7 +275,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         -------
         self : InfluenceEstimator
         """
-        self._fit_net(X, y)
+        self._fit_net(X, y, epsilon=self.epsilon)
         tol = default_tol(self.model_.dtype) if self.tol is None else float(self.tol)
         self.responder_ = Responder(self._context(
             curvature=self.curvature, solver=self.solver, solver_params=self.solver_params,
@@ -284,6 +283,11 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         self.solver_ = self.responder_.solver()
         self.diagnostics_ = {"requested_solver": self.solver, "tol": tol, **self.solver_.info}
         return self
+
+    def _execution_options(self) -> dict:
+        """None: influence is one solve for all removals, with nothing to run in
+        parallel or to store (the context's defaults)."""
+        return {}
 
     def _rung(self) -> Rung:
         return rung("influence")

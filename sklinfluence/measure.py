@@ -80,8 +80,8 @@ def own_change(model: FunctionalModel, removals: list[Removal], deltas: Tensor,
     theta = model.params
     if not removals:
         return theta.new_zeros(0)
-    X, T, w, owner = stacked_rows(removals, theta)
-    if measure == "linear":  # Σ_S w_m ∇L_m(θˢ)ᵀ Δ_S
+    X, T, owner = stacked_rows(removals, theta)
+    if measure == "linear":  # Σ_S ∇L_m(θˢ)ᵀ Δ_S
         rows = torch.cat([model.per_sample_grads(theta, xb, tb, batch_size).to(torch.float64)
                           for xb, tb in iterate_batches(X, T, batch_size)])
         per_row = (rows * deltas.to(torch.float64)[owner]).sum(dim=1)
@@ -91,9 +91,9 @@ def own_change(model: FunctionalModel, removals: list[Removal], deltas: Tensor,
             after = torch.cat([model.losses(theta + delta, r.X, r.T)
                                for r, delta in zip(removals, deltas)])
         per_row = after - before
-    if all(r.size == 1 and r.weights is None for r in removals):
+    if all(r.size == 1 for r in removals):
         return per_row
-    return per_row.new_zeros(len(removals)).index_add_(0, owner, w.to(per_row.dtype) * per_row)
+    return per_row.new_zeros(len(removals)).index_add_(0, owner, per_row)
 
 
 def mean_losses(model: FunctionalModel, deltas: Tensor, X: Tensor, T: Tensor,

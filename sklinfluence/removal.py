@@ -1,7 +1,7 @@
-"""The unit of work of the response layer: a removal, a set of rows with weights.
+"""The unit of work of the response layer: a removal, a set of rows.
 
-Removing the set ``S`` is the objective ``J(θ) − Σ_{m∈S} w_m ε L_m(θ)``;
-one row with weight 1 is the classic leave-one-out. Every rung
+Removing the set ``S`` is the objective ``J(θ) − Σ_{m∈S} ε L_m(θ)``;
+one row is the classic leave-one-out. Every rung
 computes, caches, batches, parallelises and resumes :class:`Removal` objects,
 so single rows, groups (a data source, a class, the rows one labeller
 touched) and the random halves of the linear datamodeling score are the same
@@ -34,7 +34,7 @@ def sample_key(x: Tensor, t: Tensor) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Removal:
-    """Rows removed together: inputs, targets, training positions and weights.
+    """Rows removed together: inputs, targets and training positions.
 
     Attributes
     ----------
@@ -43,10 +43,6 @@ class Removal:
     index : tuple of int
         Each row's position among the training rows (−1 for a row that is
         not one; retraining rungs need training rows).
-    weights : tuple of float or None
-        Multiplicity of each row in the removal (``None``: 1 each; ``2``
-        removes two copies' worth; negative values add copies). Retraining
-        rungs accept weights of 1 only.
     label : object or None
         The group label of a removal made from ``groups`` (``None``
         otherwise); for messages only, not part of :attr:`key`.
@@ -55,7 +51,6 @@ class Removal:
     X: Tensor
     T: Tensor
     index: tuple
-    weights: tuple | None = None
     label: Any = None
     _key: list = field(default_factory=list, repr=False, compare=False)
 
@@ -65,9 +60,6 @@ class Removal:
             raise ValueError(f"a removal needs at least one row and one target and index per "
                              f"row; got {k} rows, {int(self.T.shape[0])} targets and "
                              f"{len(self.index)} indices.")
-        if self.weights is not None and len(self.weights) != k:
-            raise ValueError(f"a removal of {k} rows needs {k} weights, got "
-                             f"{len(self.weights)}.")
 
     @property
     def size(self) -> int:
@@ -75,43 +67,30 @@ class Removal:
         return int(self.X.shape[0])
 
     @property
-    def unweighted(self) -> bool:
-        """Whether every row has weight 1 (a plain set)."""
-        return self.weights is None or all(w == 1 for w in self.weights)
-
-    def weight_tensor(self, like: Tensor) -> Tensor:
-        """The weights as a tensor of ``like``'s dtype and device, ``(k,)``."""
-        values = [1.0] * self.size if self.weights is None else list(self.weights)
-        return torch.tensor(values, dtype=like.dtype, device=like.device)
-
-    @property
     def key(self) -> str:
-        """Digest of the rows, targets and weights (the single row's own digest for
-        one unweighted row, so that stored single-row responses stay valid)."""
+        """Digest of the rows and targets (the single row's own digest for one
+        row, so that stored single-row responses stay valid; a group's digest is
+        the one earlier versions gave a group of weight-1 rows)."""
         if not self._key:
-            if self.size == 1 and self.unweighted:
+            if self.size == 1:
                 self._key.append(sample_key(self.X[0], self.T[0]))
             else:
                 digest = hashlib.sha256(b"removal")
                 for i in range(self.size):
                     digest.update(sample_key(self.X[i], self.T[i]).encode())
-                digest.update(np.asarray(self.weights if self.weights is not None else [],
-                                         dtype=np.float64).tobytes())
                 self._key.append(digest.hexdigest()[:32])
         return self._key[0]
 
 
-def stacked_rows(removals: list[Removal], like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Every removal's rows stacked: ``(X, T, weights, owner)``, ``weights`` in
-    ``like``'s dtype and device and ``owner`` each row's removal (its position
-    in ``removals``)."""
+def stacked_rows(removals: list[Removal], like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every removal's rows stacked: ``(X, T, owner)``, ``owner`` each row's
+    removal (its position in ``removals``) on ``like``'s device."""
     X = torch.cat([removal.X for removal in removals])
     T = torch.cat([removal.T for removal in removals])
-    weights = torch.cat([removal.weight_tensor(like) for removal in removals])
     owner = torch.repeat_interleave(
         torch.arange(len(removals), device=like.device),
         torch.tensor([removal.size for removal in removals], device=like.device))
-    return X, T, weights, owner
+    return X, T, owner
 
 
 def single_removals(X: Tensor, T: Tensor, index: np.ndarray) -> list[Removal]:
@@ -119,8 +98,8 @@ def single_removals(X: Tensor, T: Tensor, index: np.ndarray) -> list[Removal]:
     return [Removal(X[i:i + 1], T[i:i + 1], (int(index[i]),)) for i in range(X.shape[0])]
 
 
-def group_removals(X: Tensor, T: Tensor, index: np.ndarray, groups: Any,
-                   sample_weight: Any = None) -> tuple[list[Removal], np.ndarray]:
+def group_removals(X: Tensor, T: Tensor, index: np.ndarray,
+                   groups: Any) -> tuple[list[Removal], np.ndarray]:
     """One removal per distinct label of ``groups``; returns the removals and the labels.
 
     Parameters
@@ -132,8 +111,6 @@ def group_removals(X: Tensor, T: Tensor, index: np.ndarray, groups: Any,
     groups : array-like of shape (n_rows,)
         A label per row; rows with the same label are removed together.
         Removals come in the order of :func:`numpy.unique` of the labels.
-    sample_weight : array-like of shape (n_rows,), optional
-        Each row's weight in its removal (default 1).
 
     Returns
     -------
@@ -145,11 +122,6 @@ def group_removals(X: Tensor, T: Tensor, index: np.ndarray, groups: Any,
     if groups.ndim != 1 or groups.shape[0] != X.shape[0]:
         raise ValueError(f"groups must be 1-D with one label per row: {X.shape[0]} rows but "
                          f"groups of shape {groups.shape}.")
-    if sample_weight is not None:
-        sample_weight = np.asarray(sample_weight, dtype=np.float64)
-        if sample_weight.shape != (X.shape[0],) or not np.all(np.isfinite(sample_weight)):
-            raise ValueError(f"sample_weight must be {X.shape[0]} finite numbers, one per row; "
-                             f"got shape {sample_weight.shape}.")
     if groups.dtype.kind == "f":
         missing = np.flatnonzero(np.isnan(groups))
     elif groups.dtype.kind == "O":
@@ -172,8 +144,7 @@ def group_removals(X: Tensor, T: Tensor, index: np.ndarray, groups: Any,
     removals = []
     for g in range(len(labels)):
         rows = np.flatnonzero(inverse == g)
-        weights = None if sample_weight is None else tuple(float(w) for w in sample_weight[rows])
         position = torch.as_tensor(rows, device=X.device)
         removals.append(Removal(X[position], T[position], tuple(int(index[i]) for i in rows),
-                                weights, labels[g]))
+                                labels[g]))
     return removals, labels

@@ -6,7 +6,7 @@ response ladder" and "Removing groups of rows".
 Every rung answers "what are the parameters after this removal?" by
 minimising
 
-    ``(1/N) Σ_i ℓ_i(θ) + decay − ε Σ_{m∈S} w_m L_m(θ) + [proximal] (λ/2)‖θ − θˢ‖²``
+    ``(1/N) Σ_i ℓ_i(θ) + decay − ε Σ_{m∈S} L_m(θ) + [proximal] (λ/2)‖θ − θˢ‖²``
 
 from a start point, where ``ℓ_i`` is the training loss or its Bregman
 divergence around ``θˢ``:
@@ -111,7 +111,7 @@ def _proximity(ctx: ResponseContext, removal: Removal) -> float:
 def _objective(ctx: ResponseContext, removal: Removal, damping: float,
                bregman: bool) -> ResponseObjective:
     objective = ResponseObjective(ctx.model, ctx.X, ctx.T, ctx.model.params, removal.X,
-                                  removal.T, removal.weight_tensor(ctx.X), ctx.epsilon,
+                                  removal.T, ctx.X.new_ones(removal.size), ctx.epsilon,
                                   damping, bregman)
     # the PBRF's driving force ε∇L_m is O(1/N): a float32 net's gradient rounding is a
     # few percent of it, so its PBRF is solved on a float64 copy of the net
@@ -127,8 +127,8 @@ class Retrain(Rung):
     Cold (from ``θ⁰`` with the original seed) or warm (from ``θˢ``, for
     ``warm_start_epochs``), optionally with the proximity term. Convex
     baselines whose refit is exact minimise the proximal rung exactly
-    instead (``recipe.exact_proximal``). Removals must be training rows of
-    weight 1; several of the same size retrain at once as a vectorised
+    instead (``recipe.exact_proximal``). Removals must be training rows;
+    several of the same size retrain at once as a vectorised
     ensemble when the recipe can be replayed (:mod:`sklinfluence.ensemble`).
     """
 
@@ -149,10 +149,6 @@ class Retrain(Rung):
                 f"the {self.name} rung retrains without the removed rows, so it can only "
                 f"remove training rows; {outside} of the given rows are not training rows "
                 "(with these targets).")
-        if not all(removal.unweighted for removal in removals):
-            raise ValueError(
-                f"the {self.name} rung retrains on the remaining rows, so every removed row "
-                "has weight 1; weighted removals are for the PBRF and influence rungs.")
         n = int(ctx.X.shape[0])
         if any(n - len(set(removal.index)) < 1 for removal in removals):
             raise ValueError(f"the {self.name} rung needs at least one remaining training row.")
@@ -263,13 +259,14 @@ def _solve_info(result: MinimizeResult) -> dict:
 
 
 def _stacked(removals: list[Removal], like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows, targets and weights of removals, ``(B, k, ...)``; smaller removals are
-    padded with copies of their first row at weight 0."""
+    """Rows, targets and weights of removals, ``(B, k, ...)``: weight 1 for each
+    removed row; smaller removals are padded with copies of their first row at
+    weight 0."""
     k = max(removal.size for removal in removals)
     xs, ts, ws = [], [], []
     for removal in removals:
         pad = k - removal.size
-        w = removal.weight_tensor(like)
+        w = like.new_ones(removal.size)
         if pad:
             rows = torch.cat([torch.arange(removal.size), torch.zeros(pad, dtype=torch.long)])
             xs.append(removal.X[rows])
@@ -293,7 +290,7 @@ def compute_pbrf_batch(ctx: ResponseContext, r: Minimize, solver: Any,
         xs = xs.to(objective.X.dtype)
     ts = ts.to(objective.T.dtype)
     results = minimize_responses_batched(objective, xs, ts, ws, solver.solve, tol=ctx.pbrf_tol,
-                                         max_iter=ctx.pbrf_max_iter)
+                                         max_iter=ctx.pbrf_max_iter, precondition=solver.apply)
     seconds = (time.perf_counter() - start) / len(removals)
     out = []
     for result, removal in zip(results, removals):
@@ -309,7 +306,7 @@ def compute_pbrf_batch(ctx: ResponseContext, r: Minimize, solver: Any,
 
 @dataclass(frozen=True)
 class Linear(Rung):
-    """Rungs 4–5: the minimiser of rung 3's quadratic model, ``ε (C + λI)⁻¹ Σ_S w_m ∇L_m``.
+    """Rungs 4–5: the minimiser of rung 3's quadratic model, ``ε (C + λI)⁻¹ Σ_S ∇L_m``.
 
     ``exact`` uses the exact damped Gauss–Newton solve (rung 4), otherwise
     the estimator's own curvature and solver (rung 5). Additive over the
@@ -333,19 +330,18 @@ class Linear(Rung):
 
 def removal_forces(model: FunctionalModel, removals: list[Removal],
                    batch_size: int | None = None, theta: Tensor | None = None) -> Tensor:
-    """The driving force of each removal, ``Σ_{m∈S} w_m ∇L_m(θ)``, ``(n, P)``.
+    """The driving force of each removal, ``Σ_{m∈S} ∇L_m(θ)``, ``(n, P)``.
 
     Per-sample gradients at ``theta`` (default ``θˢ``) of all removed rows, in
-    chunks of ``batch_size``, summed per removal with the rows' weights; one
-    unweighted row per removal returns the gradients themselves.
+    chunks of ``batch_size``, summed per removal; one row per removal returns
+    the gradients themselves.
     """
     theta = model.params if theta is None else theta
-    rows_X, rows_T, weights, owner = stacked_rows(removals, theta)
+    rows_X, rows_T, owner = stacked_rows(removals, theta)
     grads = model.per_sample_grads(theta, rows_X, rows_T, batch_size)
-    if all(removal.size == 1 and removal.weights is None for removal in removals):
+    if all(removal.size == 1 for removal in removals):
         return grads
-    return grads.new_zeros((len(removals), grads.shape[1])).index_add_(
-        0, owner, weights.to(grads.dtype)[:, None] * grads)
+    return grads.new_zeros((len(removals), grads.shape[1])).index_add_(0, owner, grads)
 
 
 LADDER: tuple[Rung, ...] = (

@@ -36,14 +36,27 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 class _Checkpoints(Callback):
-    """skorch callback: appends ``(θ, learning rate)`` to ``sink`` after each epoch."""
+    """skorch callback: appends ``(θ_k, η_k)`` to ``sink`` at the end of each epoch ``k``.
+
+    ``η_k`` is the step size of the epoch's own steps (Pruthi et al.'s step size
+    between checkpoints ``k − 1`` and ``k``): the learning rate read before each
+    training step, averaged over the epoch where a scheduler changes it between
+    steps. Read at the epoch's end it would be the next epoch's: a scheduler
+    stepping per epoch (skorch's ``LRScheduler``) has already changed it then.
+    """
 
     def __init__(self, sink: list) -> None:
         self.sink = sink
+        self._rates: list = []
+
+    def on_batch_begin(self, net: Any, training: bool = False, **kwargs: Any) -> None:
+        if training:
+            self._rates.append(float(net.optimizer_.param_groups[0]["lr"]))
 
     def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
-        self.sink.append((get_flat_params(net.module_).clone(),
-                          float(net.optimizer_.param_groups[0]["lr"])))
+        rates = self._rates or [float(net.optimizer_.param_groups[0]["lr"])]
+        self.sink.append((get_flat_params(net.module_).clone(), float(np.mean(rates))))
+        self._rates = []
 
 
 class SkorchAdapter:

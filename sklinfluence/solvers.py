@@ -192,8 +192,15 @@ class _SolverBase:
         R = B - self.curvature.matmat(X.to(B.dtype))
         return R.norm(dim=1) / B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
 
+    def apply(self, B: Tensor) -> Tensor:
+        """The inverse applied to each row of ``B`` as cheaply as the solver can,
+        float64 — what a preconditioner calls. Here :meth:`solve` itself; a direct
+        solver skips its residual check, the mixed-precision kernel its refinement.
+        """
+        return self.solve(B)
+
     def self_products(self, removals: list, forces: Callable) -> Tensor:
-        """``g_sᵀ (C + λI)⁻¹ g_s`` for the force ``g_s = Σ_{i∈S_s} w_i ∇L_i`` of each
+        """``g_sᵀ (C + λI)⁻¹ g_s`` for the force ``g_s = Σ_{i∈S_s} ∇L_i`` of each
         removal, float64 — what self-influence needs.
 
         ``forces(removals)`` gives the forces ``(len(removals), P)``. This
@@ -234,7 +241,8 @@ class _DirectSolver(_SolverBase):
     def apply(self, B: Tensor) -> Tensor:
         """The inverse applied to each row of ``B``, float64, recording nothing.
 
-        What a preconditioner calls (every CG iteration): no residual check.
+        What a preconditioner calls (every CG iteration): no residual check;
+        the mixed-precision kernel applies its float32 factor unrefined.
         """
         return self._apply(B.to(torch.float64))
 
@@ -352,8 +360,12 @@ class KernelSolver(_DirectSolver):
         each solve refined in float64 until the checked residuals meet
         ``tol``; ``last_solve`` reports the largest and the rounds (as
         ``n_iter``). The kernel switches to float64 where float32 cannot get
-        there. False: float64 throughout, exact to rounding, no residual
-        measured.
+        there, and refines the float64 solutions themselves where the kernel
+        form's way back to parameters still misses ``tol``. Where even that
+        stops short (``tol`` below what float64 allows for the matrix's
+        conditioning) ``converged`` is False, ``info["stopped_short"]`` says
+        why and a :class:`~sklearn.exceptions.ConvergenceWarning` repeats it.
+        False: float64 throughout, no residual measured.
     verbose : int, default=0
         Progress bar over the kernel's blocks.
 
@@ -383,7 +395,7 @@ class KernelSolver(_DirectSolver):
         # one dict with the kernel's: it records a switch to float64 there
         self.info = self._kernel.info
         self.info.update(solver="kernel", approximate=False, n_params=curvature.n_params,
-                         mixed_precision=self.mixed_precision)
+                         mixed_precision=self.mixed_precision, stopped_short=None)
 
     def _apply(self, B: Tensor) -> Tensor:
         return self._kernel.solve(B)
@@ -411,12 +423,16 @@ class KernelSolver(_DirectSolver):
             True if residual is None else residual <= self.tol,
             time.perf_counter() - start, False,
             int(rows.numel()) if residual is not None else 0)
+        self.info["stopped_short"] = self._kernel.last_stop
+        if self._kernel.last_stop is not None:
+            warn(f"solver='kernel' in mixed precision missed tol: {self._kernel.last_stop}",
+                 ConvergenceWarning)
         return result
 
     def removal_products(self, B: Tensor, X: Tensor, T: Tensor, removals: list,
                          forces: Callable) -> Tensor:
         """``[s, e] = g_sᵀ (G + D)⁻¹ b_e`` for the loss gradients ``B`` of the
-        samples ``(X, T)`` and ``g_s = Σ_{i∈S_s} w_i ∇L_i`` the force of each
+        samples ``(X, T)`` and ``g_s = Σ_{i∈S_s} ∇L_i`` the force of each
         removal, float64; what :meth:`solve` followed by products with the
         forces gives (to rounding in float64, to ``tol`` in mixed precision),
         mostly without the forces.
@@ -432,7 +448,7 @@ class KernelSolver(_DirectSolver):
         0). Records ``last_solve``.
         """
         c, kernel = self.curvature, self._kernel
-        fast, slow, rows, weights, owner = self._split(removals)
+        fast, slow, rows, owner = self._split(removals)
         like = c.model.params.to(torch.float64)
         slow_removals = [removals[s] for s in slow]
         F = forces(slow_removals) if slow else like.new_zeros((0, c.n_params))
@@ -444,21 +460,20 @@ class KernelSolver(_DirectSolver):
                 # net's captures differ from its gradients by float32 rounding)
                 W[:, check] = kernel._rows_times(B[check].to(torch.float64) * kernel.scale)
             return kernel.removal_products(
-                W, B, len(removals), rows=rows, weights=weights, owner=owner, forces=F,
+                W, B, len(removals), rows=rows, owner=owner, forces=F,
                 forces_rows=F_rows, forced=torch.tensor(slow, dtype=torch.long),
                 tol=self.tol if self.mixed_precision else None, check_rows=check)
 
         return self._recorded(B, compute)
 
     def _split(self, removals: list) -> tuple:
-        """Which removals need no gradient: ``(fast, slow, rows, weights, owner)``.
+        """Which removals need no gradient: ``(fast, slow, rows, owner)``.
 
         ``fast``: positions of the removals made of training rows (with their
         training targets) whose gradients lie in their rows' span
         (:meth:`~sklinfluence.kernel.GaussNewtonKernel.coefficients`);
-        ``slow``: the others. ``rows``, ``weights`` and ``owner`` list the fast
-        removals' training rows, their weights and their removal's position
-        in ``removals``.
+        ``slow``: the others. ``rows`` and ``owner`` list the fast removals'
+        training rows and their removal's position in ``removals``.
         """
         c = self.curvature
         _, eligible = self._kernel.coefficients(c.model, c.theta, c.X, c.T, c.batch_size)
@@ -472,15 +487,15 @@ class KernelSolver(_DirectSolver):
         like = c.model.params.to(torch.float64)
         picked = [removals[s] for s in fast]
         rows = torch.tensor([i for removal in picked for i in removal.index], dtype=torch.long)
-        weights, owner = stacked_rows(picked, like)[2:] if picked else (like.new_zeros(0),) * 2
+        owner = stacked_rows(picked, like)[2] if picked else like.new_zeros(0)
         owner = torch.tensor(fast, dtype=torch.long)[owner.long()]
-        return fast, slow, rows, weights, owner
+        return fast, slow, rows, owner
 
     def self_products(self, removals: list, forces: Callable) -> Tensor:
         """``g_sᵀ (G + D)⁻¹ g_s`` per removal, from the diagonal blocks of the
         kernel's inverse (:meth:`~sklinfluence.kernel.GaussNewtonKernel.quadratic_forms`):
         ``‖w‖²_* − wᵀ(I + ŨŨᵀ)⁻¹w``, for a removal of training rows ``w`` its
-        rows' coefficients ``w_i c_i`` in their own blocks (``‖w‖²_* = ‖w‖²``,
+        rows' coefficients ``c_i`` in their own blocks (``‖w‖²_* = ‖w‖²``,
         no gradient at all), for any other ``w = Ũ D^{-1/2} g`` from its force
         (``‖w‖²_* = ‖D^{-1/2} g‖²``).
 
@@ -502,7 +517,7 @@ class KernelSolver(_DirectSolver):
         if not removals:
             self.last_solve = SolveInfo(0, 0, None, True, 0.0)
             return torch.zeros(0, dtype=torch.float64)
-        fast, slow, rows, weights, owner = self._split(removals)
+        fast, slow, rows, owner = self._split(removals)
         n, k = kernel.n_rows, len(removals)
         W = torch.zeros((n, k), dtype=torch.float64)
         base = torch.zeros(k, dtype=torch.float64)
@@ -511,7 +526,7 @@ class KernelSolver(_DirectSolver):
             K = C.shape[1]
             at = (rows[:, None] * K + torch.arange(K)).reshape(-1)
             W.index_put_((at, owner.repeat_interleave(K)),
-                         (C[rows] * weights[:, None]).reshape(-1), accumulate=True)
+                         C[rows].reshape(-1), accumulate=True)
             base[fast] = (W[:, fast] ** 2).sum(dim=0)
         if slow:
             slow_removals = [removals[s] for s in slow]
@@ -544,11 +559,11 @@ class KernelSolver(_DirectSolver):
     def _force_rows(self, removals: list) -> Tensor:
         """``Ũ D^{-1/2} g_s`` for each removal's force, ``(n, len(removals))``."""
         c = self.curvature
-        X, T, weights, owner = stacked_rows(removals, c.model.params.to(torch.float64))
+        X, T, owner = stacked_rows(removals, c.model.params.to(torch.float64))
         W = self._kernel.gradient_rows(c.model, c.theta, X.to(c.X.dtype), T.to(c.T.dtype),
                                        c.batch_size)
         return W.new_zeros((len(removals), W.shape[0])).index_add_(
-            0, owner, (W * weights).T).T
+            0, owner, W.T).T
 
 
 class CGSolver(_SolverBase):
@@ -637,9 +652,7 @@ class CGSolver(_SolverBase):
     def _precondition(self, R: Tensor) -> Tensor:
         if self.preconditioner is None:
             return R
-        # a direct solver's apply() skips the residual check solve() makes
-        apply = getattr(self.preconditioner, "apply", self.preconditioner.solve)
-        return apply(R).to(R.dtype)
+        return self.preconditioner.apply(R).to(R.dtype)
 
     @staticmethod
     def _orthonormal_rows(W: Tensor) -> Tensor:

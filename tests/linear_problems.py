@@ -97,24 +97,27 @@ def mean_loss(theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def replay_recipe(net, X: np.ndarray, y: np.ndarray, start: np.ndarray, epochs: int,
-                  proximity: float = 0.0, anchor: np.ndarray | None = None) -> np.ndarray:
+                  proximity: float = 0.0, anchor: np.ndarray | None = None,
+                  learning_rates=None) -> np.ndarray:
     """``recipe``'s training in numpy, independently of skorch and the library.
 
     Full-batch ``torch.optim.SGD`` (heavy ball, dampening 0, fresh momentum buffer)
     on the mean squared error over the rows of ``X`` plus ``(proximity/2)‖θ − anchor‖²``,
     weight decay ``μ`` added to the gradient: ``g = ∇ + μθ``, ``b ← momentum·b + g``
-    (``b = g`` at the first step), ``θ ← θ − lr·b``, once per epoch.
+    (``b = g`` at the first step), ``θ ← θ − lr·b``, once per epoch; ``lr`` is
+    ``learning_rates[k]`` in epoch ``k`` when given (a schedule), else the net's.
     """
     params = net.get_params()
     lr, momentum = params["lr"], params["optimizer__momentum"]
+    rates = [lr] * epochs if learning_rates is None else list(learning_rates)
     mu = params["optimizer__weight_decay"]
     assert params["batch_size"] > len(X)  # one full batch per epoch
     Phi = design(X)
     theta, buf = np.array(start, dtype=np.float64), None
-    for _ in range(epochs):
+    for k in range(epochs):
         g = 2.0 / len(X) * Phi.T @ (Phi @ theta - y) + mu * theta
         if proximity:
             g = g + proximity * (theta - anchor)
         buf = g if buf is None else momentum * buf + g
-        theta = theta - lr * buf
+        theta = theta - rates[k] * buf
     return theta

@@ -221,11 +221,11 @@ def test_the_mixed_kernel_solver_records_its_refinement(tanh_cnn):
 
 # -------------------------------------------- influence without the training gradients
 def _removals_mixture(X, T, n_out):
-    """Single rows, a weighted group, a row outside the training set and a training
-    row under another target: the last two need their gradients."""
+    """Single rows, a group, a row outside the training set and a training row
+    under another target: the last two need their gradients."""
     from sklinfluence.removal import Removal
     single = [Removal(X[i:i + 1], T[i:i + 1], (i,)) for i in range(4)]
-    group = Removal(X[4:7], T[4:7], (4, 5, 6), weights=(1.0, 2.0, -0.5))
+    group = Removal(X[4:7], T[4:7], (4, 5, 6))
     outside = Removal(X[7:8] + 0.3, T[7:8], (-1,))
     other = (T[7:8] + 1) % n_out if T.dtype == torch.long else T[7:8] + 1
     relabelled = Removal(X[7:8], other, (7,))
@@ -237,7 +237,7 @@ def _removals_mixture(X, T, n_out):
 @pytest.mark.parametrize("name", ["cnn_batchnorm", "tokens_layernorm", "mlp"])
 def test_removal_products_equal_forces_times_the_solve(name, criterion, mixed):
     """``g_sᵀ (G + D)⁻¹ b_e`` from the kernel's coefficients and the samples' captures
-    equals the forces times the dense solve — single rows, a weighted group, rows that
+    equals the forces times the dense solve — single rows, a group, rows that
     take the gradient route — to rounding (mixed precision refined to tol 1e-12:
     at worst 2e-13 of the largest entry measured)."""
     from sklinfluence.rungs import removal_forces

@@ -197,3 +197,34 @@ def test_no_text_cites_private_documents_or_tickets():
 ])
 def test_private_reference_pattern(text, cited):
     assert bool(_private_references(text)) is cited
+
+
+PRIVATE_SKLEARN = re.compile(r"^\s*(from sklearn[\w.]*\._\w+ import|from sklearn[\w.]* import .*\b_\w+)",
+                             re.M)
+
+
+def test_private_sklearn_api_lives_in_one_module_within_the_declared_range():
+    """Only sklinfluence/_sklearn.py imports scikit-learn's private names, and the
+    installed scikit-learn is inside the range pyproject.toml declares."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    importers = sorted(p.name for p in (ROOT / "sklinfluence").glob("*.py")
+                       if PRIVATE_SKLEARN.search(p.read_text()))
+    assert importers == ["_sklearn.py"]
+    text = (ROOT / "pyproject.toml").read_text()
+    declared = Requirement(re.search(r'"(scikit-learn[^"]*)"', text)[1])
+    assert declared.specifier.filter([version("scikit-learn")]), declared
+    assert any(s.operator == "<" for s in declared.specifier), "no upper bound declared"
+
+
+@pytest.mark.parametrize("line, private", [
+    ("from sklearn.base import _fit_context", True),
+    ("from sklearn.utils._param_validation import Interval", True),
+    ("from sklearn.base import BaseEstimator, _fit_context", True),
+    ("from sklearn.base import BaseEstimator", False),
+    ("from sklearn.utils.validation import check_is_fitted", False),
+])
+def test_private_sklearn_pattern(line, private):
+    assert bool(PRIVATE_SKLEARN.search(line)) is private

@@ -2,7 +2,7 @@
 (``solver.self_products``): the kernel form reads ``g_sᵀ (G + D)⁻¹ g_s`` off the
 diagonal blocks of its inverse (no gradient of a training row at all), the dense
 Cholesky with one triangular solve; both equal the dense reference for single
-rows, weighted groups and rows that need their gradients, and a float32 factor is
+rows, groups and rows that need their gradients, and a float32 factor is
 checked, refined or rebuilt to meet ``tol``."""
 
 import numpy as np
@@ -46,9 +46,9 @@ def _counting_forces(model, requested):
 @pytest.mark.parametrize("name", ["cnn_batchnorm", "tokens_layernorm", "mlp"])
 @pytest.mark.parametrize("solver", ["kernel", "exact"])
 def test_self_products_equal_the_dense_quadratic_forms(name, criterion, solver):
-    """Single rows, a weighted group (a negative weight included), a row outside the
-    training set and a relabelled row: the forms equal ``gᵀ A⁻¹ g`` with the dense
-    matrix to rounding; the kernel computes gradients only for the last two."""
+    """Single rows, a group, a row outside the training set and a relabelled row:
+    the forms equal ``gᵀ A⁻¹ g`` with the dense matrix to rounding; the kernel
+    computes gradients only for the last two."""
     model, X, T, removals, expected = _problem(name, criterion)
     s = make_solver(solver, Curvature(model, X, T, damping=LAMBDA))
     requested = []
