@@ -39,7 +39,14 @@ minimiser:
    compared);
 5. the IF–PBRF agreement: Spearman of ``InfluenceEstimator`` self-influence
    (linear measure, same damping, on the frozen net) against the PBRF
-   self-influence over the first ``--n-agreement`` training rows (library only).
+   self-influence over the first ``--n-agreement`` training rows (library only);
+6. with ``--decompose N``, the ``Decomposer``'s five terms (output L2 metric,
+   same net, data and damping) of the first ``N`` rows, every rung computed
+   afresh: their median, mean and largest value, and the time per rung.
+
+A before/after comparison runs this same script against an older checkout of
+the library (put it first on ``sys.path``; the script only uses public names
+and ``responder_.last_info``).
 
 Run
 ---
@@ -49,9 +56,8 @@ Run
     OMP_NUM_THREADS=1 python benchmarks/bench_pbrf_relu.py --net mlp
     OMP_NUM_THREADS=1 python benchmarks/bench_pbrf_relu.py --rows 0 5 9 --lbfgs-iters 500 \\
         --n-timing 8 --n-agreement 0 --json out.json
-
-The CNN with default settings took about 4 minutes on one thread before the
-library's L-BFGS continuation (commit 1bceb03), which makes its solves slower.
+    OMP_NUM_THREADS=1 python benchmarks/bench_pbrf_relu.py --rows 0 1 2 3 4 5 6 7 8 9 10 11 \\
+        --decompose 10 --json cnn.json          # the README's table, about 12 minutes
 
 Prints
 ------
@@ -283,6 +289,32 @@ def agreement(est, net_kind, X, y, n):
     return {"n": n, "spearman": rho, "if_scores": infl.tolist(), "pbrf_scores": pbrf.tolist()}
 
 
+def decompose(net_kind, X, y, n):
+    """The ``Decomposer``'s five terms (output L2 metric) of the first ``n`` rows."""
+    from sklinfluence import Decomposer
+    from sklinfluence.cache import RESPONSE_CACHE
+
+    RESPONSE_CACHE.clear()  # every rung computed afresh (the PBRF's solves are timed above)
+    terms = ("warm_start_gap", "proximity_gap", "non_convergence_gap", "linearization_error",
+             "solver_error")
+    dec = Decomposer(build_net(net_kind), damping=DAMPING, random_state=0).fit(X, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        values = dec.transform(X[:n], y[:n])
+        seconds = time.perf_counter() - start
+    rungs = {k: float(sum(v)) for k, v in dec.responder_.timings.items()}
+    print(f"\nDecomposer ({net_kind}, first {n} rows, output L2): {seconds:.0f} s, "
+          f"{len(caught)} warning(s); seconds per rung: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in rungs.items()))
+    print("| term | median | mean | max |\n|---|---|---|---|")
+    for j, name in enumerate(terms):
+        col = values[:, j]
+        print(f"| {name} | {np.median(col):.3e} | {col.mean():.3e} | {col.max():.3e} |")
+    return {"n": n, "seconds": seconds, "rung_seconds": rungs, "terms": terms,
+            "values": values.tolist(), "n_warnings": len(caught)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--net", choices=("cnn", "mlp"), default="cnn")
@@ -293,6 +325,8 @@ def main(argv=None):
                         help="time the first N training rows (default: the --rows)")
     parser.add_argument("--n-agreement", type=int, default=20,
                         help="rows of the IF–PBRF Spearman (0: skip)")
+    parser.add_argument("--decompose", type=int, default=0,
+                        help="also run the Decomposer on the first N rows (default 0: skip)")
     parser.add_argument("--json", default=None, help="write the numbers to this path")
     args = parser.parse_args(argv)
 
@@ -361,6 +395,7 @@ def main(argv=None):
 
     agree = (agreement(est, args.net, X, y, args.n_agreement)
              if args.n_agreement > 1 else None)
+    terms = decompose(args.net, X, y, args.decompose) if args.decompose else None
 
     print(f"\n### PBRF on the ReLU {args.net} ({n_params:,} parameters), λ={DAMPING:g}: "
           f"library vs float64 L-BFGS ({args.lbfgs_iters} iterations max)\n")
@@ -392,7 +427,7 @@ def main(argv=None):
             json.dump({"net": args.net, "n_params": n_params, "damping": DAMPING, "mu": MU,
                        "epsilon": est.epsilon_, "rows": rows, "lbfgs_iters": args.lbfgs_iters,
                        "timing": timing, "library_info": info, "records": records,
-                       "agreement": agree, "worst_response_move": worst_d,
+                       "agreement": agree, "decomposer": terms, "worst_response_move": worst_d,
                        "worst_self_influence_move": worst_s}, fh, indent=2)
 
 

@@ -17,13 +17,24 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from numbers import Integral
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["get_config", "set_config", "config_context"]
+__all__ = ["get_config", "set_config", "config_context", "on_change"]
 
 _DEFAULTS = {"n_threads": None, "response_cache_bytes": 256 * 2**20, "memory_limit_bytes": None}
 _lock = threading.Lock()
 _config = dict(_DEFAULTS)
+_listeners: dict = {name: [] for name in _DEFAULTS}
+
+
+def on_change(name: str, listener: Callable[[], None]) -> None:
+    """Call ``listener()`` after each :func:`set_config` that sets ``name``.
+
+    How the modules that follow a setting learn of it without this module
+    importing them (the response cache resizes itself to
+    ``response_cache_bytes``).
+    """
+    _listeners[name].append(listener)
 
 
 def get_config() -> dict:
@@ -118,10 +129,9 @@ def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep",
         _check(name, value)
     with _lock:
         _config.update(changes)
-    if "response_cache_bytes" in changes:
-        from .cache import RESPONSE_CACHE  # noqa: PLC0415 - cache imports this module
-
-        RESPONSE_CACHE.resize(None)  # follow the new setting, evicting to meet it
+    for name in changes:
+        for listener in _listeners[name]:
+            listener()
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._config import get_config
+from ._config import get_config, on_change
 
 __all__ = ["CacheOwner", "ResponseCache", "RESPONSE_CACHE"]
 
@@ -254,3 +254,5 @@ def _check_max_bytes(max_bytes: Any) -> int | None:
 #: The process-wide response cache (see :class:`ResponseCache`); its bound is
 #: ``get_config()["response_cache_bytes"]``.
 RESPONSE_CACHE = ResponseCache()
+# follow each new setting at once, evicting to meet it
+on_change("response_cache_bytes", lambda: RESPONSE_CACHE.resize(None))

@@ -82,8 +82,11 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         ``n_removals``, ``converged`` (all of them), ``methods`` (removals per
         method), ``max_relative_grad_norm`` (largest final over initial
         gradient norm), ``max_objective_decrease`` and ``max_relative_step``
-        (of the L-BFGS continuations, ``None`` without one) and
-        ``seconds_per_removal``.
+        (of the L-BFGS continuations, ``None`` without one),
+        ``seconds_per_removal`` and ``solver_policy``: the solver of each role
+        (``"pbrf_chord"``, the factor the batched solves share, among them)
+        with its ``params`` and the ``reason`` it was chosen
+        (:func:`~sklinfluence.solvers.plan_solvers`).
 
     Notes
     -----
@@ -186,7 +189,8 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
                                                        / info["initial_grad_norm"])),
                 "max_objective_decrease": largest("objective_decrease"),
                 "max_relative_step": largest("relative_step"),
-                "seconds_per_removal": float(np.mean(info["seconds"]))}
+                "seconds_per_removal": float(np.mean(info["seconds"])),
+                "solver_policy": self.responder_.solver_plan().describe()}
 
 
 @fill_doc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from numbers import Integral, Real
 from typing import Any
 
@@ -14,10 +15,11 @@ from ._warnings import naming_right_hand_sides, removal_names
 from .base import BaseResponseEstimator, RungViewMixin
 from .curvature import CURVATURES
 from .functional import iterate_batches
+from .removal import removal_chunks
 from .response import Responder, Rung, rung
 from .rungs import removal_forces
 from .measure import MEASURES, to_numpy
-from .solvers import SOLVERS, KernelSolver, default_tol
+from .solvers import SOLVERS, default_tol
 from .threads import compute_section
 
 #: Gradient bytes per chunk of the streamed side of an influence matrix when
@@ -25,6 +27,20 @@ from .threads import compute_section
 STREAM_BYTES = 256 * 2**20
 
 __all__ = ["InfluenceEstimator"]
+
+
+class _Stopwatch:
+    """Computes gradients (``timed(compute, *args)``), adding up their wall time
+    (``seconds``: a scoring call's ``gradient_seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, compute: Any, *args: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        G = compute(*args)
+        self.seconds += time.perf_counter() - start
+        return G
 
 
 class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
@@ -162,6 +178,11 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         approximations, ``None`` for the exact solver —, ``converged`` —
         whether CG/LiSSA met ``tol``, ``True`` for the exact solver, ``None``
         for an approximation —, ``gradient_seconds``, ``solve_seconds``).
+        ``solver_policy`` maps each role — ``"influence"`` (this solver),
+        ``"exact_influence"`` (the ladder's exact rung) and ``"pbrf_chord"``
+        (the factor the batched PBRF of a ``score`` reference shares) — to
+        its ``solver``, ``params`` and the ``reason`` it was chosen
+        (:func:`~sklinfluence.solvers.plan_solvers`).
     epsilon_ : float
         The ``ε`` in use.
     n_train_ : int
@@ -281,7 +302,8 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
             curvature=self.curvature, solver=self.solver, solver_params=self.solver_params,
             tol=tol, max_iter=self.max_iter))
         self.solver_ = self.responder_.solver()
-        self.diagnostics_ = {"requested_solver": self.solver, "tol": tol, **self.solver_.info}
+        self.diagnostics_ = {"requested_solver": self.solver, "tol": tol, **self.solver_.info,
+                             "solver_policy": self.responder_.solver_plan().describe()}
         return self
 
     def _execution_options(self) -> dict:
@@ -329,15 +351,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
     def _linear_parts(self, removals: list) -> tuple:
         """Chunks of removals of at most :meth:`_stream_rows` rows each (one removal at
         least)."""
-        chunks, current, rows = [], [], 0
-        limit = self._stream_rows()
-        for removal in removals:
-            if current and rows + removal.size > limit:
-                chunks.append(current)
-                current, rows = [], 0
-            current.append(removal)
-            rows += removal.size
-        return chunks + ([current] if current else [])
+        return removal_chunks(removals, self._stream_rows())
 
     def _forces(self, removals: list) -> torch.Tensor:
         return removal_forces(self.model_, removals, self.batch_size)
@@ -370,21 +384,15 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         if self.measure == "loss":
             return super().score_samples(X, y, groups)
         removals, _ = self._removals(X, y, groups)
-        scores, solves, seconds = [], [], [0.0]
-
-        def forces(part: list) -> torch.Tensor:
-            start = time.perf_counter()
-            G = self._forces(part)
-            seconds[0] += time.perf_counter() - start
-            return G
-
+        scores, solves, timed = [], [], _Stopwatch()
+        forces = partial(timed, self._forces)
         # a factorisation gives the forms directly (the kernel: from its diagonal
         # blocks, without the training rows' gradients); other solvers solve
         for chunk in self._linear_parts(removals):
             with naming_right_hand_sides(removal_names(chunk)):
                 scores.append(self.solver_.self_products(chunk, forces))
             solves.append(self.solver_.last_solve)
-        self._record(seconds[0], solves)
+        self._record(timed.seconds, solves)
         result = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
         return to_numpy(self.epsilon_ * result)
 
@@ -420,29 +428,24 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
             return super().loss_change(X, y, X_eval, y_eval, groups)
         Xe, Te = self._eval_targets(X_eval, y_eval)
         removals, _ = self._removals(X, y, groups)
-        eval_side = Xe.shape[0] <= len(removals)  # solve on the side with fewer vectors
         solves: list = []
-        start = time.perf_counter()
-        G_small = self._grads(Xe, Te) if eval_side else self._forces(removals)
-        gradient_seconds = time.perf_counter() - start
-        if eval_side and isinstance(self.solver_, KernelSolver):  # mostly no forces
-            result = self.solver_.removal_products(G_small, Xe, Te, removals, self._forces)
+        timed = _Stopwatch()
+        if Xe.shape[0] <= len(removals):  # solve on the side with fewer vectors
+            B = timed(self._grads, Xe, Te)
+            # the solver streams the removals' forces (the kernel form needs few of them)
+            with naming_right_hand_sides(lambda j: f"row {j} of X_eval"):
+                result = self.solver_.removal_products(
+                    B, Xe, Te, removals, partial(timed, self._forces),
+                    max_rows=self._stream_rows())
             solves.append(self.solver_.last_solve)
-            self._record(gradient_seconds, solves)
+            self._record(timed.seconds, solves)
             return to_numpy(self.epsilon_ * result)
-        with naming_right_hand_sides((lambda j: f"row {j} of X_eval") if eval_side
-                                     else removal_names(removals)):
-            S = self._solve(G_small, solves)  # (n_small, P)
+        G_small = timed(self._forces, removals)
+        with naming_right_hand_sides(removal_names(removals)):
+            S = self._solve(G_small, solves)  # (n_removals, P)
         del G_small
-        blocks = []
-        streamed = self._linear_parts(removals) if eval_side else \
-            iterate_batches(Xe, Te, self._stream_rows())
-        for part in streamed:  # stream the larger side
-            start = time.perf_counter()
-            G = (self._forces(part) if eval_side else self._grads(*part)).to(torch.float64)
-            gradient_seconds += time.perf_counter() - start
-            blocks.append(G @ S.T)
-        self._record(gradient_seconds, solves)
+        blocks = [timed(self._grads, *part).to(torch.float64) @ S.T  # stream the eval side
+                  for part in iterate_batches(Xe, Te, self._stream_rows())]
+        self._record(timed.seconds, solves)
         result = torch.cat(blocks) if blocks else S.new_zeros((0, S.shape[0]))
-        result = result if eval_side else result.T
-        return to_numpy(self.epsilon_ * result)
+        return to_numpy(self.epsilon_ * result.T)

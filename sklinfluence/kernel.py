@@ -71,14 +71,16 @@ from .kfac import kronecker_passes
 from .layers import KroneckerLayer, LinearBlock, UnsupportedLayerError, kronecker_layers
 from .memory import NotEnoughMemoryError, format_bytes, memory_limit
 
-__all__ = ["GaussNewtonKernel", "kernel_bytes", "kernel_applies", "MAX_REFINEMENTS"]
+__all__ = ["GaussNewtonKernel", "kernel_bytes", "kernel_applies", "kernel_verdict",
+           "KERNEL_MAX_REFINEMENTS"]
 
 #: Kernel rows accumulated per block (a ``BLOCK_ROWS × n`` work buffer).
 BLOCK_ROWS = 1024
 #: Right-hand sides pushed through the factored layers' products at once.
 RHS_CHUNK = 64
-#: Most float64 refinement rounds of a mixed-precision solve.
-MAX_REFINEMENTS = 5
+#: Most refinement rounds of a mixed-precision kernel solve, of each kind (float64
+#: rounds on a float32 factor; rounds in parameter space on a float64 one).
+KERNEL_MAX_REFINEMENTS = 5
 #: Bytes of parameter-space products held at once by :meth:`GaussNewtonKernel.quadratic_forms`.
 QUADRATIC_BYTES = 128 * 2**20
 #: Power iterations of :meth:`GaussNewtonKernel.norm` (only run to explain a missed tol).
@@ -104,24 +106,36 @@ def kernel_applies(model: FunctionalModel, X: Tensor, damping: float) -> str | N
     It needs a positive ``D`` (weight decay plus damping), every trainable
     parameter in a registered layer type, fewer kernel rows than parameters
     (``N·K ≤ P``) and ``16 (N·K)²`` bytes plus the materialised rows within
-    :func:`~sklinfluence.memory.memory_limit`.
+    :func:`~sklinfluence.memory.memory_limit` (:func:`kernel_verdict`).
+    """
+    applies, why = kernel_verdict(model, X, damping)
+    return None if applies else why
+
+
+def kernel_verdict(model: FunctionalModel, X: Tensor, damping: float) -> tuple[bool, str]:
+    """Whether the kernel form applies to ``model`` on ``X``, and why (or why not).
+
+    The conditions of :func:`kernel_applies`; the reason names the numbers
+    (``"N·K = 6,000 kernel rows ≤ P = 71,754 parameters ..."``).
     """
     if float(_diagonal(model, damping).min()) <= 0:
-        return "weight decay plus damping is not positive everywhere"
+        return False, "weight decay plus damping is not positive everywhere"
     try:
         layers = kronecker_layers(model)
     except UnsupportedLayerError as err:
-        return str(err)
+        return False, str(err)
     n_outputs = int(model.forward(model.params, X[:1]).shape[1])
     n = int(X.shape[0]) * n_outputs
     P = model.n_params
     if n > P:
-        return f"the data give {n:,} kernel rows, more than the {P:,} parameters"
+        return False, f"the data give {n:,} kernel rows, more than the {P:,} parameters"
     needed = kernel_bytes(n, _materialised_bound(layers))
     limit = memory_limit()
     if limit is not None and needed > limit:
-        return f"it needs {format_bytes(needed)}, more than the limit of {format_bytes(limit)}"
-    return None
+        return False, (f"it needs {format_bytes(needed)}, more than the limit of "
+                       f"{format_bytes(limit)}")
+    return True, (f"N·K = {n:,} kernel rows ≤ P = {P:,} parameters, and the kernel form "
+                  f"fits in memory ({format_bytes(needed)})")
 
 
 def _materialised_bound(layers: list[KroneckerLayer]) -> int:
@@ -408,11 +422,11 @@ class GaussNewtonKernel:
         ``rows`` is at most ``tol``:
 
         1. a float32 factor: rounds of float64 refinement of the kernel
-           equation (:data:`MAX_REFINEMENTS` at most; a round gaining less than
-           tenfold switches the kernel to float64 for good);
+           equation (:data:`KERNEL_MAX_REFINEMENTS` at most; a round gaining less
+           than tenfold switches the kernel to float64 for good);
         2. a float64 factor: rounds of refinement of ``x`` itself,
            ``x += (G + D)⁻¹ r`` through the kernel form with ``r`` the float64
-           residual (:data:`MAX_REFINEMENTS` at most, while each gains
+           residual (:data:`KERNEL_MAX_REFINEMENTS` at most, while each gains
            tenfold). The kernel form's own float64 solve can miss by far more
            than a dense one — its way back to parameters, ``Bs − ŨᵀZ``,
            cancels: 1.9e-7 where a dense Cholesky reaches 2.7e-10 —; a round
@@ -429,7 +443,7 @@ class GaussNewtonKernel:
             return Z, None
         residual = self._checked(Bs, Z, rows)
         while (residual > tol and self.factor.dtype != torch.float64
-               and self.last_rounds < MAX_REFINEMENTS):
+               and self.last_rounds < KERNEL_MAX_REFINEMENTS):
             UtZ = W.new_zeros((W.shape[1], self.scale.numel()))
             self._rows_transposed_times(Z, UtZ)  # −(ŨᵀZ)ᵀ
             Z += self._kernel_solve(W - Z + self._rows_times(UtZ))  # W − (I + ŨŨᵀ) Z
@@ -441,7 +455,8 @@ class GaussNewtonKernel:
                 Z = self._kernel_solve(W)
                 residual = self._checked(Bs, Z, rows)
         Xs, rounds = None, 0
-        while residual > tol and self.factor.dtype == torch.float64 and rounds < MAX_REFINEMENTS:
+        while (residual > tol and self.factor.dtype == torch.float64
+               and rounds < KERNEL_MAX_REFINEMENTS):
             if Xs is None:
                 Xs = Bs.clone()
                 self._rows_transposed_times(Z, Xs)  # Bs − ŨᵀZ
@@ -468,8 +483,8 @@ class GaussNewtonKernel:
     def _why_short(self, residual: float, tol: float) -> str:
         """Why a solve stopped at ``residual`` above ``tol`` (after :meth:`_solve_kernel`)."""
         if self.factor.dtype != torch.float64:
-            return (f"the float32 refinement stopped after {MAX_REFINEMENTS} rounds "
-                    f"(sklinfluence.kernel.MAX_REFINEMENTS) at a relative residual of "
+            return (f"the float32 refinement stopped after {KERNEL_MAX_REFINEMENTS} rounds "
+                    f"(sklinfluence.kernel.KERNEL_MAX_REFINEMENTS) at a relative residual of "
                     f"{residual:.1e}, above tol={tol:g}, each round still gaining tenfold.")
         norm = self.norm()
         floor = torch.finfo(torch.float64).eps * norm

@@ -86,7 +86,7 @@ __all__ = ["KroneckerFactors", "LinearBlock", "NotLinearError", "UnsupportedLaye
 
 
 #: Elements of work buffers :func:`linear_ggn` may always use (16 MiB in float64).
-WORK_ELEMENTS = 2 ** 21
+LINEAR_GGN_WORK_ELEMENTS = 2 ** 21
 
 
 def linear_blocks(model: FunctionalModel) -> list[LinearBlock]:
@@ -434,9 +434,11 @@ def _add_pair_block(dense: Tensor, block_l: LinearBlock, block_m: LinearBlock, a
         shape = (o_l * o_m, d_l * d_m)
     M = torch.zeros(shape, dtype=torch.float64, device=device)
     # one set of work buffers reused for every chunk (no allocator churn), within the
-    # accumulator's size or WORK_ELEMENTS (a wide layer with few outputs: short chunks)
+    # accumulator's size or LINEAR_GGN_WORK_ELEMENTS (a wide layer with few outputs:
+    # short chunks)
     sizes = (o_l * o_m, shape[1]) + ((shape[0], shape[1]) if same else ())
-    chunk_size = max(1, min(chunk_size, max(M.numel(), WORK_ELEMENTS) // sum(sizes)))
+    chunk_size = max(1, min(chunk_size,
+                            max(M.numel(), LINEAR_GGN_WORK_ELEMENTS) // sum(sizes)))
     n = min(chunk_size, a_l.shape[0])
     buffers = [torch.empty(n, k, dtype=torch.float64, device=device) for k in sizes]
     for s in range(0, a_l.shape[0], chunk_size):

@@ -72,9 +72,9 @@ __all__ = ["KroneckerLayer", "LinearBlock", "Conv2dLayer", "EmbeddingLayer", "No
            "UnsupportedLayerError", "NotLinearError", "LAYER_TYPES", "register_layer",
            "kronecker_layers"]
 
-#: Elements of the per-sample gradient matrices formed at once (4 MiB in float64:
-#: small enough to stay in cache, measured faster than 16 or 64 MiB).
-WORK_ELEMENTS = 2 ** 19
+#: Elements of the per-sample gradient matrices ``rotated_squares`` forms at once
+#: (4 MiB in float64: small enough to stay in cache, measured faster than 16 or 64 MiB).
+ROTATED_SQUARES_WORK_ELEMENTS = 2 ** 19
 
 ADVICE = "Use solver='cg' or 'arnoldi' for this network."
 
@@ -285,7 +285,7 @@ class _PatchLayer(KroneckerLayer):
         C = a.shape[-1]
         g = torch.matmul(self.Q_S.T, cap.g.transpose(-1, -2)).reshape(B, K * O, T)
         total = torch.zeros(O, C, dtype=torch.float64, device=a.device)
-        step = max(1, WORK_ELEMENTS // (K * O * C))
+        step = max(1, ROTATED_SQUARES_WORK_ELEMENTS // (K * O * C))
         for s in range(0, B, step):  # chunks of samples bound the D_ik held at once
             D = torch.bmm(g[s:s + step], a[s:s + step])  # (b, K·O, C): Q_Sᵀ D_ik Q_A
             total += D.square_().view(-1, O, C).sum(0)

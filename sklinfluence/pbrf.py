@@ -55,7 +55,7 @@ LBFGS_WINDOW = 5
 LBFGS_FTOL = 1e-5
 #: ... the iterate moved by at most this fraction of the response ``‖θ − θˢ‖``.
 #: (ReLU digits CNN, rows 0–11, against a long independent L-BFGS run: every
-#: response within 0.2 % and every self-influence within 0.005 %, at 4.2 s per row;
+#: response within 0.2 % and every self-influence within 0.005 %, at 4.3 s per row;
 #: with 1e-8/1e-4 over 10 iterations within 0.05 % at 27 s per row.)
 LBFGS_XTOL = 1e-3
 #: Layer types whose output has kinks (the PBRF objective is then piecewise smooth).
@@ -78,7 +78,8 @@ class ResponseObjective:
     """``(1/N) Σ_i ℓ_i(θ) + decay − ε Σ_{m∈S} w_m L_m(θ) + (λ/2)‖θ − θˢ‖²``.
 
     The objective of one removal ``S`` (rows ``X_S``, targets
-    ``T_S``, weights ``w_S``; one row of weight 1 is leave-one-out). ``ℓ_i``
+    ``T_S``, weights ``w_S``: 1 for a removed row, 0 for a row that pads a smaller
+    removal in a batch; one row is leave-one-out). ``ℓ_i``
     is the training loss (``bregman=False``) or its Bregman divergence around
     ``θˢ`` (``bregman=True``, whose weight decay becomes
     ``(μ/2)‖θ − θˢ‖²``, a choice taken from the authors' code).

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Removal", "single_removals", "group_removals", "sample_key"]
+__all__ = ["Removal", "single_removals", "group_removals", "sample_key", "removal_chunks"]
 
 
 def sample_key(x: Tensor, t: Tensor) -> str:
@@ -91,6 +91,21 @@ def stacked_rows(removals: list[Removal], like: Tensor) -> tuple[Tensor, Tensor,
         torch.arange(len(removals), device=like.device),
         torch.tensor([removal.size for removal in removals], device=like.device))
     return X, T, owner
+
+
+def removal_chunks(removals: list[Removal], max_rows: int | None) -> list[list[Removal]]:
+    """``removals`` in order, in chunks of at most ``max_rows`` rows each (one removal
+    at least; ``None``: one chunk, none for no removals)."""
+    if max_rows is None:
+        return [list(removals)] if removals else []
+    chunks, current, rows = [], [], 0
+    for removal in removals:
+        if current and rows + removal.size > max_rows:
+            chunks.append(current)
+            current, rows = [], 0
+        current.append(removal)
+        rows += removal.size
+    return chunks + ([current] if current else [])
 
 
 def single_removals(X: Tensor, T: Tensor, index: np.ndarray) -> list[Removal]:

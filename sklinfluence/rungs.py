@@ -40,22 +40,35 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._warnings import naming_right_hand_sides, removal_names
+from . import pbrf
+from ._warnings import describe_removal, naming_right_hand_sides, removal_names
+from .context import ResponseContext
 from .functional import FunctionalModel
 from .pbrf import (MinimizeResult, ResponseObjective, has_kinks, minimize_kinked,
                    minimize_response, minimize_responses_batched)
 from .removal import Removal, stacked_rows
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .response import Responder, ResponseContext
-
 __all__ = ["Rung", "Retrain", "Minimize", "Linear", "LADDER", "TERMS", "rung", "removal_forces",
-           "compute_each", "compute_pbrf_batch", "compute_retrain_batch"]
+           "compute_each", "compute_pbrf_batch", "compute_retrain_batch", "ResponderLike"]
+
+
+class ResponderLike(Protocol):
+    """What a rung uses of the :class:`~sklinfluence.response.Responder` that computes
+    it (declared here, so that this module need not import that one)."""
+
+    context: ResponseContext
+
+    def solver(self, exact: bool = False) -> Any:
+        """The linear solver of the exact rung (``exact``) or of the configured one."""
+
+    def chord_solver(self) -> Any:
+        """The factor the batched PBRF solves share."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +103,18 @@ class Rung:
         """One removal's response ``θ_after − θˢ`` and its diagnostics (``seconds`` at least)."""
         raise NotImplementedError  # pragma: no cover
 
-    def plan(self, responder: Responder) -> tuple[Callable, int]:
+    def plan(self, responder: ResponderLike) -> tuple[Callable, int]:
         """The function that computes a list of removals, and how many it takes at once
         (default: :meth:`compute` on one removal at a time)."""
         return partial(compute_each, responder.context, self), 1
+
+    def stopped_short(self, ctx: ResponseContext, stopped: list, n: int) -> str:
+        """The warning for the removals of a call whose computation did not converge
+        (``info["converged"]`` False): ``stopped`` holds their ``(removal, info)``
+        pairs, of ``n`` computed. Rungs whose computations can stop short say why."""
+        removal, _ = stopped[0]
+        return (f"{len(stopped)} of {n} {self.name} computations did not converge; the "
+                f"first, for the removal of {describe_removal(removal)}.")
 
 
 def compute_each(ctx: ResponseContext, r: Rung, removals: list[Removal]) -> list:
@@ -183,7 +204,7 @@ class Retrain(Rung):
             proximity=_proximity(ctx, removal) if self.proximal else 0.0)
         return theta.to(theta_s.dtype) - theta_s, {"seconds": time.perf_counter() - start}
 
-    def plan(self, responder: Responder) -> tuple[Callable, int]:
+    def plan(self, responder: ResponderLike) -> tuple[Callable, int]:
         ctx = responder.context
         if ctx.removal_batch_size > 1 and not (self.proximal and ctx.recipe.exact_proximal) \
                 and ctx.recipe.can_retrain_batch(ctx.model):
@@ -237,12 +258,50 @@ class Minimize(Rung):
         delta = (result.theta - objective.theta_s).to(ctx.model.dtype)
         return delta, {**info, "seconds": time.perf_counter() - start}
 
-    def plan(self, responder: Responder) -> tuple[Callable, int]:
+    def plan(self, responder: ResponderLike) -> tuple[Callable, int]:
         ctx = responder.context
         if self.bregman and ctx.removal_batch_size > 1:
             return (partial(compute_pbrf_batch, ctx, self, responder.chord_solver()),
                     ctx.removal_batch_size)
         return super().plan(responder)
+
+
+    def stopped_short(self, ctx: ResponseContext, stopped: list, n: int) -> str:
+        """The solves that stopped short of ``pbrf_tol``, the worst one named, and
+        what may help: more iterations, more damping where the objective is not
+        convex at ``θˢ`` (``lowest_curvature``), or, on a net with kinks, what
+        the L-BFGS continuation met."""
+        removal, info = max(stopped, key=lambda s: s[1]["grad_norm"]
+                            / max(s[1]["initial_grad_norm"], 1e-300))
+        found = [v for v in (i.get("lowest_curvature", 0.0) for _, i in stopped)
+                 if np.isfinite(v)]
+        lowest = min(found, default=float("nan"))
+        kinked = pbrf.kinked_layers(ctx.model.module)
+        kinks = (f" The net has piecewise-linear layers ({', '.join(kinked)}): its objective "
+                 "has kinks where a unit's input crosses 0, and a minimiser on a kink has no "
+                 "zero gradient; the L-BFGS continuation that takes such solves on stopped at "
+                 f"its iteration cap (sklinfluence.pbrf.LBFGS_MAX_ITER = {pbrf.LBFGS_MAX_ITER}) "
+                 "before the objective and the step "
+                 "stopped changing (smooth activations such as Tanh, GELU or Softplus do not "
+                 "have kinks)." if kinked else "")
+        if lowest < 0:
+            advice = (" The most negative eigenvalue of their Hessians at θˢ is at most "
+                      f"{lowest:.3e}: the removal term outweighs curvature plus damping, so "
+                      "these objectives are not convex there and may have no minimiser near "
+                      f"θˢ; they need damping above {ctx.damping - lowest:.3e} at least to be "
+                      "convex.")
+        elif found:
+            advice = " Increase max_iter." + kinks
+        else:
+            advice = (" Whether their objectives are convex at θˢ could not be settled "
+                      "cheaply (bounded Lanczos did not find the smallest Hessian eigenvalue, "
+                      "or the net is too large to try)."
+                      + (kinks or " If a larger max_iter does not help, increase damping."))
+        return (f"{len(stopped)} of {n} {self.name} solves stopped short of "
+                f"tol={ctx.pbrf_tol:g}; the worst, for the removal of "
+                f"{describe_removal(removal)}, after {int(info['n_iter'])} iterations with "
+                f"gradient norm {info['grad_norm']:.3e} (initial "
+                f"{info['initial_grad_norm']:.3e})." + advice)
 
 
 def _solve_info(result: MinimizeResult) -> dict:
@@ -291,11 +350,11 @@ def compute_pbrf_batch(ctx: ResponseContext, r: Minimize, solver: Any,
     ts = ts.to(objective.T.dtype)
     results = minimize_responses_batched(objective, xs, ts, ws, solver.solve, tol=ctx.pbrf_tol,
                                          max_iter=ctx.pbrf_max_iter, precondition=solver.apply)
-    seconds = (time.perf_counter() - start) / len(removals)
+    own = [result.seconds if result.method == "lbfgs" else 0.0 for result in results]
+    shared = (time.perf_counter() - start - sum(own)) / len(removals)  # the chord's share
     out = []
-    for result, removal in zip(results, removals):
-        info = {**_solve_info(result), "seconds": seconds + (
-            result.seconds if result.method == "lbfgs" else 0.0)}
+    for result, removal, seconds in zip(results, removals, own):
+        info = {**_solve_info(result), "seconds": shared + seconds}
         if not result.converged:
             info["lowest_curvature"] = result.lowest_curvature \
                 if result.lowest_curvature is not None \
@@ -320,7 +379,7 @@ class Linear(Rung):
         return [ctx.damping, self.exact, ctx.curvature, ctx.solver,
                 sorted((ctx.solver_params or {}).items()), ctx.tol, ctx.max_iter]
 
-    def responses(self, responder: Responder, removals: list[Removal]) -> Tensor:
+    def responses(self, responder: ResponderLike, removals: list[Removal]) -> Tensor:
         """All removals' responses in one solve, ``(n, P)``."""
         ctx = responder.context
         with naming_right_hand_sides(removal_names(removals)):

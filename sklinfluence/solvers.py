@@ -33,7 +33,11 @@ the true curvature on a few right-hand sides.
 
 :func:`make_solver` builds one by name; ``"auto"`` is exact while the dense
 matrix is small (``EXACT_MAX_PARAMS``), the kernel form above where the data
-are smaller than the net, block CG otherwise (:func:`resolve_solver`).
+are smaller than the net, block CG otherwise. :func:`plan_solvers` is the one
+place that decides this — for the configured solver, for the exact rung of the
+ladder and for the factor the batched PBRF shares — each decision with its
+reason (:class:`SolverPlan`); :func:`resolve_solver` reads what ``"auto"`` means
+off it.
 
 Memory, for ``k`` right-hand sides of ``P`` parameters in float64 (8 bytes):
 exact ``8 P²`` held, ``16 P²`` while factorising (+ one chunk of Jacobians while
@@ -49,7 +53,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -59,18 +63,19 @@ from tqdm.auto import tqdm
 
 from ._warnings import right_hand_side_name, warn
 from .curvature import Curvature
-from .kernel import GaussNewtonKernel, kernel_applies
+from .kernel import GaussNewtonKernel, kernel_verdict
 from .kfac import KroneckerFactors
 from .lowrank import bottom_eigenvalue, top_eigenpairs, top_eigenvalue
-from .memory import dense_fits_memory
-from .removal import stacked_rows
+from .memory import dense_bytes, dense_fits_memory, format_bytes, memory_limit
+from .removal import removal_chunks, stacked_rows
 
 __all__ = ["ExactSolver", "KernelSolver", "CGSolver", "LissaSolver", "KroneckerSolver",
            "ArnoldiSolver", "IdentitySolver",
            "SOLVERS", "SOLVER_PARAMS", "EXACT_MAX_PARAMS", "MIXED_PRECISION_MIN_TOL",
-           "RESIDUAL_CHECKS", "SolveInfo",
-           "LissaDivergenceError", "default_tol", "dense_fits", "make_solver", "measured_rows",
-           "resolve_solver"]
+           "RESIDUAL_CHECKS", "CG_MAX_REFINEMENTS", "CHORD_TOL", "SOLVER_ROLES", "SolveInfo",
+           "SolverDecision", "SolverPlan",
+           "LissaDivergenceError", "default_tol", "make_solver", "measured_rows",
+           "plan_solvers", "resolve_solver"]
 
 SOLVERS = ("auto", "exact", "kernel", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity")
 #: The ``solver_params`` each solver accepts (besides ``tol``/``max_iter``).
@@ -82,7 +87,7 @@ SOLVER_PARAMS = {
 }
 #: ``"auto"`` uses the exact solver up to this many parameters (8 P² bytes:
 #: 200 MB at 5,000), mixed-precision block CG above. Read at call time by
-#: :func:`dense_fits` (private knob: the tests lower it to run the large-net
+#: :func:`plan_solvers` (private knob: the tests lower it to run the large-net
 #: paths on small nets).
 EXACT_MAX_PARAMS = 5000
 #: Right-hand sides whose residual an approximate direct solve (EK-FAC, K-FAC,
@@ -92,10 +97,14 @@ PRECONDITIONERS = (None, "ekfac", "kfac", "arnoldi")
 #: Safety factor on the measured float32 rounding level in mixed-precision CG.
 ROUNDING_MARGIN = 30.0
 #: Most float32 refinement rounds of mixed-precision CG (each gains up to 1e-4).
-MAX_REFINEMENTS = 8
+CG_MAX_REFINEMENTS = 8
 #: ``"auto"`` above the dense size uses mixed-precision CG at this ``tol`` or looser,
-#: float64 CG below it (see :func:`resolve_solver`).
+#: float64 CG below it (see :func:`plan_solvers`).
 MIXED_PRECISION_MIN_TOL = 1e-6
+#: Relative residual of the matrix-free chord factor's CG solves (batched PBRF above
+#: the dense size). Each chord step needs only to contract the gradient; the outer
+#: iteration measures the true gradient and stops at the PBRF's own ``tol``.
+CHORD_TOL = 1e-8
 #: ``tol=None`` means this relative residual for a float64 net ...
 FLOAT64_TOL = 1e-10
 #: ... and this one for a float32 net (skorch's default), whose gradients carry
@@ -113,17 +122,6 @@ def default_tol(dtype: torch.dtype) -> float:
 
 class LissaDivergenceError(ValueError):
     """LiSSA's series diverged: the scale is below half the top eigenvalue."""
-
-
-def dense_fits(n_params: int) -> bool:
-    """Whether a dense ``P × P`` solve is the default for ``n_params`` parameters.
-
-    True up to :data:`EXACT_MAX_PARAMS` (read at call time) when the matrix
-    also fits in memory (:func:`~sklinfluence.memory.dense_fits_memory`).
-    Decides what ``solver="auto"`` means (:func:`resolve_solver`) and which
-    factor the batched PBRF solves share (``Responder.chord_solver``).
-    """
-    return n_params <= EXACT_MAX_PARAMS and dense_fits_memory(n_params)
 
 
 def measured_rows(n_rhs: int) -> Tensor:
@@ -210,6 +208,23 @@ class _SolverBase:
         """
         F = forces(removals)
         return (F.to(torch.float64) * self.solve(F)).sum(dim=1)
+
+    def removal_products(self, B: Tensor, X: Tensor, T: Tensor, removals: list,
+                         forces: Callable, max_rows: int | None = None) -> Tensor:
+        """``[s, e] = g_sᵀ (C + λI)⁻¹ b_e`` for the loss gradients ``B`` (rows) of
+        the samples ``(X, T)`` and ``g_s = Σ_{i∈S_s} ∇L_i`` the force of each
+        removal, float64, ``(len(removals), len(B))`` — an influence matrix.
+
+        This default solves for ``B`` and takes products with the forces,
+        ``forces(part)`` for parts of at most ``max_rows`` removed rows
+        (:func:`~sklinfluence.removal.removal_chunks`; ``None``: all at once);
+        :meth:`KernelSolver.removal_products` needs most forces not at all.
+        Records ``last_solve`` (the solve for ``B``).
+        """
+        S = self.solve(B).to(torch.float64)
+        blocks = [forces(part).to(torch.float64) @ S.T
+                  for part in removal_chunks(removals, max_rows)]
+        return torch.cat(blocks) if blocks else S.new_zeros((0, S.shape[0]))
 
     def _warn_short(self, name: str, n_left: int, n_rhs: int, worst: float,
                     worst_at: int) -> None:
@@ -430,12 +445,13 @@ class KernelSolver(_DirectSolver):
         return result
 
     def removal_products(self, B: Tensor, X: Tensor, T: Tensor, removals: list,
-                         forces: Callable) -> Tensor:
+                         forces: Callable, max_rows: int | None = None) -> Tensor:
         """``[s, e] = g_sᵀ (G + D)⁻¹ b_e`` for the loss gradients ``B`` of the
         samples ``(X, T)`` and ``g_s = Σ_{i∈S_s} ∇L_i`` the force of each
         removal, float64; what :meth:`solve` followed by products with the
         forces gives (to rounding in float64, to ``tol`` in mixed precision),
-        mostly without the forces.
+        mostly without the forces (``max_rows`` is not needed: the forces it
+        does compute are of a few removals, taken at once).
 
         The kernel's products with ``B`` come from layer captures of the
         samples (:meth:`~sklinfluence.kernel.GaussNewtonKernel.gradient_rows`),
@@ -774,7 +790,7 @@ class CGSolver(_SolverBase):
         X = torch.zeros_like(B)
         R, norms = B, B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
         n_iter, residual = 0, torch.ones(B.shape[0], dtype=B.dtype)
-        for _ in range(MAX_REFINEMENTS):
+        for _ in range(CG_MAX_REFINEMENTS):
             active = torch.nonzero(residual > self.tol).flatten()
             if not active.numel():
                 break
@@ -1054,38 +1070,219 @@ class IdentitySolver(_DirectSolver):
         return B / self.diagonal
 
 
+#: The roles a :class:`SolverPlan` decides: the configured solver (the
+#: ``influence`` rung), the exact rung (``exact_influence``) and the factor the
+#: batched PBRF's chord iteration shares (``pbrf_chord``).
+SOLVER_ROLES = ("influence", "exact_influence", "pbrf_chord")
+
+
+@dataclass(frozen=True)
+class SolverDecision:
+    """One role's solver: what :func:`make_solver` builds for it, and why.
+
+    Attributes
+    ----------
+    solver : str
+        One of :data:`SOLVERS`, never ``"auto"``.
+    params : dict
+        Its ``solver_params``.
+    curvature : str
+        ``"ggn"`` or ``"hessian"``.
+    tol : float
+        Relative residual of its solves (the iterative solvers and the
+        mixed-precision kernel).
+    max_iter : int or None
+        Iteration cap of the iterative solvers (``None``: their default).
+    reason : str
+        Why this solver, in a line.
+    """
+
+    solver: str
+    params: dict
+    curvature: str
+    tol: float
+    max_iter: int | None
+    reason: str
+
+    def describe(self) -> dict:
+        """``{"solver", "params", "reason"}``, as ``diagnostics_["solver_policy"]`` shows it."""
+        return {"solver": self.solver, "params": dict(self.params), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class SolverPlan:
+    """The solver of each role (:data:`SOLVER_ROLES`) of one fitted net (:func:`plan_solvers`).
+
+    Attributes
+    ----------
+    influence, exact_influence, pbrf_chord : SolverDecision
+        The configured solver, the exact rung's and the batched PBRF's factor.
+    chord_is_exact : bool
+        Whether the batched PBRF shares the exact rung's factor (the dense
+        Cholesky or the kernel form) rather than a CG of its own.
+    """
+
+    influence: SolverDecision
+    exact_influence: SolverDecision
+    pbrf_chord: SolverDecision
+    chord_is_exact: bool
+
+    def describe(self) -> dict:
+        """Role → :meth:`SolverDecision.describe`: ``diagnostics_["solver_policy"]``."""
+        return {role: getattr(self, role).describe() for role in SOLVER_ROLES}
+
+
+def _check_request(name: str, solver_params: dict | None) -> dict:
+    """``solver_params`` as a dict, after checking ``name`` and its options."""
+    if name not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {name!r}")
+    params = dict(solver_params or {})
+    unknown = sorted(set(params) - set(SOLVER_PARAMS[name]))
+    if unknown:
+        raise ValueError(
+            f"solver_params {unknown} are not options of solver={name!r}; it accepts "
+            f"{list(SOLVER_PARAMS[name]) or 'none'}.")
+    return params
+
+
+def plan_solvers(model: Any, X: Tensor, *, damping: float, curvature: str = "ggn",
+                 solver: str = "auto", solver_params: dict | None = None,
+                 tol: float = 1e-10, max_iter: int | None = None) -> SolverPlan:
+    """Which solver each role uses for ``model`` on ``X``, and why: the one solver policy.
+
+    - ``influence``, the configured solver: the requested one, or for
+      ``"auto"`` the exact solver up to :data:`EXACT_MAX_PARAMS` parameters
+      where the dense matrix fits in memory; above, the
+      kernel form where the data are smaller than the net and it fits
+      (:func:`~sklinfluence.kernel.kernel_applies`: ``N·K ≤ P``, a Gauss–Newton
+      matrix, registered layers; the exact answer, on the digits CNN faster
+      than CG even at tol 1e-3), in mixed precision at ``tol ≥``
+      :data:`MIXED_PRECISION_MIN_TOL` and always for a float32 net, whose
+      kernel rows carry float32 rounding anyway (float32 kernel and factor,
+      solves refined in float64 to ``tol``: 2.5× faster factorisation, and at
+      tol 1e-3 no refinement on the digits CNN); otherwise block CG without a
+      preconditioner (an EK-FAC preconditioner doubled the block iterations
+      on the benchmark's MLP and on the digits CNN: 21 against 9 to 1e-3), in
+      mixed precision for float64 models when ``tol`` is at least
+      :data:`MIXED_PRECISION_MIN_TOL` (float32 products, float64 residuals:
+      the same answer for less). Tighter, each float32 refinement round
+      restarts the Krylov space and plain float64 CG is faster (digits CNN,
+      71,754 parameters, 1,200 × 30 matrix: mixed 0.84× plain at tol 1e-5,
+      1.65× at 1e-10 with 76 block iterations against 16).
+    - ``exact_influence``, rung 4 (the Gauss–Newton matrix): the dense solve
+      where ``"auto"`` takes it; above, the kernel form where ``"auto"`` picks
+      it (the same inverse), else the dense matrix where it fits in memory
+      (:func:`~sklinfluence.memory.dense_fits_memory`), else ``"auto"``'s
+      pick, block CG to ``tol`` (the same answer to its residual).
+    - ``pbrf_chord``, the factor ``(G + μI + λI)⁻¹`` the batched PBRF solves
+      share: the exact rung's where it is the dense Cholesky within
+      :data:`EXACT_MAX_PARAMS` or the kernel form; block CG to
+      :data:`CHORD_TOL` otherwise.
+
+    Parameters
+    ----------
+    model : FunctionalModel
+        The trained net.
+    X : Tensor
+        The training inputs.
+    damping : float
+        ``λ``.
+    curvature : {"ggn", "hessian"}, default="ggn"
+        The configured solver's curvature (the other roles' is ``"ggn"``).
+    solver : str, default="auto"
+        The requested solver, one of :data:`SOLVERS`.
+    solver_params : dict, optional
+        Its options (:data:`SOLVER_PARAMS`; none for ``"auto"``).
+    tol, max_iter : float, int or None
+        The configured stopping rule (:func:`make_solver`).
+
+    Returns
+    -------
+    SolverPlan
+
+    Raises
+    ------
+    ValueError
+        For an unknown solver, or ``solver_params`` it does not accept.
+    """
+    params = _check_request(solver, solver_params)
+    P = model.n_params
+    limit = memory_limit()
+    small, fits = P <= EXACT_MAX_PARAMS, dense_fits_memory(P, limit)
+    dense = small and fits
+    double = model.dtype == torch.float64
+    loose = tol >= MIXED_PRECISION_MIN_TOL
+    memory = f"16·P² = {format_bytes(dense_bytes(P))}" + (
+        "" if limit is None else f", limit {format_bytes(limit)}")
+    size = f"{P:,} parameters {'≤' if small else '>'} EXACT_MAX_PARAMS = {EXACT_MAX_PARAMS:,}"
+    size += (" and the dense matrix fits in memory" if fits
+             else " and the dense matrix does not fit in memory") + f" ({memory})"
+    verdicts: list = []
+
+    def kernel(kind: str) -> tuple[bool, str]:
+        """Whether the kernel form applies to ``kind``, and why (computed once)."""
+        if kind != "ggn":
+            return False, "the kernel form inverts the Gauss–Newton matrix, not the Hessian"
+        if not verdicts:
+            verdicts.append(kernel_verdict(model, X, damping))
+        applies, why = verdicts[0]
+        return applies, why if applies else f"the kernel form does not apply: {why}"
+
+    def auto(kind: str) -> SolverDecision:
+        """What ``"auto"`` picks for the curvature ``kind``."""
+        if dense:
+            return SolverDecision("exact", {}, kind, tol, max_iter, f"exact: {size}")
+        applies, why = kernel(kind)
+        if applies:
+            mixed = loose or not double
+            precision = (_precision(tol, mixed, "float32 factor refined in float64") if double
+                         else "float32 factor refined in float64: a float32 net's kernel "
+                         "rows carry float32 rounding anyway")
+            return SolverDecision("kernel", {"mixed_precision": mixed}, kind, tol, max_iter,
+                                  f"kernel: {size}; {why}; {precision}")
+        precision = (_precision(tol, loose, "float32 products refined in float64") if double
+                     else f"no mixed precision: a {str(model.dtype).removeprefix('torch.')} "
+                     "net's products are in that precision already")
+        return SolverDecision("cg", {"mixed_precision": double and loose}, kind, tol, max_iter,
+                              f"cg: {size}; {why}; {precision}")
+
+    configured = auto(curvature) if solver == "auto" else SolverDecision(
+        solver, params, curvature, tol, max_iter, f"{solver}: requested")
+    picked = auto("ggn")
+    if dense or picked.solver == "kernel" or not fits:
+        exact = picked  # the dense solve, the kernel form (the same inverse), or CG to tol
+    else:
+        exact = SolverDecision("exact", {}, "ggn", tol, max_iter,
+                               f"exact: {size}; {kernel('ggn')[1]}")
+    shared = dense or picked.solver == "kernel"
+    if shared:
+        chord = replace(exact, reason=f"{exact.solver}: the exact rung's factor; "
+                        f"{exact.reason.split(': ', 1)[1]}")
+    else:
+        chord = SolverDecision("cg", {}, "ggn", CHORD_TOL, None,
+                               f"cg to CHORD_TOL = {CHORD_TOL:g}, no factor to share: "
+                               f"{size}; {kernel('ggn')[1]}")
+    return SolverPlan(configured, exact, chord, shared)
+
+
+def _precision(tol: float, mixed: bool, how: str) -> str:
+    """Why mixed precision is (or is not) used at ``tol`` (a float64 net)."""
+    if mixed:
+        return f"{how}: tol = {tol:g} ≥ MIXED_PRECISION_MIN_TOL = {MIXED_PRECISION_MIN_TOL:g}"
+    return f"float64: tol = {tol:g} < MIXED_PRECISION_MIN_TOL = {MIXED_PRECISION_MIN_TOL:g}"
+
+
 def resolve_solver(name: str, curvature: Curvature, tol: float = 1e-10) -> tuple[str, dict]:
     """What ``"auto"`` means for this curvature and ``tol``: ``(solver, solver_params)``.
 
-    Exact up to :data:`EXACT_MAX_PARAMS` parameters where the dense matrix fits
-    in memory (:func:`dense_fits`); above, the kernel form where the data are
-    smaller than the net and it fits (:func:`~sklinfluence.kernel.kernel_applies`:
-    ``N·K ≤ P``, a Gauss–Newton matrix, registered layers; the exact answer,
-    on the digits CNN faster than CG even at tol 1e-3), in mixed precision at
-    ``tol ≥`` :data:`MIXED_PRECISION_MIN_TOL` and always for a float32 net,
-    whose kernel rows carry float32 rounding anyway (float32 kernel and
-    factor, solves refined in float64 to ``tol``: 2.5× faster factorisation,
-    and at tol 1e-3 no refinement on the digits CNN); otherwise block CG without a
-    preconditioner (an EK-FAC preconditioner doubled the block iterations on
-    the benchmark's MLP and on the digits CNN: 21 against 9 to 1e-3), in
-    mixed precision for float64 models when ``tol`` is at least
-    :data:`MIXED_PRECISION_MIN_TOL` (float32 products, float64 residuals:
-    the same answer for less). Tighter, each float32 refinement round
-    restarts the Krylov space and plain float64 CG is faster (digits CNN,
-    71,754 parameters, 1,200 × 30 matrix: mixed 0.84× plain at tol 1e-5,
-    1.65× at 1e-10 with 76 block iterations against 16). Any other name is
-    returned unchanged.
+    The configured solver of :func:`plan_solvers` (its ``influence`` role),
+    which says why. Any other name is returned unchanged.
     """
     if name != "auto":
         return name, {}
-    if dense_fits(curvature.n_params):
-        return "exact", {}
-    double = curvature.model.dtype == torch.float64
-    if curvature.kind == "ggn" and kernel_applies(curvature.model, curvature.X,
-                                                  curvature.damping) is None:
-        # a float32 net's kernel rows are float32-accurate: a float32 factor, refined
-        return "kernel", {"mixed_precision": tol >= MIXED_PRECISION_MIN_TOL or not double}
-    return "cg", {"mixed_precision": double and tol >= MIXED_PRECISION_MIN_TOL}
+    picked = plan_solvers(curvature.model, curvature.X, damping=curvature.damping,
+                          curvature=curvature.kind, tol=tol).influence
+    return picked.solver, dict(picked.params)
 
 
 def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
@@ -1109,14 +1306,7 @@ def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
     verbose : int, default=0
         Progress bars of the iterative solvers (CG).
     """
-    if name not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {name!r}")
-    params = dict(solver_params or {})
-    unknown = sorted(set(params) - set(SOLVER_PARAMS[name]))
-    if unknown:
-        raise ValueError(
-            f"solver_params {unknown} are not options of solver={name!r}; it accepts "
-            f"{list(SOLVER_PARAMS[name]) or 'none'}.")
+    params = _check_request(name, solver_params)
     if name == "auto":
         name, params = resolve_solver(name, curvature, tol)
     if name == "exact":

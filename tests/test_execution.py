@@ -257,7 +257,7 @@ def test_a_removal_whose_objective_is_not_convex_is_certified_without_newton(mon
 @pytest.mark.slow
 def test_batched_pbrf_above_the_threshold_uses_the_cg_chord_factor(data, monkeypatch):
     """Above :data:`~sklinfluence.solvers.EXACT_MAX_PARAMS` (lowered below this net's
-    size: ``dense_fits`` reads it at call time) the batched PBRF's shared factor
+    size: ``plan_solvers`` reads it at call time) the batched PBRF's shared factor
     ``(G + μI + λI)⁻¹`` is batched CG, not the dense Cholesky. Its answers equal the
     one-at-a-time Newton solves and the dense-factor chord solves: each stops at a
     gradient norm ``tol`` times the initial one, so each errs by at most about

@@ -123,7 +123,7 @@ def test_a_tol_below_what_float64_allows_is_reported_with_the_reason():
 def test_float32_rounds_that_run_out_say_so(monkeypatch):
     """With one refinement round allowed, a float32 solve that gains tenfold but
     not to tol stays float32 and says that the rounds ran out."""
-    monkeypatch.setattr(kernel_module, "MAX_REFINEMENTS", 1)
+    monkeypatch.setattr(kernel_module, "KERNEL_MAX_REFINEMENTS", 1)
     module, X = _mlp()
     model = _model(module, "MSELoss", mu=0.0)
     T = _targets(model, X)

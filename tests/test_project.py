@@ -228,3 +228,43 @@ def test_private_sklearn_api_lives_in_one_module_within_the_declared_range():
 ])
 def test_private_sklearn_pattern(line, private):
     assert bool(PRIVATE_SKLEARN.search(line)) is private
+
+
+def _import_graph() -> dict:
+    """Module → the package modules it imports: every ``from .mod import …`` and
+    ``from . import mod`` in sklinfluence/*.py, at module level, under ``if`` (type
+    checking included) or inside functions (``from . import name`` of a non-module:
+    the package itself, ``__init__``)."""
+    import ast
+
+    package = ROOT / "sklinfluence"
+    modules = {p.stem for p in package.glob("*.py")}
+    graph = {}
+    for path in package.glob("*.py"):
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    edges.add(node.module.split(".")[0])
+                else:
+                    edges.update(a.name if a.name in modules else "__init__" for a in node.names)
+        graph[path.stem] = edges & modules
+    return graph
+
+
+def test_the_package_import_graph_has_no_cycle():
+    graph = _import_graph()
+    assert graph["response"] >= {"rungs", "solvers"} and "cli" in graph["__main__"]
+    state: dict = {}  # module → "open" while on the path, "done" after
+
+    def visit(module: str, path: list) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            assert state.get(target) != "open", " → ".join(path + [module, target])
+            if target not in state:
+                visit(target, path + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])

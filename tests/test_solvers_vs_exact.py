@@ -379,7 +379,7 @@ def test_low_rank_arnoldi_through_the_estimator_equals_its_closed_form():
 # ---------------------------------------------------------------- above EXACT_MAX_PARAMS
 def test_auto_above_the_threshold_is_mixed_precision_cg_and_equals_exact(trained, monkeypatch):
     """``"auto"`` above :data:`EXACT_MAX_PARAMS` (lowered below this net's size: the
-    knob ``dense_fits`` reads at call time) at a ``tol`` of at least
+    knob ``plan_solvers`` reads at call time) at a ``tol`` of at least
     ``MIXED_PRECISION_MIN_TOL`` is float32-product block CG refined in
     float64 to ``tol``, and its answers are the exact ones to what the residuals
     allow: a solve with relative residual ``r`` errs by ``‖x − x*‖ ≤ r ‖g_m‖/λ_min``,
