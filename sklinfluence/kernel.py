@@ -97,7 +97,7 @@ def kernel_bytes(n_rows: int, materialised_params: int, itemsize: int = 8) -> in
 
 def _diagonal(model: FunctionalModel, damping: float) -> Tensor:
     """``D = diag(μ) + λ`` per parameter, float64."""
-    return (model.weight_decay + damping).to(torch.float64)
+    return model.damped_diagonal(damping).to(torch.float64)
 
 
 def kernel_applies(model: FunctionalModel, X: Tensor, damping: float) -> str | None:

@@ -61,6 +61,7 @@ elementwise: the exact diagonal of the block in the Kronecker eigenbasis.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -93,7 +94,19 @@ LAYER_TYPES: list[type[KroneckerLayer]] = []
 
 
 def register_layer(cls: type[KroneckerLayer]) -> type[KroneckerLayer]:
-    """Class decorator adding a :class:`KroneckerLayer` subclass to :data:`LAYER_TYPES`."""
+    """Class decorator adding a :class:`KroneckerLayer` subclass to :data:`LAYER_TYPES`.
+
+    Raises
+    ------
+    TypeError
+        If the class leaves one of :class:`KroneckerLayer`'s abstract methods
+        unimplemented (named in the message).
+    """
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise TypeError(f"layer type {cls.__name__} does not implement "
+                        f"{', '.join(missing)}: every KroneckerLayer method marked abstract "
+                        "is needed by the capture passes, the kernel or EK-FAC.")
     LAYER_TYPES.append(cls)
     return cls
 
@@ -103,8 +116,11 @@ def _f64(x: Tensor) -> Tensor:
 
 
 @dataclass(eq=False)
-class KroneckerLayer:
+class KroneckerLayer(ABC):
     """One layer's place in the flat parameter vector and its curvature factors.
+
+    A layer type implements the abstract methods below (a type that misses
+    one cannot be instantiated) and registers itself in :data:`LAYER_TYPES`.
 
     Attributes
     ----------
@@ -139,6 +155,7 @@ class KroneckerLayer:
                    for t in cls.module_types)
 
     @classmethod
+    @abstractmethod
     def build(cls, name: str, module: nn.Module,
               slices: dict[str, slice | None]) -> KroneckerLayer | None:
         """The layer for ``module`` given the flat slices of its trainable
@@ -149,7 +166,6 @@ class KroneckerLayer:
         UnsupportedLayerError
             If the module is configured in a way the type does not handle.
         """
-        raise NotImplementedError
 
     # -------------------------------------------------------------- layout
     @property
@@ -157,40 +173,40 @@ class KroneckerLayer:
         """Columns of the matrix layout."""
         return self.d_in
 
+    @abstractmethod
     def to_matrices(self, V: Tensor) -> Tensor:
         """Rows of flat vectors → ``(k, d_out, n_cols)`` matrices."""
-        raise NotImplementedError
 
+    @abstractmethod
     def put(self, V: Tensor, M: Tensor) -> None:
         """Write ``(k, d_out, n_cols)`` matrices into this layer's part of the rows of ``V``."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------- capture
+    @abstractmethod
     def record(self, module: nn.Module, x: Tensor) -> Tensor:
         """What to keep of the layer's input ``x`` (called in a forward hook)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def capture(self, recorded: Tensor, grads: Tensor) -> NamedTuple:
         """Combine the recorded input with ``grads`` ``(K, B, *output.shape[1:])``,
         the back-propagated root columns at the layer's output, in float64."""
-        raise NotImplementedError
 
+    @abstractmethod
     def factor_sums(self, cap: NamedTuple) -> tuple[Tensor, Tensor, int]:
         """``(Σ ā āᵀ, Σ g gᵀ, M)`` over one batch: ``A = Σ/N``, ``S = Σ/M``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sample_gradients(self, cap: NamedTuple) -> Tensor:
         """``D_ik``, ``(B, K, d_out, n_cols)``: the gradient of ``L_i``'s root column ``k``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rotated_squares(self, cap: NamedTuple) -> Tensor:
         """``Σ_ik (Q_Sᵀ D_ik Q_A)²`` elementwise, ``(d_out, n_cols)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def gradient_sums(self, cap: NamedTuple, absolute: bool = False) -> Tensor:
         """``Σ_i D_ik`` per ``k``, ``(K, d_out, n_cols)``; with ``absolute`` a bound
         on the sums of absolute values of its terms (the check's scale)."""
-        raise NotImplementedError
 
     # --------------------------------------------------------- eigenbases
     def set_factors(self, A: Tensor, S: Tensor, corrected: bool) -> None:

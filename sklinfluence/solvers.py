@@ -1057,7 +1057,7 @@ class IdentitySolver(_DirectSolver):
 
     def __init__(self, curvature: Curvature) -> None:
         super().__init__(curvature)
-        self.diagonal = (curvature.model.weight_decay + curvature.damping).to(torch.float64)
+        self.diagonal = curvature.model.damped_diagonal(curvature.damping).to(torch.float64)
         if not bool((self.diagonal > 0).all()):
             raise ValueError(
                 "solver='identity' (grad-dot) divides by damping + weight decay: it needs "

@@ -472,3 +472,27 @@ def test_what_cannot_be_factored_is_refused_naming_the_layer(case):
     with pytest.raises(UnsupportedLayerError, match=REFUSALS[case]) as error:
         KroneckerFactors(model, X, T, damping=0.1)
     assert isinstance(error.value, NotLinearError) and isinstance(error.value, ValueError)
+
+
+def test_a_layer_type_must_implement_every_abstract_method():
+    """The registry refuses an incomplete layer type, naming what it lacks; every
+    registered type is complete."""
+    import inspect
+
+    from sklinfluence import layers
+
+    assert layers.LAYER_TYPES and not any(inspect.isabstract(t) for t in layers.LAYER_TYPES)
+
+    class Incomplete(layers.KroneckerLayer):
+        module_types = (nn.Linear,)
+
+        @classmethod
+        def build(cls, name, module, slices):
+            return None
+
+    before = list(layers.LAYER_TYPES)
+    with pytest.raises(TypeError, match="does not implement .*capture.*to_matrices"):
+        layers.register_layer(Incomplete)
+    with pytest.raises(TypeError, match="Can't instantiate"):
+        Incomplete("x", 1, 1)
+    assert layers.LAYER_TYPES == before
