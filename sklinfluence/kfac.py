@@ -77,8 +77,8 @@ import torch
 from torch import Tensor
 
 from .functional import FunctionalModel, iterate_batches
-from .layers import (KroneckerLayer, LinearBlock, NotLinearError, UnsupportedLayerError,
-                     kronecker_layers)
+from .layers import (LAYERWISE, KroneckerLayer, LinearBlock, NotLinearError,
+                     UnsupportedLayerError, kronecker_layers)
 
 __all__ = ["KroneckerFactors", "LinearBlock", "NotLinearError", "UnsupportedLayerError",
            "kronecker_layers", "kronecker_passes", "linear_blocks", "layer_passes",
@@ -180,13 +180,13 @@ def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[Kronecke
             if len(records[layer.name]) != 1:
                 raise UnsupportedLayerError(
                     f"layer {layer.name!r} is applied {len(records[layer.name])} "
-                    "times per forward pass; solver='ekfac'/'kfac' needs each "
+                    f"times per forward pass; {LAYERWISE} needs each "
                     "layer used once. Use solver='cg' or 'arnoldi'.")
             a = records[layer.name][0][0]
             if a.dim() < 1 or a.shape[0] != xb.shape[0]:
                 raise UnsupportedLayerError(
                     f"layer {layer.name!r} receives inputs of shape {tuple(a.shape)} "
-                    f"for {xb.shape[0]} samples; solver='ekfac'/'kfac' needs one "
+                    f"for {xb.shape[0]} samples; {LAYERWISE} needs one "
                     "row per sample (the samples along the first dimension). "
                     "Use solver='cg' or 'arnoldi'.")
         if gradients:
@@ -242,7 +242,7 @@ def _check_gradients(layers: list[KroneckerLayer], captures: list, expected: Ten
             "the layers' inputs and outputs do not account for the parameters' "
             f"gradients (relative difference {error / max(float(expected.norm()), 1e-300):.1e}"
             "): a weight is used outside its layer's call, or a layer's forward is "
-            "not the plain one. solver='ekfac'/'kfac' cannot factor this network; "
+            f"not the plain one. {LAYERWISE} cannot handle this network; "
             "use solver='cg' or 'arnoldi'.")
 
 

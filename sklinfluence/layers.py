@@ -78,6 +78,9 @@ __all__ = ["KroneckerLayer", "LinearBlock", "Conv2dLayer", "EmbeddingLayer", "No
 ROTATED_SQUARES_WORK_ELEMENTS = 2 ** 19
 
 ADVICE = "Use solver='cg' or 'arnoldi' for this network."
+#: The solvers built on this registry, as the errors name them (the kernel form
+#: and EK-FAC/K-FAC both take the layers' captures).
+LAYERWISE = "solver='kernel', 'ekfac' or 'kfac'"
 
 
 class UnsupportedLayerError(ValueError):
@@ -242,7 +245,7 @@ def _weight_and_bias(name: str, module: nn.Module,
     if weight is None and bias is not None:
         raise UnsupportedLayerError(
             f"layer {name!r} ({type(module).__name__}) has a frozen weight but a trainable "
-            "bias; solver='ekfac'/'kfac' factors whole layers. Freeze the bias too, or use "
+            f"bias; {LAYERWISE} handles whole layers. Freeze the bias too, or use "
             "solver='cg' or 'arnoldi'.")
     return weight, bias
 
@@ -373,8 +376,8 @@ class Conv2dLayer(_PatchLayer):
     def build(cls, name, module, slices):
         if module.groups != 1:
             raise UnsupportedLayerError(
-                f"layer {name!r} is a Conv2d with groups={module.groups}; solver='ekfac'/"
-                "'kfac' factors convolutions with groups=1 only (a grouped convolution's "
+                f"layer {name!r} is a Conv2d with groups={module.groups}; {LAYERWISE} "
+                "handles convolutions with groups=1 only (a grouped convolution's "
                 f"block is not one Kronecker product). {ADVICE}")
         weight, bias = _weight_and_bias(name, module, slices)
         if weight is None:
@@ -388,7 +391,7 @@ class Conv2dLayer(_PatchLayer):
         if x.dim() != 4:
             raise UnsupportedLayerError(
                 f"layer {self.name!r} (Conv2d) receives inputs of shape {tuple(x.shape)}; "
-                "solver='ekfac'/'kfac' needs batched (N, C, H, W) inputs, one sample per "
+                f"{LAYERWISE} needs batched (N, C, H, W) inputs, one sample per "
                 f"row. {ADVICE}")
         x = x.detach()
         if any(self.padding):
@@ -433,8 +436,8 @@ class EmbeddingLayer(KroneckerLayer):
                                     ("sparse", module.sparse, False)):
             if value != fine:
                 raise UnsupportedLayerError(
-                    f"layer {name!r} is an Embedding with {option}={value!r}; solver="
-                    f"'ekfac'/'kfac' needs {option}={fine!r} (the plain lookup). {ADVICE}")
+                    f"layer {name!r} is an Embedding with {option}={value!r}; "
+                    f"{LAYERWISE} needs {option}={fine!r} (the plain lookup). {ADVICE}")
         if slices.get("weight") is None:
             return None
         return cls(name, module.embedding_dim, module.num_embeddings, weight=slices["weight"],
@@ -571,8 +574,8 @@ class NormLayer(KroneckerLayer):
         else:
             if module.training or module.running_mean is None:
                 raise UnsupportedLayerError(
-                    f"layer {self.name!r} normalises with batch statistics; solver="
-                    f"'ekfac'/'kfac' needs BatchNorm in eval mode with running statistics. "
+                    f"layer {self.name!r} normalises with batch statistics; "
+                    f"{LAYERWISE} needs BatchNorm in eval mode with running statistics. "
                     f"{ADVICE}")
             shape = (1, -1) + (1,) * (x.dim() - 2)
             normalised = (x - module.running_mean.reshape(shape)) \
@@ -653,7 +656,7 @@ def kronecker_layers(model) -> list[KroneckerLayer]:
         if shared:
             raise UnsupportedLayerError(
                 f"layer {layer_name!r} shares the parameter {shared.pop()!r} with another "
-                "layer; solver='ekfac'/'kfac' needs every layer to have its own. "
+                f"layer; {LAYERWISE} needs every layer to have its own. "
                 "Use solver='cg' or 'arnoldi'.")
         layer = kind.build(layer_name or "<module>", module,
                            {attr: None if p is None else offsets[p] for attr, p in owned.items()})
@@ -664,7 +667,7 @@ def kronecker_layers(model) -> list[KroneckerLayer]:
     if others:
         where = sorted({_owner(n, model.module) for n in others})
         raise UnsupportedLayerError(
-            "solver='ekfac'/'kfac' factors nn.Conv2d, nn.Embedding, BatchNorm, LayerNorm, "
+            f"{LAYERWISE} handles nn.Conv2d, nn.Embedding, BatchNorm, LayerNorm, "
             f"GroupNorm and nn.Linear layers only, but the parameters {others[:3]} belong to "
             f"other layers: {', '.join(where[:3])}. Use solver='cg' or solver='arnoldi' for "
             "this network.")

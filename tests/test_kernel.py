@@ -108,6 +108,11 @@ def test_the_kernel_solver_refuses_what_it_cannot_invert():
     with pytest.raises(UnsupportedLayerError, match="Conv1d"):
         make_solver("kernel", Curvature(conv1d, X, torch.zeros(9, 8, dtype=torch.float64),
                                         damping=1.0))
+    half_frozen = nn.Sequential(nn.Linear(5, 3))
+    half_frozen[0].weight.requires_grad_(False)  # a trainable bias on a frozen weight
+    model = _model(half_frozen, "MSELoss")
+    with pytest.raises(UnsupportedLayerError, match="solver='kernel', 'ekfac' or 'kfac' handles"):
+        make_solver("kernel", Curvature(model, X, _targets(model, X), damping=1.0))
 
 
 # ------------------------------------------------------- through the estimators
