@@ -28,7 +28,8 @@ from .cache import CacheOwner
 from .measure import linear_change, loss_change, own_change, to_numpy
 from .pipeline import refuse_dropped_arguments
 from .removal import Removal, group_removals, single_removals
-from .response import ResponseContext, Rung, rung
+from .context import ResponseContext
+from .response import Rung, rung
 from .threads import compute_section
 
 __all__ = ["BaseResponseEstimator", "RungViewMixin"]

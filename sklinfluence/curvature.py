@@ -96,15 +96,18 @@ class Curvature:
 
     # ------------------------------------------------------------- products
     def matmat(self, V: Tensor) -> Tensor:
-        """``(C + λI) vᵀ`` for each row ``v`` of ``V`` (shape ``(k, P)``)."""
+        """``(C + λI) vᵀ`` for each row ``v`` of ``V`` (shape ``(k, P)``), computed in
+        the operator's precision and returned in ``V``'s (a float32 net's operator
+        takes the float64 vectors of its PBRF's chord solves)."""
         if V.shape[0] == 0:
             return V.clone()
+        dtype, V = V.dtype, V.to(self.theta.dtype)
         product = self._ggn_batch if self.kind == "ggn" else self._hessian_batch
         total = torch.zeros_like(V)
         step = self.batch_size or max(1, PRODUCT_CHUNK // V.shape[0])
         for xb, tb in iterate_batches(self.X, self.T, step):
             total += product(V, xb, tb)
-        return total / self.n_samples + self._diagonal() * V
+        return (total / self.n_samples + self._diagonal() * V).to(dtype)
 
     def matvec(self, v: Tensor) -> Tensor:
         """``(C + λI) v`` for one vector ``v`` of shape ``(P,)``."""

@@ -423,8 +423,8 @@ def minimize_kinked(objective: ResponseObjective, start: Tensor, *, tol: float =
                 return float(obj.shifted(theta + t * direction))
 
         def phi(t: float, theta=theta, direction=direction) -> tuple[float, Tensor, float]:
-            value, gradient = evaluate(theta + t * direction)
-            return value, gradient, float(gradient @ direction)
+            f_t, gradient = evaluate(theta + t * direction)
+            return f_t, gradient, float(gradient @ direction)
 
         found = _weak_wolfe(value, phi, f, slope)
         if found is None and pairs:  # the curvature pairs misled it: once more without

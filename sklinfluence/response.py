@@ -31,7 +31,6 @@ from .curvature import Curvature
 from .execution import run_responses
 from .removal import Removal
 from .rungs import LADDER, TERMS, Rung, rung
-from .solvers import CHORD_TOL  # noqa: F401 - defined with the solver policy, kept here
 from .solvers import SolverDecision, SolverPlan, make_solver, plan_solvers
 
 __all__ = ["Rung", "LADDER", "TERMS", "ResponseContext", "Responder", "ResponseCache",

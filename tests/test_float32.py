@@ -78,3 +78,24 @@ def test_mixed_precision_cg_on_a_float32_net_says_it_has_no_effect(nets):
         est = InfluenceEstimator(FrozenEstimator(net), damping=1e-2, solver="cg",
                                  solver_params={"mixed_precision": True}).fit(X, y)
     assert est.diagnostics_["mixed_precision"] is False
+
+
+def test_the_pbrf_of_a_float32_net_with_a_cg_chord_matches_the_dense_one(nets, monkeypatch):
+    """Above the dense and kernel sizes the batched PBRF's shared step is CG on the
+    float32 net's operator, fed the float64 gradients of the PBRF objective (solved on
+    a float64 copy): it reaches the same minimiser as the dense factor."""
+    from sklinfluence import PBRFEstimator
+    from sklinfluence.cache import RESPONSE_CACHE
+
+    net, _, X, y = nets
+    dense = PBRFEstimator(FrozenEstimator(net), damping=0.1).fit(X, y)
+    want = dense.param_change(X[:3])
+    assert dense.responder_.solver_plan().pbrf_chord.solver == "exact"
+    RESPONSE_CACHE.clear()
+    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", 100)
+    monkeypatch.setattr(solvers, "kernel_verdict", lambda *a: (False, "kept out by the test"))
+    cg = PBRFEstimator(FrozenEstimator(net), damping=0.1).fit(X, y)
+    got = cg.param_change(X[:3])
+    assert cg.responder_.solver_plan().pbrf_chord.solver == "cg"
+    assert cg.responder_.last_info["converged"].all()
+    assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
