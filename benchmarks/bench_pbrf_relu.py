@@ -35,7 +35,7 @@ minimiser:
    and at ``θˢ + Δθ_lib`` against those the library reports (in float32 a
    gradient near a solution is mostly rounding, so expect agreement at ``θˢ``
    only), and — a sanity check only — against
-   ``sklinfluence.pbrf.ResponseObjective`` in float64 (whole gradient vectors
+   ``sklinfluence.response.pbrf.ResponseObjective`` in float64 (whole gradient vectors
    compared);
 5. the IF–PBRF agreement: Spearman of ``InfluenceEstimator`` self-influence
    (linear measure, same damping, on the frozen net) against the PBRF
@@ -221,7 +221,7 @@ def library_run(est, X, rows, timing_rows):
     """Time the library, then get Δθ, self-influence and info of ``rows``."""
     from sklearn.exceptions import ConvergenceWarning
 
-    from sklinfluence.cache import RESPONSE_CACHE
+    from sklinfluence.response.cache import RESPONSE_CACHE
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -256,7 +256,7 @@ def sanity_library_gradient(est, theta, m):
     import torch
     from torch.func import grad
 
-    from sklinfluence.pbrf import ResponseObjective
+    from sklinfluence.response.pbrf import ResponseObjective
 
     model = est.model_.astype(torch.float64)
     X, T = est.X_train_.to(torch.float64), est.T_train_
@@ -292,7 +292,7 @@ def agreement(est, net_kind, X, y, n):
 def decompose(net_kind, X, y, n):
     """The ``Decomposer``'s five terms (output L2 metric) of the first ``n`` rows."""
     from sklinfluence import Decomposer
-    from sklinfluence.cache import RESPONSE_CACHE
+    from sklinfluence.response.cache import RESPONSE_CACHE
 
     RESPONSE_CACHE.clear()  # every rung computed afresh (the PBRF's solves are timed above)
     terms = ("warm_start_gap", "proximity_gap", "non_convergence_gap", "linearization_error",

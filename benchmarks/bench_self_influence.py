@@ -72,10 +72,10 @@ def _digits(n, dtype):
 
 def _old_self_influence(est, X):
     """Self-influence one solve per row: the generic path (solve, then products)."""
-    from sklinfluence.solvers import _SolverBase
+    from sklinfluence.solvers import Solver
 
     removals, _ = est._removals(X, None)
-    scores = [_SolverBase.self_products(est.solver_, part, est._forces)
+    scores = [Solver.self_products(est.solver_, part, est._forces)
               for part in est._linear_parts(removals)]
     import torch
     return est.epsilon_ * torch.cat(scores).numpy()

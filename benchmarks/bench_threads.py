@@ -5,7 +5,7 @@ The README's main command (``sklinfluence decompose``: an MLP 64-32-10 on
 three configurations:
 
 - ``library default``: no thread variable set (the library chooses, see
-  :mod:`sklinfluence.threads`);
+  :mod:`sklinfluence.utils.threads`);
 - ``OMP_NUM_THREADS=1``: the setting the README used to ask for;
 - ``torch default``: ``--n-threads`` set to the machine's cores, which is
   what torch does on its own (and what the library did before it chose);

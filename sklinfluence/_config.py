@@ -1,12 +1,12 @@
 """Process-wide settings, in the style of :func:`sklearn.set_config`.
 
 - ``n_threads``: torch threads inside the library's compute sections
-  (``None``: chosen by the library, see :mod:`sklinfluence.threads`).
+  (``None``: chosen by the library, see :mod:`sklinfluence.utils.threads`).
 - ``response_cache_bytes``: the size of the in-process response cache
-  (see :class:`sklinfluence.cache.ResponseCache`); ``0`` turns it off.
+  (see :class:`sklinfluence.response.cache.ResponseCache`); ``0`` turns it off.
 - ``memory_limit_bytes``: the most a dense ``P × P`` curvature may take
   (``None``: half the memory the system reports available at the time; see
-  :mod:`sklinfluence.memory`).
+  :mod:`sklinfluence.utils.memory`).
 
 :func:`set_config` changes them, :func:`get_config` reads them and
 :func:`config_context` changes them for a ``with`` block only.
@@ -98,7 +98,7 @@ def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep",
         reused them and their clones, and released when the last of these
         is garbage collected; a smaller bound evicts the least recently
         used first. ``0`` turns the cache off (and empties it). See
-        :class:`~sklinfluence.cache.ResponseCache` and the user guide's
+        :class:`~sklinfluence.response.cache.ResponseCache` and the user guide's
         "Caching of responses".
     memory_limit_bytes : int or None, optional
         The most memory a dense ``P × P`` curvature matrix may take: the
@@ -109,7 +109,7 @@ def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep",
         (``MemAvailable``) at the time of the call. Above it, ``"auto"``,
         rung 4 and the PBRF use matrix-free conjugate gradients and an
         explicit ``solver="exact"`` is refused before allocating, with a
-        :class:`~sklinfluence.memory.NotEnoughMemoryError` that names the
+        :class:`~sklinfluence.utils.memory.NotEnoughMemoryError` that names the
         sizes and the options that fit.
 
     Examples

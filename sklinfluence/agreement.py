@@ -13,7 +13,7 @@ response — leave-one-out retraining or the PBRF — on the same samples?
   whole data and scores on the removed subset.
 
 References are computed with the ground-truth machinery on the estimator's
-own fitted net and kept in :data:`~sklinfluence.cache.RESPONSE_CACHE`, so
+own fitted net and kept in :data:`~sklinfluence.response.cache.RESPONSE_CACHE`, so
 the candidates of a grid search that share a net retrain it only once.
 """
 

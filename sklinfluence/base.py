@@ -2,7 +2,7 @@
 
 :class:`BaseResponseEstimator` turns ``fit(X, y)`` into a trained model
 (``net_``: a skorch net or a scikit-learn linear model, through
-:mod:`sklinfluence.adapters`), its :class:`~sklinfluence.functional.FunctionalModel`
+:mod:`sklinfluence.model.adapters`), its :class:`~sklinfluence.model.functional.FunctionalModel`
 (``model_``) and the training tensors, and maps samples given to the scoring
 methods to network targets — looking them up among the training rows when no
 ``y`` is given (what a :class:`~sklearn.pipeline.Pipeline` needs).
@@ -21,16 +21,16 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._sklearn import Interval, StrOptions
-from .adapters import make_adapter
-from .execution import resolve_memory
-from .cache import CacheOwner
-from .measure import linear_change, loss_change, own_change, to_numpy
+from .utils._sklearn import Interval, StrOptions
+from .model.adapters import make_adapter
+from .utils.execution import resolve_memory
+from .response.cache import CacheOwner
+from .response.measure import linear_change, loss_change, own_change, to_numpy
 from .pipeline import refuse_dropped_arguments
-from .removal import Removal, group_removals, single_removals
-from .context import ResponseContext
-from .response import Rung, rung
-from .threads import compute_section
+from .model.removal import Removal, group_removals, single_removals
+from .response.context import ResponseContext
+from .response.responder import Rung, rung
+from .utils.threads import compute_section
 
 __all__ = ["BaseResponseEstimator", "RungViewMixin"]
 
@@ -69,7 +69,7 @@ def _check_class_labels(y: np.ndarray, adapter: Any) -> None:
 class BaseResponseEstimator(BaseEstimator):
     """Base class: fits (or adopts) the model and prepares its functional model.
 
-    Subclasses build ``responder_`` (:mod:`sklinfluence.response`) in
+    Subclasses build ``responder_`` (:mod:`sklinfluence.response.responder`) in
     ``fit``; the estimators that are views of one rung also mix in
     :class:`RungViewMixin`. Not meant to be used directly.
     """
@@ -170,7 +170,7 @@ class BaseResponseEstimator(BaseEstimator):
 
     # --------------------------------------------------------------- cloning
     def _cache_owner_token(self) -> CacheOwner:
-        """This estimator family's :class:`~sklinfluence.cache.CacheOwner`, made on first use.
+        """This estimator family's :class:`~sklinfluence.response.cache.CacheOwner`, made on first use.
 
         Stored as ``_cache_owner``: private and without a trailing underscore,
         so it is neither a parameter nor fitted state.

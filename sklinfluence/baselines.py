@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from ._sklearn import _fit_context
+from .utils._sklearn import _fit_context
 from .base import BaseResponseEstimator
-from .measure import to_numpy
-from .removal import Removal
-from .rungs import removal_forces
-from .threads import compute_section
+from .response.measure import to_numpy
+from .model.removal import Removal
+from .response.rungs import removal_forces
+from .utils.threads import compute_section
 
 __all__ = ["TracInCP", "training_loss"]
 

@@ -31,14 +31,14 @@ from scipy.stats import rankdata
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from ._sklearn import Interval, StrOptions, _fit_context
-from ._docs import fill_doc
+from .utils._sklearn import Interval, StrOptions, _fit_context
+from .utils._docs import fill_doc
 from .base import BaseResponseEstimator
-from .measure import loss_change, to_numpy
+from .response.measure import loss_change, to_numpy
 from .pipeline import PipelineView
-from .removal import Removal
-from .response import Responder, rung
-from .threads import compute_section
+from .model.removal import Removal
+from .response.responder import Responder, rung
+from .utils.threads import compute_section
 
 __all__ = ["LinearDatamodelingScore", "LDSResult", "lds_scorer"]
 
@@ -134,7 +134,7 @@ class LinearDatamodelingScore(BaseResponseEstimator):
     removal_batch_size : int, default=32
         Subsets retrained (or solved) together: the complements all have the
         same size, so a vectorised ensemble trains that many copies at once
-        when the recipe can be replayed (:mod:`sklinfluence.ensemble`).
+        when the recipe can be replayed (:mod:`sklinfluence.model.ensemble`).
         Fewer, larger ensembles are faster: with ``n_subsets=50`` on the
         digits MLP, 50 at once took 0.84× the time of 32 + 18 and 0.15× the
         time of one at a time, for about 8·B·3P bytes more memory

@@ -8,17 +8,17 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import TransformerMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
-from ._sklearn import Interval, StrOptions, _fit_context
-from ._docs import fill_doc
+from .utils._sklearn import Interval, StrOptions, _fit_context
+from .utils._docs import fill_doc
 from .base import BaseResponseEstimator
-from .curvature import CURVATURES
+from .curvature.operator import CURVATURES
 from .ground_truth import warm_start_epochs
-from .measure import mean_losses, to_numpy
-from .response import LADDER, TERMS, Responder
-from .solvers import SOLVERS, default_tol
-from .threads import compute_section
+from .response.measure import mean_losses, to_numpy
+from .response.responder import LADDER, TERMS, Responder
+from .solvers import SOLVER_NAMES, default_tol
+from .utils.threads import compute_section
 
 __all__ = ["Decomposer"]
 
@@ -142,7 +142,7 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
         **{k: v for k, v in BaseResponseEstimator._parameter_constraints.items()
            if k != "epsilon"},
         **BaseResponseEstimator._execution_constraints,
-        "solver": [StrOptions(set(SOLVERS))],
+        "solver": [StrOptions(SOLVER_NAMES)],
         "solver_params": [None, dict],
         "curvature": [StrOptions(set(CURVATURES))],
         "metric": [StrOptions(set(METRICS))],

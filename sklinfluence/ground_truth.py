@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ._sklearn import Interval, _fit_context
-from ._docs import fill_doc
+from .utils._sklearn import Interval, _fit_context
+from .utils._docs import fill_doc
 from .base import BaseResponseEstimator, RungViewMixin
-from .response import Responder, Rung, rung
-from .threads import compute_section
+from .response.responder import Responder, Rung, rung
+from .utils.threads import compute_section
 
 __all__ = ["PBRFEstimator", "LOOEstimator"]
 
@@ -41,7 +41,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
     of the ``O(1/N)`` driving force). On a net with kinks (ReLU, max pooling)
     a minimiser may sit on a kink, where no gradient vanishes and Newton
     steps stall: those solves continue with L-BFGS on the objective itself
-    (:func:`~sklinfluence.pbrf.minimize_kinked`), which stops when the
+    (:func:`~sklinfluence.response.pbrf.minimize_kinked`), which stops when the
     objective and the step stop changing.
 
     Parameters

@@ -10,17 +10,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._sklearn import Interval, StrOptions, _fit_context
-from ._warnings import naming_right_hand_sides, removal_names
+from .utils._sklearn import Interval, StrOptions, _fit_context
+from .utils._warnings import naming_right_hand_sides, removal_names
 from .base import BaseResponseEstimator, RungViewMixin
-from .curvature import CURVATURES
-from .functional import iterate_batches
-from .removal import removal_chunks
-from .response import Responder, Rung, rung
-from .rungs import removal_forces
-from .measure import MEASURES, to_numpy
-from .solvers import SOLVERS, default_tol
-from .threads import compute_section
+from .curvature.operator import CURVATURES
+from .model.functional import iterate_batches
+from .model.removal import removal_chunks
+from .response.responder import Responder, Rung, rung
+from .response.rungs import removal_forces
+from .response.measure import MEASURES, to_numpy
+from .solvers import SOLVER_NAMES, default_tol
+from .utils.threads import compute_section
 
 #: Gradient bytes per chunk of the streamed side of an influence matrix when
 #: ``batch_size`` is None (``8 · P`` bytes a row, float64).
@@ -77,7 +77,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           kernel (Woodbury) form, an ``n × n`` factorisation for ``n = N·K'``
           rows (``K'`` output-Hessian root columns per sample; memory
           ``16 n²`` bytes) — for nets larger than their data, of the layer
-          types EK-FAC handles (:mod:`sklinfluence.kernel`); with
+          types EK-FAC handles (:mod:`sklinfluence.curvature.kernel`); with
           ``solver_params={"mixed_precision": True}`` the kernel is built and
           factorised in float32 and each solve refined in float64 to ``tol``
           (its measured residual in ``diagnostics_``); ``loss_change`` needs
@@ -90,7 +90,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           when the curvature is ill-conditioned;
         - ``"ekfac"`` / ``"kfac"``: (eigenvalue-corrected) Kronecker-factored
           Gauss–Newton of ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and
-          normalisation layers (:mod:`sklinfluence.kfac`) — approximate, fast,
+          normalisation layers (:mod:`sklinfluence.curvature.kfac`) — approximate, fast,
           no iterations; each solve measures its relative residual under the
           true curvature on up to 8 right-hand sides (``diagnostics_``);
         - ``"arnoldi"``: top-``rank`` eigenpairs plus damping — approximate
@@ -139,7 +139,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         gradients within ``STREAM_BYTES``, 256 MiB). Bounds memory, never
         changes results.
     measure : {"linear", "loss"}, default="linear"
-        How a response is turned into a score (:mod:`sklinfluence.measure`):
+        How a response is turned into a score (:mod:`sklinfluence.response.measure`):
         ``"linear"``, the first-order change ``∇Q(θˢ)ᵀ Δθ`` — the classic
         influence function ``ε ∇Q(θˢ)ᵀ (C + λI)⁻¹ ∇L_m(θˢ)``; ``"loss"``, the
         change of the loss at the response, ``Q(θˢ + Δθ) − Q(θˢ)`` (what the
@@ -238,7 +238,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
 
     _parameter_constraints: dict = {
         **BaseResponseEstimator._parameter_constraints,
-        "solver": [StrOptions(set(SOLVERS))],
+        "solver": [StrOptions(SOLVER_NAMES)],
         "solver_params": [None, dict],
         "curvature": [StrOptions(set(CURVATURES))],
         "tol": [None, Interval(Real, 0, None, closed="neither")],

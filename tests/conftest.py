@@ -15,7 +15,7 @@ def rng():
 @pytest.fixture(autouse=True)
 def _fresh_response_cache():
     """Each test computes its own responses (the cache is process-wide)."""
-    from sklinfluence.response import RESPONSE_CACHE
+    from sklinfluence.response.responder import RESPONSE_CACHE
 
     RESPONSE_CACHE.clear()
     yield

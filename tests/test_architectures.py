@@ -28,9 +28,9 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn import functional as F
 
 from sklinfluence import Decomposer, InfluenceEstimator, LOOEstimator, PBRFEstimator
-from sklinfluence.cache import RESPONSE_CACHE
-from sklinfluence.ensemble import ensemble_supported
-from sklinfluence.layers import UnsupportedLayerError
+from sklinfluence.response.cache import RESPONSE_CACHE
+from sklinfluence.model.ensemble import ensemble_supported
+from sklinfluence.exceptions import UnsupportedLayerError
 from tolerances import CG_VS_EXACT_RTOL
 
 MU, LAMBDA = 1e-3, 0.3
@@ -316,7 +316,7 @@ def test_a_relu_nets_stalled_pbrf_solve_says_why(lanczos, monkeypatch):
     check (lowered limit here)."""
     from sklearn.exceptions import ConvergenceWarning
 
-    from sklinfluence import pbrf
+    from sklinfluence.response import pbrf
 
     monkeypatch.setattr(pbrf, "LBFGS_MAX_ITER", 2)
     expected = r"piecewise-linear layers \(ReLU\).*kinks"

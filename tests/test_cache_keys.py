@@ -1,5 +1,5 @@
 """Cache keys: each rung's key (:meth:`Responder.rung_key`, from
-:meth:`~sklinfluence.rungs.Rung.key_parts`) changes with every setting that changes
+:meth:`~sklinfluence.response.rungs.Rung.key_parts`) changes with every setting that changes
 its responses and with none that does not; a removal's key with its rows and
 targets; stored digests keep their values; and a new damping recomputes the
 proximal rung instead of reusing the old one's responses (a closed form on linear
@@ -17,11 +17,11 @@ from sklearn.linear_model import Ridge
 
 from linear_problems import curvature, design, grads, recipe, theta_of, well_conditioned_data
 from sklinfluence import Decomposer, LOOEstimator
-from sklinfluence.cache import CacheOwner
-from sklinfluence.execution import DiskStore
-from sklinfluence.removal import Removal, group_removals, sample_key
-from sklinfluence.response import Responder, rung
-from sklinfluence.skorch_adapter import SkorchAdapter
+from sklinfluence.response.cache import CacheOwner
+from sklinfluence.utils.execution import DiskStore
+from sklinfluence.model.removal import Removal, group_removals, sample_key
+from sklinfluence.response.responder import Responder, rung
+from sklinfluence.model.skorch_adapter import SkorchAdapter
 
 MU = 0.1
 COMMON = {"params", "weight_decay", "X", "T", "epsilon"}

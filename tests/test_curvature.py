@@ -7,8 +7,8 @@ from numpy.testing import assert_allclose
 from torch.func import hessian, jacrev
 
 from nets import CRITERIA, make_net, toy_data
-from sklinfluence.curvature import Curvature
-from sklinfluence.functional import FunctionalModel
+from sklinfluence.curvature.operator import Curvature
+from sklinfluence.model.functional import FunctionalModel
 from tolerances import CLOSED_FORM_ATOL, CLOSED_FORM_RTOL
 
 WEIGHT_DECAY = 0.05
@@ -204,8 +204,9 @@ def test_dense_ggn_from_kronecker_structure_matches_the_jacobians(case):
     """Nets of Linear layers take the per-layer Kronecker route, others the Jacobian
     route; both equal the jacrev reference, whatever the bias, freezing, depth, in-place
     activations, shared or outside-used weights and unused outputs."""
-    from sklinfluence.kfac import NotLinearError, linear_ggn
-    from sklinfluence.losses import output_loss_from_criterion
+    from sklinfluence.curvature.kfac import linear_ggn
+    from sklinfluence.exceptions import NotLinearError
+    from sklinfluence.model.losses import output_loss_from_criterion
 
     X, y = toy_data("CrossEntropyLoss", n=23)
     module = _module(case)

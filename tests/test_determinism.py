@@ -19,7 +19,7 @@ from numpy.testing import assert_array_equal
 import sklinfluence
 from nets import make_net, toy_data
 from sklinfluence import Decomposer, InfluenceEstimator, LOOEstimator, PBRFEstimator
-from sklinfluence.response import RESPONSE_CACHE
+from sklinfluence.response.responder import RESPONSE_CACHE
 
 HERE = Path(__file__).resolve().parent
 SEED = 7
@@ -195,7 +195,7 @@ def test_parallel_chunks_keep_the_groups_of_a_sequential_run(n_items, batch):
     chunks must be made of the sequential run's groups (threads: no start-up cost)."""
     import joblib
 
-    from sklinfluence.execution import run_responses
+    from sklinfluence.utils.execution import run_responses
 
     def run(n_jobs):
         groups = []

@@ -8,9 +8,9 @@ from numpy.testing import assert_allclose
 
 from linear_problems import curvature, design, grads, recipe, theta_of, well_conditioned_data
 from sklinfluence import LOOEstimator
-from sklinfluence.removal import group_removals, single_removals
-from sklinfluence.response import Responder
-from sklinfluence.rungs import Minimize, Rung, removal_forces
+from sklinfluence.model.removal import group_removals, single_removals
+from sklinfluence.response.responder import Responder
+from sklinfluence.response.rungs import Minimize, Rung, removal_forces
 from tolerances import CLOSED_FORM_RTOL
 
 # -- a new configuration: one row -------------------------------------------------------

@@ -15,8 +15,8 @@ from numpy.testing import assert_array_equal
 
 from nets import make_net, toy_data
 from sklinfluence import Decomposer, LOOEstimator, PBRFEstimator
-from sklinfluence.execution import DiskStore
-from sklinfluence.response import RESPONSE_CACHE
+from sklinfluence.utils.execution import DiskStore
+from sklinfluence.response.responder import RESPONSE_CACHE
 from tolerances import ENSEMBLE_VS_ONE_AT_A_TIME_REL
 
 HERE = Path(__file__).resolve().parent
@@ -189,7 +189,7 @@ def _pbrf_hessian_at_the_optimum(est, row):
     """``H₀`` and the PBRF objective's Hessian ``H₀ − ε ∇²L_m`` at ``θˢ``, dense."""
     from torch.func import hessian
 
-    from sklinfluence.curvature import Curvature
+    from sklinfluence.curvature.operator import Curvature
 
     model, Xt, Tt = est.model_, est.X_train_, est.T_train_
     H0 = Curvature(model, Xt, Tt, damping=est.damping).dense()
@@ -205,7 +205,7 @@ def test_anderson_mixing_converges_where_the_plain_chord_diverges(monkeypatch):
     without handing any to Newton, to the one-at-a-time Newton answers."""
     import torch
 
-    from sklinfluence import pbrf
+    from sklinfluence.response import pbrf
 
     rows = [0, 1, 2, 3, 4, 6, 7]
     many, X = _digits_mlp_pbrf(1e-4, 8)
@@ -236,7 +236,7 @@ def test_a_removal_whose_objective_is_not_convex_is_certified_without_newton(mon
     import torch
     from sklearn.exceptions import ConvergenceWarning
 
-    from sklinfluence import pbrf
+    from sklinfluence.response import pbrf
 
     est, X = _digits_mlp_pbrf(1e-3, 8)
     _, H = _pbrf_hessian_at_the_optimum(est, 5)
@@ -267,8 +267,11 @@ def test_batched_pbrf_above_the_threshold_uses_the_cg_chord_factor(data, monkeyp
     import torch
     from torch.func import hessian
 
-    from sklinfluence import pbrf, solvers
-    from sklinfluence.curvature import Curvature
+    from sklinfluence.response import pbrf
+
+    from sklinfluence import solvers
+    from sklinfluence.solvers import policy
+    from sklinfluence.curvature.operator import Curvature
 
     X, y = data
     rows, tol, damping = X[:6], 1e-9, 0.3
@@ -291,7 +294,7 @@ def test_batched_pbrf_above_the_threshold_uses_the_cg_chord_factor(data, monkeyp
     assert isinstance(dense.responder_.chord_solver(), solvers.ExactSolver)
     assert met_tol(one) and met_tol(dense)
 
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", model.n_params - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", model.n_params - 1)
     newton = []  # samples the chord iteration handed to one-at-a-time Newton
     minimize = pbrf.minimize_response
     monkeypatch.setattr(pbrf, "minimize_response",

@@ -13,7 +13,7 @@ from sklearn.frozen import FrozenEstimator
 from torch import nn
 
 from sklinfluence import InfluenceEstimator
-from sklinfluence import solvers
+from sklinfluence.solvers import policy
 
 
 def _module():
@@ -45,7 +45,7 @@ def test_auto_on_a_float32_net_is_the_mixed_kernel_at_a_float32_tol(nets, monkey
     float64 to ``tol=1e-6`` (the default for float32 nets); its self-influence and
     influence matrix equal the float64 net's to float32's reach (measured 3e-7)."""
     net, double, X, y = nets
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", 100)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", 100)
     est = InfluenceEstimator(FrozenEstimator(net), damping=1e-2).fit(X, y)
     d = est.diagnostics_
     assert (d["solver"], d["precision"], d["mixed_precision"], d["tol"]) == \
@@ -85,15 +85,15 @@ def test_the_pbrf_of_a_float32_net_with_a_cg_chord_matches_the_dense_one(nets, m
     float32 net's operator, fed the float64 gradients of the PBRF objective (solved on
     a float64 copy): it reaches the same minimiser as the dense factor."""
     from sklinfluence import PBRFEstimator
-    from sklinfluence.cache import RESPONSE_CACHE
+    from sklinfluence.response.cache import RESPONSE_CACHE
 
     net, _, X, y = nets
     dense = PBRFEstimator(FrozenEstimator(net), damping=0.1).fit(X, y)
     want = dense.param_change(X[:3])
     assert dense.responder_.solver_plan().pbrf_chord.solver == "exact"
     RESPONSE_CACHE.clear()
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", 100)
-    monkeypatch.setattr(solvers, "kernel_verdict", lambda *a: (False, "kept out by the test"))
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", 100)
+    monkeypatch.setattr(policy, "kernel_verdict", lambda *a: (False, "kept out by the test"))
     cg = PBRFEstimator(FrozenEstimator(net), damping=0.1).fit(X, y)
     got = cg.param_change(X[:3])
     assert cg.responder_.solver_plan().pbrf_chord.solver == "cg"

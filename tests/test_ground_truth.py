@@ -9,7 +9,7 @@ from sklearn.frozen import FrozenEstimator
 
 from nets import make_net, toy_data
 from sklinfluence import Decomposer, LOOEstimator, PBRFEstimator
-from sklinfluence.response import TERMS
+from sklinfluence.response.responder import TERMS
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_the_convexity_diagnostic_of_a_failed_solve_is_bounded(data, monkeypatch
     says so (on a 100,000-parameter net an unbounded Lanczos took minutes)."""
     import torch
 
-    from sklinfluence import pbrf as pbrf_module
+    from sklinfluence.response import pbrf as pbrf_module
 
     X, y = data
     short = PBRFEstimator(_net(), damping=0.5, max_iter=1, tol=1e-15, random_state=0).fit(X, y)

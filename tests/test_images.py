@@ -5,7 +5,6 @@ answers equal to those of the flattened equivalent (the same module behind an
 
 import numpy as np
 import pytest
-import torch
 from numpy.testing import assert_allclose
 from skorch import NeuralNetClassifier
 from sklearn.datasets import load_digits

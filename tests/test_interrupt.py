@@ -17,12 +17,12 @@ import pytest
 import torch
 from numpy.testing import assert_array_equal
 
-import sklinfluence.rungs as rungs
+import sklinfluence.response.rungs as rungs
 from nets import make_net, toy_data
 from sklinfluence import LOOEstimator, PBRFEstimator
 from sklinfluence.cli import main
-from sklinfluence.execution import DiskStore
-from sklinfluence.response import RESPONSE_CACHE
+from sklinfluence.utils.execution import DiskStore
+from sklinfluence.response.responder import RESPONSE_CACHE
 
 N_REMOVED = 6
 
@@ -104,7 +104,7 @@ def test_interrupted_run_leaves_valid_entries_and_resumes_the_rest(
 def test_interrupt_while_writing_a_cache_entry_keeps_the_good_one(tmp_path, monkeypatch):
     """Ctrl-C in the middle of ``np.savez``: the file under the final name, if any,
     is the previous complete one, and no partial or temporary file is left."""
-    import sklinfluence.execution as execution
+    import sklinfluence.utils.execution as execution
 
     store = DiskStore(tmp_path)
     good = np.arange(5.0)

@@ -1,5 +1,5 @@
 """The kernel (Woodbury) form of the exact damped Gauss–Newton inverse
-(:mod:`sklinfluence.kernel`, ``solver="kernel"``): equal to the dense solve on every
+(:mod:`sklinfluence.curvature.kernel`, ``solver="kernel"``): equal to the dense solve on every
 registered layer type, in both of its per-layer forms, for losses with and without a
 vanishing root column; refused before allocating where it does not fit; and what
 ``"auto"``, the Decomposer's exact rung and the PBRF's shared factor use above
@@ -13,12 +13,12 @@ from torch import nn
 
 import sklinfluence
 from sklinfluence import Decomposer, InfluenceEstimator
-from sklinfluence import solvers
-from sklinfluence.cache import RESPONSE_CACHE
-from sklinfluence.curvature import Curvature
-from sklinfluence.kernel import GaussNewtonKernel, _Factored, _Materialised
-from sklinfluence.layers import UnsupportedLayerError
-from sklinfluence.memory import NotEnoughMemoryError
+from sklinfluence.solvers import policy
+from sklinfluence.response.cache import RESPONSE_CACHE
+from sklinfluence.curvature.operator import Curvature
+from sklinfluence.curvature.kernel import GaussNewtonKernel, _Factored, _Materialised
+from sklinfluence.exceptions import UnsupportedLayerError
+from sklinfluence.exceptions import NotEnoughMemoryError
 from sklinfluence.solvers import KernelSolver, make_solver
 from test_kfac import _cnn, _dense_ggn, _model, _targets, _token_net
 from test_architectures import LAMBDA as ARCH_LAMBDA, _net
@@ -131,7 +131,7 @@ def test_auto_above_the_threshold_is_the_kernel_and_equals_exact(tanh_cnn, monke
     net, X, y = tanh_cnn
     exact = InfluenceEstimator(net, damping=ARCH_LAMBDA, solver="exact", random_state=0).fit(X, y)
     expected = exact.loss_change(X, y, X[:7], y[:7])
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", exact.model_.n_params - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", exact.model_.n_params - 1)
     auto = InfluenceEstimator(net, damping=ARCH_LAMBDA, random_state=0).fit(X, y)
     assert auto.diagnostics_["solver"] == "kernel" and isinstance(auto.solver_, KernelSolver)
     assert auto.diagnostics_["kernel_rows"] == len(X) * 2
@@ -149,7 +149,7 @@ def test_decomposer_uses_the_kernel_for_rung_4_and_the_pbrf_factor(tanh_cnn, mon
     rows = X[:3], y[:3]
     expected = dense.rung_responses(*rows)
     RESPONSE_CACHE.clear()
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", dense.model_.n_params - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", dense.model_.n_params - 1)
     built = []
     original = KernelSolver.__init__
     monkeypatch.setattr(KernelSolver, "__init__", lambda self, *a, **k: (
@@ -228,7 +228,7 @@ def test_the_mixed_kernel_solver_records_its_refinement(tanh_cnn):
 def _removals_mixture(X, T, n_out):
     """Single rows, a group, a row outside the training set and a training row
     under another target: the last two need their gradients."""
-    from sklinfluence.removal import Removal
+    from sklinfluence.model.removal import Removal
     single = [Removal(X[i:i + 1], T[i:i + 1], (i,)) for i in range(4)]
     group = Removal(X[4:7], T[4:7], (4, 5, 6))
     outside = Removal(X[7:8] + 0.3, T[7:8], (-1,))
@@ -245,7 +245,7 @@ def test_removal_products_equal_forces_times_the_solve(name, criterion, mixed):
     equals the forces times the dense solve — single rows, a group, rows that
     take the gradient route — to rounding (mixed precision refined to tol 1e-12:
     at worst 2e-13 of the largest entry measured)."""
-    from sklinfluence.rungs import removal_forces
+    from sklinfluence.response.rungs import removal_forces
     module, X = NETS[name]()
     model = _model(module, criterion)
     T = _targets(model, X, criterion)
@@ -275,8 +275,8 @@ def test_a_saturated_training_row_takes_the_gradient_route():
     """A softmax with a class at probability 0 (logits 10⁴ apart) has no Hessian along
     that class: its gradient is outside its kernel rows' span, so it is computed, and
     the products still equal the dense route's."""
-    from sklinfluence.rungs import removal_forces
-    from sklinfluence.removal import single_removals
+    from sklinfluence.response.rungs import removal_forces
+    from sklinfluence.model.removal import single_removals
     torch.manual_seed(0)
     model = _model(nn.Linear(5, 3), "CrossEntropyLoss")
     X = torch.randn(6, 5, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The mixed-precision kernel's stopping rules (:mod:`sklinfluence.kernel`): a float32
+"""The mixed-precision kernel's stopping rules (:mod:`sklinfluence.curvature.kernel`): a float32
 refinement round gaining less than tenfold switches the kernel to float64; the
 float64 solutions are then refined in parameter space to what float64 allows; and
 where ``tol`` lies below that, the solve says so and why."""
@@ -8,13 +8,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from numpy.testing import assert_allclose
 from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
-from sklinfluence import kernel as kernel_module
-from sklinfluence.curvature import Curvature
-from sklinfluence.kernel import GaussNewtonKernel
+from sklinfluence.curvature import kernel as kernel_module
+from sklinfluence.curvature.operator import Curvature
+from sklinfluence.curvature.kernel import GaussNewtonKernel
 from sklinfluence.solvers import make_solver
 from test_kernel import _mlp
 from test_kfac import _dense_ggn, _model, _targets

@@ -24,10 +24,12 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 from sklinfluence import InfluenceEstimator
-from sklinfluence.functional import FunctionalModel
-from sklinfluence.kfac import KroneckerFactors, UnsupportedLayerError, kronecker_passes
-from sklinfluence.layers import EmbeddingLayer, NotLinearError, NormLayer
-from sklinfluence.losses import output_loss_from_criterion
+from sklinfluence.model.functional import FunctionalModel
+from sklinfluence.curvature.kfac import KroneckerFactors, kronecker_passes
+from sklinfluence.exceptions import UnsupportedLayerError
+from sklinfluence.curvature.layers import EmbeddingLayer, NormLayer
+from sklinfluence.exceptions import NotLinearError
+from sklinfluence.model.losses import output_loss_from_criterion
 from tolerances import CG_VS_EXACT_RTOL, CLOSED_FORM_ATOL, CLOSED_FORM_RTOL, FLOAT32_RTOL
 
 DAMPING = 0.05
@@ -479,7 +481,7 @@ def test_a_layer_type_must_implement_every_abstract_method():
     registered type is complete."""
     import inspect
 
-    from sklinfluence import layers
+    from sklinfluence.curvature import layers
 
     assert layers.LAYER_TYPES and not any(inspect.isabstract(t) for t in layers.LAYER_TYPES)
 

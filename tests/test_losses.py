@@ -5,7 +5,7 @@ import pytest
 import torch
 from numpy.testing import assert_allclose
 
-from sklinfluence.losses import SUPPORTED_CRITERIA, output_loss_from_criterion
+from sklinfluence.model.losses import SUPPORTED_CRITERIA, output_loss_from_criterion
 from tolerances import CLOSED_FORM_ATOL, CLOSED_FORM_RTOL
 
 N, K = 7, 4

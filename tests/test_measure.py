@@ -8,7 +8,7 @@ from numpy.testing import assert_allclose
 from nets import make_net, toy_data
 from sklinfluence import Decomposer, InfluenceEstimator, PBRFEstimator
 from sklinfluence.base import RungViewMixin
-from sklinfluence.functional import FunctionalModel
+from sklinfluence.model.functional import FunctionalModel
 from tolerances import CLOSED_FORM_RTOL
 
 X, Y = toy_data("CrossEntropyLoss", n=40)

@@ -11,12 +11,13 @@ from numpy.testing import assert_allclose
 from nets import make_net, toy_data
 from sklinfluence import (Decomposer, InfluenceEstimator, PBRFEstimator, config_context,
                           get_config, set_config)
-from sklinfluence.cache import RESPONSE_CACHE
-from sklinfluence import curvature as curvature_module
-from sklinfluence.curvature import Curvature
-from sklinfluence.kfac import linear_ggn
-from sklinfluence.lowrank import top_eigenpairs
-from sklinfluence.memory import (NotEnoughMemoryError, available_bytes, check_dense,
+from sklinfluence.response.cache import RESPONSE_CACHE
+from sklinfluence.curvature import operator as curvature_module
+from sklinfluence.curvature.operator import Curvature
+from sklinfluence.curvature.kfac import linear_ggn
+from sklinfluence.curvature.lowrank import top_eigenpairs
+from sklinfluence.exceptions import NotEnoughMemoryError
+from sklinfluence.utils.memory import (available_bytes, check_dense,
                                  dense_bytes, dense_fits_memory, format_bytes, memory_limit)
 from sklinfluence.solvers import CGSolver, ExactSolver
 

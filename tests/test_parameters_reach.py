@@ -7,7 +7,7 @@ import pytest
 from nets import make_net, toy_data
 from sklinfluence import Decomposer, InfluenceEstimator, LOOEstimator, PBRFEstimator
 from sklinfluence.datamodeling import LinearDatamodelingScore
-from sklinfluence.execution import DiskStore
+from sklinfluence.utils.execution import DiskStore
 
 EXECUTION = dict(damping=0.37, n_jobs=1, removal_batch_size=3, batch_size=7)
 

@@ -21,7 +21,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.func import functional_call
 
-from sklinfluence import PBRFEstimator, pbrf
+from sklinfluence import PBRFEstimator
+from sklinfluence.response import pbrf
 
 MU, LAMBDA = 1e-4, 1e-2
 ROWS = [0, 1, 2, 3, 4, 5]

@@ -204,15 +204,16 @@ PRIVATE_SKLEARN = re.compile(r"^\s*(from sklearn[\w.]*\._\w+ import|from sklearn
 
 
 def test_private_sklearn_api_lives_in_one_module_within_the_declared_range():
-    """Only sklinfluence/_sklearn.py imports scikit-learn's private names, and the
+    """Only sklinfluence/utils/_sklearn.py imports scikit-learn's private names, and the
     installed scikit-learn is inside the range pyproject.toml declares."""
     from importlib.metadata import version
 
     from packaging.requirements import Requirement
 
-    importers = sorted(p.name for p in (ROOT / "sklinfluence").glob("*.py")
+    package = ROOT / "sklinfluence"
+    importers = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")
                        if PRIVATE_SKLEARN.search(p.read_text()))
-    assert importers == ["_sklearn.py"]
+    assert importers == ["utils/_sklearn.py"]
     text = (ROOT / "pyproject.toml").read_text()
     declared = Requirement(re.search(r'"(scikit-learn[^"]*)"', text)[1])
     assert declared.specifier.filter([version("scikit-learn")]), declared
@@ -230,31 +231,73 @@ def test_private_sklearn_pattern(line, private):
     assert bool(PRIVATE_SKLEARN.search(line)) is private
 
 
+#: The package's layers, top to bottom: a module imports from its own layer or below.
+LAYERS = ("estimators", "response", "solvers", "curvature", "model", "utils", "foundation")
+#: Top-level modules every layer may import (settings, the library's errors).
+FOUNDATION = {"_config", "exceptions"}
+
+
+def _modules() -> dict:
+    """Dotted module name inside the package (``"__init__"`` for the package
+    itself, ``"solvers"`` for ``solvers/__init__.py``) → its path."""
+    package = ROOT / "sklinfluence"
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).with_suffix("").parts
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
 def _import_graph() -> dict:
-    """Module → the package modules it imports: every ``from .mod import …`` and
-    ``from . import mod`` in sklinfluence/*.py, at module level, under ``if`` (type
-    checking included) or inside functions (``from . import name`` of a non-module:
-    the package itself, ``__init__``)."""
+    """Module → the package modules importing it runs: every relative import in
+    sklinfluence/, at module level, under ``if`` (type checking included) or inside
+    functions, with the subpackages whose ``__init__`` it passes through
+    (``from . import name`` of a non-module: that package's ``__init__``)."""
     import ast
 
-    package = ROOT / "sklinfluence"
-    modules = {p.stem for p in package.glob("*.py")}
+    modules = _modules()
     graph = {}
-    for path in package.glob("*.py"):
+    for me, path in modules.items():
+        inside = path.name == "__init__.py" and me != "__init__"
+        package = me if inside else (me.rpartition(".")[0] if "." in me else "")
         edges = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    edges.add(node.module.split(".")[0])
-                else:
-                    edges.update(a.name if a.name in modules else "__init__" for a in node.names)
-        graph[path.stem] = edges & modules
+            if not (isinstance(node, ast.ImportFrom) and node.level >= 1):
+                continue
+            base = package.split(".") if package else []
+            base = base[:len(base) - (node.level - 1)]
+            if node.module:
+                target = ".".join(base + node.module.split("."))
+                edges.add(target)
+                edges.update(f"{target}.{a.name}" for a in node.names)
+            else:
+                for alias in node.names:
+                    name = ".".join(base + [alias.name])
+                    edges.add(name if name in modules else ".".join(base) or "__init__")
+        # importing a.b.c runs the __init__ of the subpackages a and a.b first
+        # (but not of the packages this module is in: they are being imported)
+        for target in list(edges):
+            parts = target.split(".")
+            edges.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        mine = {".".join(me.split(".")[:i]) for i in range(1, me.count(".") + 2)}
+        graph[me] = (edges & set(modules)) - mine
     return graph
+
+
+def _layer(module: str) -> str:
+    head = module.split(".")[0]
+    if head in FOUNDATION:
+        return "foundation"
+    return head if head in LAYERS else "estimators"
 
 
 def test_the_package_import_graph_has_no_cycle():
     graph = _import_graph()
-    assert graph["response"] >= {"rungs", "solvers"} and "cli" in graph["__main__"]
+    assert graph["response.responder"] >= {"response.rungs", "solvers"}
+    assert graph["solvers"] >= {"solvers.policy", "solvers.cg"}
+    assert "cli" in graph["__main__"]
     state: dict = {}  # module → "open" while on the path, "done" after
 
     def visit(module: str, path: list) -> None:
@@ -268,3 +311,18 @@ def test_the_package_import_graph_has_no_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def test_each_layer_imports_only_its_own_and_lower_layers():
+    """estimators → response → solvers → curvature → model → utils → _config,
+    exceptions: no module imports from a layer above its own."""
+    graph = _import_graph()
+    rank = {layer: i for i, layer in enumerate(LAYERS)}
+    upward = sorted(f"{module} ({_layer(module)}) imports {target} ({_layer(target)})"
+                    for module, targets in graph.items() for target in targets
+                    if rank[_layer(target)] < rank[_layer(module)])
+    assert upward == []
+    # every layer is there, and used from above
+    used = {_layer(target) for module, targets in graph.items() for target in targets
+            if _layer(target) != _layer(module)}
+    assert used == set(LAYERS) - {"estimators"}

@@ -33,10 +33,10 @@ from linear_problems import (Linear, curvature, design, grads, mean_loss, recipe
                              replay_recipe, well_conditioned_data)
 from nets import CRITERIA, make_net, toy_data
 from sklinfluence import Decomposer, InfluenceEstimator, LOOEstimator
-from sklinfluence.curvature import Curvature
-from sklinfluence.functional import FunctionalModel
-from sklinfluence.losses import output_loss_from_criterion
-from sklinfluence.response import RESPONSE_CACHE
+from sklinfluence.curvature.operator import Curvature
+from sklinfluence.model.functional import FunctionalModel
+from sklinfluence.model.losses import output_loss_from_criterion
+from sklinfluence.response.responder import RESPONSE_CACHE
 from sklinfluence.solvers import make_solver
 from tolerances import (CLOSED_FORM_RTOL, INVARIANCE_RTOL, LOSS_AT_RUNGS_ATOL_REL,
                         SOLVE_RESIDUAL_PER_CONDITION)

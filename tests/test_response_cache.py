@@ -13,10 +13,10 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.validation import check_is_fitted
 
-import sklinfluence.response as response
+import sklinfluence.response.responder as response
 from nets import make_net, toy_data
 from sklinfluence import InfluenceEstimator, LOOEstimator, RemovalSplit, config_context, get_config
-from sklinfluence.response import RESPONSE_CACHE, CacheOwner, ResponseCache
+from sklinfluence.response.responder import RESPONSE_CACHE, CacheOwner, ResponseCache
 
 
 @pytest.fixture

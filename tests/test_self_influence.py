@@ -11,11 +11,11 @@ import torch
 from numpy.testing import assert_allclose
 
 from sklinfluence import InfluenceEstimator
-from sklinfluence.curvature import Curvature
-from sklinfluence.rungs import removal_forces
+from sklinfluence.curvature.operator import Curvature
+from sklinfluence.response.rungs import removal_forces
 from sklinfluence.solvers import make_solver
 from test_architectures import LAMBDA as ARCH_LAMBDA, _net
-from test_kernel import LAMBDA, NETS, _model, _reference_solve, _removals_mixture, _targets
+from test_kernel import LAMBDA, NETS, _model, _removals_mixture, _targets
 from tolerances import CLOSED_FORM_RTOL
 
 

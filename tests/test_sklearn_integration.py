@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from nets import make_net, toy_data
 from sklinfluence import (Decomposer, InfluenceEstimator, LOOEstimator, PBRFEstimator,
                           RemovalSplit, agreement_scorer)
-from sklinfluence.response import RESPONSE_CACHE
+from sklinfluence.response.responder import RESPONSE_CACHE
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,14 @@ import torch
 from torch import nn
 
 from sklinfluence import InfluenceEstimator, PBRFEstimator, config_context
-from sklinfluence import response, solvers
-from sklinfluence.cache import RESPONSE_CACHE
-from sklinfluence.curvature import Curvature
-from sklinfluence.functional import FunctionalModel
-from sklinfluence.losses import output_loss_from_criterion
-from sklinfluence.memory import dense_bytes
+from sklinfluence.response import responder as response
+from sklinfluence import solvers
+from sklinfluence.solvers import policy
+from sklinfluence.response.cache import RESPONSE_CACHE
+from sklinfluence.curvature.operator import Curvature
+from sklinfluence.model.functional import FunctionalModel
+from sklinfluence.model.losses import output_loss_from_criterion
+from sklinfluence.utils.memory import dense_bytes
 from sklinfluence.solvers import (CHORD_TOL, MIXED_PRECISION_MIN_TOL, SOLVER_ROLES,
                                   plan_solvers, resolve_solver)
 from nets import make_net, toy_data
@@ -50,7 +52,7 @@ def _roles(plan):
 def test_up_to_exact_max_params_every_role_is_the_dense_solve(monkeypatch, offset):
     model = _model()
     P = model.n_params
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", P + offset)  # P ≤ EXACT_MAX_PARAMS
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P + offset)  # P ≤ EXACT_MAX_PARAMS
     plan = _plan(model, 10)
     assert _roles(plan) == (("exact", {}),) * 3 and plan.chord_is_exact
     assert f"{P} parameters ≤ EXACT_MAX_PARAMS = {P + offset}" in plan.influence.reason
@@ -61,7 +63,7 @@ def test_up_to_exact_max_params_every_role_is_the_dense_solve(monkeypatch, offse
 def test_one_parameter_above_it_the_kernel_form_takes_every_role(monkeypatch):
     model = _model()
     P = model.n_params
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", P - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
     plan = _plan(model, P)  # N·K = P: the kernel still applies
     kernel = ("kernel", {"mixed_precision": False})
     assert _roles(plan) == (kernel,) * 3 and plan.chord_is_exact
@@ -74,7 +76,7 @@ def test_more_kernel_rows_than_parameters_is_cg_and_the_dense_exact_rung(monkeyp
     memory) and the batched PBRF, with no factor to share, runs CG to CHORD_TOL."""
     model = _model()
     P = model.n_params
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", P - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
     plan = _plan(model, P + 1)
     assert _roles(plan) == (("cg", {"mixed_precision": False}), ("exact", {}), ("cg", {}))
     assert not plan.chord_is_exact
@@ -99,7 +101,7 @@ def test_above_the_memory_limit_the_exact_rung_is_what_auto_picks(monkeypatch):
 def test_mixed_precision_from_mixed_precision_min_tol_up(monkeypatch, tol, mixed):
     model = _model()
     P = model.n_params
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", P - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
     kernel, cg = _plan(model, P, tol=tol), _plan(model, P + 1, tol=tol)
     assert kernel.influence.params == {"mixed_precision": mixed} == cg.influence.params
     assert kernel.exact_influence.params == {"mixed_precision": mixed}
@@ -110,7 +112,7 @@ def test_mixed_precision_from_mixed_precision_min_tol_up(monkeypatch, tol, mixed
 def test_a_float32_net_gets_the_float32_kernel_and_plain_cg(monkeypatch):
     model = _model(torch.float32)
     P = model.n_params
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", P - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
     kernel = _plan(model, P, tol=1e-10)  # float32 kernel rows: refined at any tol
     assert kernel.influence.params == {"mixed_precision": True}
     assert "a float32 net's kernel rows carry float32 rounding" in kernel.influence.reason
@@ -125,7 +127,7 @@ def test_the_hessian_gets_cg_above_the_dense_size_and_the_exact_rung_the_kernel(
     plan = _plan(model, P, curvature="hessian")
     assert plan.influence.solver == "exact" and plan.influence.curvature == "hessian"
     assert plan.exact_influence.curvature == "ggn"
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", P - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
     plan = _plan(model, P, curvature="hessian")
     assert (plan.influence.solver, plan.influence.curvature) == ("cg", "hessian")
     assert "inverts the Gauss–Newton matrix, not the Hessian" in plan.influence.reason
@@ -147,7 +149,7 @@ def test_a_requested_solver_is_kept_and_checked():
 def test_resolve_solver_reads_the_configured_role(monkeypatch):
     model = _model()
     P = model.n_params
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", P - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
     for n, tol in [(P, 1e-6), (P + 1, 1e-10)]:
         X = _inputs(n)
         curvature = Curvature(model, X, model.forward(model.params, X).detach(),
@@ -192,7 +194,7 @@ def test_the_responder_decides_once_and_the_estimators_report_it(data, monkeypat
 def test_above_the_threshold_the_roles_build_what_the_plan_says(data, monkeypatch):
     X, y, net = data
     est = InfluenceEstimator(net, damping=DAMPING, random_state=0).fit(X, y)
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", est.model_.n_params - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", est.model_.n_params - 1)
     RESPONSE_CACHE.clear()
     pbrf = PBRFEstimator(net, damping=0.3, removal_batch_size=3, random_state=0).fit(
         X[:4], y[:4])  # N·K = 12 rows: the kernel form
@@ -206,8 +208,8 @@ def test_above_the_threshold_the_roles_build_what_the_plan_says(data, monkeypatc
 def test_the_default_removal_products_stream_the_forces_and_equal_the_products():
     """The base class's influence matrix: the solve for the gradients, then its
     products with each part's forces — the same numbers in parts as at once."""
-    from sklinfluence.removal import single_removals
-    from sklinfluence.rungs import removal_forces
+    from sklinfluence.model.removal import single_removals
+    from sklinfluence.response.rungs import removal_forces
 
     model = _model()
     X = _inputs(9)

@@ -14,7 +14,7 @@ from skorch import NeuralNetRegressor
 from linear_problems import well_conditioned_data
 from nets import make_net, toy_data
 from sklinfluence import InfluenceEstimator
-from sklinfluence.curvature import Curvature
+from sklinfluence.curvature.operator import Curvature
 from sklinfluence.solvers import RESIDUAL_CHECKS, CGSolver, ExactSolver, measured_rows
 from tolerances import CG_VS_EXACT_RTOL, CLOSED_FORM_RTOL, SOLVE_RESIDUAL_PER_CONDITION
 

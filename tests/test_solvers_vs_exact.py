@@ -20,12 +20,14 @@ from linear_problems import recipe, well_conditioned_data
 from nets import make_net, mlp, toy_data
 import sklinfluence
 from sklinfluence import InfluenceEstimator
-from sklinfluence.curvature import Curvature
-from sklinfluence.kfac import KroneckerFactors
-from sklinfluence.lowrank import top_eigenpairs
+from sklinfluence.curvature.operator import Curvature
+from sklinfluence.curvature.kfac import KroneckerFactors
+from sklinfluence.curvature.lowrank import top_eigenpairs
 from sklinfluence import solvers
+from sklinfluence.exceptions import LissaDivergenceError
+from sklinfluence.solvers import policy
 from sklinfluence.solvers import (EXACT_MAX_PARAMS, ArnoldiSolver, CGSolver,
-                                  LissaDivergenceError, LissaSolver, make_solver,
+                                  LissaSolver, make_solver,
                                   resolve_solver)
 from tolerances import (ARNOLDI_EIGSH_TOL, ARNOLDI_VS_CLOSED_FORM_RTOL, CG_VS_EXACT_RTOL,
                         CLOSED_FORM_RTOL, INVARIANCE_RTOL, SOLVE_RESIDUAL_PER_CONDITION)
@@ -388,7 +390,7 @@ def test_auto_above_the_threshold_is_mixed_precision_cg_and_equals_exact(trained
     net, X, y = trained
     tol = solvers.MIXED_PRECISION_MIN_TOL
     exact = influence(net, X, y, solver="exact")
-    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", exact.model_.n_params - 1)
+    monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", exact.model_.n_params - 1)
     auto = influence(net, X, y, tol=tol)
     assert auto.diagnostics_["requested_solver"] == "auto"
     assert auto.diagnostics_["solver"] == "cg" and auto.diagnostics_["mixed_precision"]

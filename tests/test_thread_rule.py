@@ -5,8 +5,8 @@ thread — whether the size is known when the section starts or learnt inside it
 import pytest
 import torch
 
-from sklinfluence import threads as threads_module
-from sklinfluence.threads import (MANY_THREADS_MIN_PARAMS, THREAD_VARIABLES, automatic_threads,
+from sklinfluence.utils import threads as threads_module
+from sklinfluence.utils.threads import (MANY_THREADS_MIN_PARAMS, THREAD_VARIABLES, automatic_threads,
                                   compute_section, model_size_known)
 
 CORES = 7  # what the machine is said to have: neither 1 nor the caller's setting

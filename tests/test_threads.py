@@ -6,9 +6,9 @@ from skorch.callbacks import Callback
 
 from nets import make_net, toy_data
 from sklinfluence import Decomposer, InfluenceEstimator, config_context, set_config
-from sklinfluence import threads as threads_module
+from sklinfluence.utils import threads as threads_module
 from sklinfluence.cli import main
-from sklinfluence.threads import MANY_THREADS_MIN_PARAMS, THREAD_VARIABLES, automatic_threads
+from sklinfluence.utils.threads import MANY_THREADS_MIN_PARAMS, THREAD_VARIABLES, automatic_threads
 
 X, Y = toy_data("MSELoss", n=30)
 SEEN: list = []  # thread counts seen while the net trains (callbacks are cloned: module level)

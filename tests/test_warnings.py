@@ -14,7 +14,7 @@ from skorch import NeuralNetRegressor
 
 from nets import make_net, toy_data
 from sklinfluence import InfluenceEstimator, PBRFEstimator, RemovalSplit, agreement_scorer
-from sklinfluence import _warnings
+from sklinfluence.utils import _warnings
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_unexpected_convergence_warnings_fail_the_tests(data):
 # ------------------------------------------------------------------ the rule itself
 _LIBRARY_FILE = os.path.join(os.path.dirname(_warnings.__file__), "_fake_caller.py")
 _library = {}
-exec(compile("from sklinfluence._warnings import warn\n"
+exec(compile("from sklinfluence.utils._warnings import warn\n"
              "def library_warns(message):\n"
              "    warn(message, UserWarning)\n", _LIBRARY_FILE, "exec"), _library)
 

@@ -1,15 +1,15 @@
 """Computing responses: the :class:`Responder` of a fitted net, and its cache.
 
 The rungs themselves (what each computes, and how) live in
-:mod:`sklinfluence.rungs`; the unit of work is a
-:class:`~sklinfluence.removal.Removal`. A :class:`Responder` holds what one
+:mod:`sklinfluence.response.rungs`; the unit of work is a
+:class:`~sklinfluence.model.removal.Removal`. A :class:`Responder` holds what one
 fitted net's responses depend on (:class:`ResponseContext`), owns its
 curvature solvers (as :func:`~sklinfluence.solvers.plan_solvers` decides, once;
 one per resolved solver, so ``"auto"`` and ``"exact"`` never build the same
 matrix twice), and computes any rung's responses to a
 list of removals: closed-form rungs in one solve, the others through the
 in-process :data:`RESPONSE_CACHE`, the optional disk store, batching and
-joblib workers (:func:`~sklinfluence.execution.run_responses`).
+joblib workers (:func:`~sklinfluence.utils.execution.run_responses`).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
-from ._warnings import warn
+from ..utils._warnings import warn
 from .cache import RESPONSE_CACHE, CacheOwner, ResponseCache
 from .context import ResponseContext
-from .curvature import Curvature
-from .execution import run_responses
-from .removal import Removal
+from ..curvature.operator import Curvature
+from ..utils.execution import run_responses
+from ..model.removal import Removal
 from .rungs import LADDER, TERMS, Rung, rung
-from .solvers import SolverDecision, SolverPlan, make_solver, plan_solvers
+from ..solvers import SolverDecision, SolverPlan, make_solver, plan_solvers
 
 __all__ = ["Rung", "LADDER", "TERMS", "ResponseContext", "Responder", "ResponseCache",
            "CacheOwner", "RESPONSE_CACHE", "rung"]
@@ -42,7 +42,7 @@ class Responder:
     """Computes parameter responses ``θ_after − θˢ`` of any rung to a list of removals.
 
     Non-closed-form rungs are computed removal by removal (or in batches, as
-    the rung plans) and kept in :data:`~sklinfluence.cache.RESPONSE_CACHE` on
+    the rung plans) and kept in :data:`~sklinfluence.response.cache.RESPONSE_CACHE` on
     behalf of ``context.cache_owner`` (or of the responder itself when it has
     none).
 
@@ -72,7 +72,7 @@ class Responder:
         """Digest of everything that determines rung ``r``'s responses.
 
         Trained parameters, training data, loss, architecture, ε, and what
-        the rung itself names (:meth:`~sklinfluence.rungs.Rung.key_parts`:
+        the rung itself names (:meth:`~sklinfluence.response.rungs.Rung.key_parts`:
         damping, recipe, seed and epochs, solver tolerances …). Two
         estimators with equal keys (e.g. clones in a grid search that differ
         in an unrelated parameter) share responses through

@@ -22,9 +22,9 @@ softmax cross-entropy, whose Hessian is blind to a shift of all logits); what
 they leave out of ``G`` is below ``K·eps`` of the output Hessian's largest
 eigenvalue.
 
-The rows of ``Ũ`` come from the layer captures of :mod:`sklinfluence.kfac`
+The rows of ``Ũ`` come from the layer captures of :mod:`sklinfluence.curvature.kfac`
 (one forward and one batched backward pass per chunk of samples, the
-registered layer types of :mod:`sklinfluence.layers`), and each layer keeps
+registered layer types of :mod:`sklinfluence.curvature.layers`), and each layer keeps
 the cheaper of two forms:
 
 - **factored**, for ``nn.Linear`` applied to one row per sample whose ``D`` is
@@ -66,10 +66,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .functional import FunctionalModel, iterate_batches
+from ..model.functional import FunctionalModel, iterate_batches
 from .kfac import kronecker_passes
-from .layers import KroneckerLayer, LinearBlock, UnsupportedLayerError, kronecker_layers
-from .memory import NotEnoughMemoryError, format_bytes, memory_limit
+from ..exceptions import NotEnoughMemoryError, UnsupportedLayerError
+from .layers import KroneckerLayer, LinearBlock, kronecker_layers
+from ..utils.memory import format_bytes, memory_limit
 
 __all__ = ["GaussNewtonKernel", "kernel_bytes", "kernel_applies", "kernel_verdict",
            "KERNEL_MAX_REFINEMENTS"]
@@ -106,7 +107,7 @@ def kernel_applies(model: FunctionalModel, X: Tensor, damping: float) -> str | N
     It needs a positive ``D`` (weight decay plus damping), every trainable
     parameter in a registered layer type, fewer kernel rows than parameters
     (``N·K ≤ P``) and ``16 (N·K)²`` bytes plus the materialised rows within
-    :func:`~sklinfluence.memory.memory_limit` (:func:`kernel_verdict`).
+    :func:`~sklinfluence.utils.memory.memory_limit` (:func:`kernel_verdict`).
     """
     applies, why = kernel_verdict(model, X, damping)
     return None if applies else why
@@ -198,7 +199,7 @@ class GaussNewtonKernel:
         If a trainable parameter is outside a registered layer type.
     NotEnoughMemoryError
         Before allocating, if the kernel, its factor and the materialised
-        rows exceed :func:`~sklinfluence.memory.memory_limit`.
+        rows exceed :func:`~sklinfluence.utils.memory.memory_limit`.
     ValueError
         If ``D`` is not positive.
     """
@@ -484,7 +485,7 @@ class GaussNewtonKernel:
         """Why a solve stopped at ``residual`` above ``tol`` (after :meth:`_solve_kernel`)."""
         if self.factor.dtype != torch.float64:
             return (f"the float32 refinement stopped after {KERNEL_MAX_REFINEMENTS} rounds "
-                    f"(sklinfluence.kernel.KERNEL_MAX_REFINEMENTS) at a relative residual of "
+                    f"(sklinfluence.curvature.kernel.KERNEL_MAX_REFINEMENTS) at a relative residual of "
                     f"{residual:.1e}, above tol={tol:g}, each round still gaining tenfold.")
         norm = self.norm()
         floor = torch.finfo(torch.float64).eps * norm

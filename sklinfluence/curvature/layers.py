@@ -69,8 +69,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..exceptions import UnsupportedLayerError
+
 __all__ = ["KroneckerLayer", "LinearBlock", "Conv2dLayer", "EmbeddingLayer", "NormLayer",
-           "UnsupportedLayerError", "NotLinearError", "LAYER_TYPES", "register_layer",
+           "UnsupportedLayerError", "LAYER_TYPES", "register_layer",
            "kronecker_layers"]
 
 #: Elements of the per-sample gradient matrices ``rotated_squares`` forms at once
@@ -81,16 +83,6 @@ ADVICE = "Use solver='cg' or 'arnoldi' for this network."
 #: The solvers built on this registry, as the errors name them (the kernel form
 #: and EK-FAC/K-FAC both take the layers' captures).
 LAYERWISE = "solver='kernel', 'ekfac' or 'kfac'"
-
-
-class UnsupportedLayerError(ValueError):
-    """The network has trainable parameters outside the layer types with a
-    Kronecker-factored curvature (:data:`LAYER_TYPES`), or uses one in a way
-    the factorisation cannot describe."""
-
-
-#: The former name, kept for code that catches it.
-NotLinearError = UnsupportedLayerError
 
 #: Registered layer classes, tried in order.
 LAYER_TYPES: list[type[KroneckerLayer]] = []

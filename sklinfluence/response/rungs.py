@@ -26,7 +26,7 @@ A rung owns what determines its answers (:meth:`Rung.key_parts`, part of
 the cache key), what it accepts (:meth:`Rung.check`), how one removal is
 computed (:meth:`Rung.compute`, run in joblib workers) and, optionally, how
 several are computed at once (:meth:`Rung.plan`). The
-:class:`~sklinfluence.response.Responder` does the rest — caching in memory
+:class:`~sklinfluence.response.responder.Responder` does the rest — caching in memory
 and on disk, batching, parallel execution, resuming — the same way for every
 rung. :class:`Linear` rungs are closed forms, computed for all removals in one
 solve and never cached.
@@ -47,19 +47,19 @@ import torch
 from torch import Tensor
 
 from . import pbrf
-from ._warnings import describe_removal, naming_right_hand_sides, removal_names
+from ..utils._warnings import describe_removal, naming_right_hand_sides, removal_names
 from .context import ResponseContext
-from .functional import FunctionalModel
+from ..model.functional import FunctionalModel
 from .pbrf import (MinimizeResult, ResponseObjective, has_kinks, minimize_kinked,
                    minimize_response, minimize_responses_batched)
-from .removal import Removal, stacked_rows
+from ..model.removal import Removal, stacked_rows
 
 __all__ = ["Rung", "Retrain", "Minimize", "Linear", "LADDER", "TERMS", "rung", "removal_forces",
            "compute_each", "compute_pbrf_batch", "compute_retrain_batch", "ResponderLike"]
 
 
 class ResponderLike(Protocol):
-    """What a rung uses of the :class:`~sklinfluence.response.Responder` that computes
+    """What a rung uses of the :class:`~sklinfluence.response.responder.Responder` that computes
     it (declared here, so that this module need not import that one)."""
 
     context: ResponseContext
@@ -150,7 +150,7 @@ class Retrain(Rung):
     baselines whose refit is exact minimise the proximal rung exactly
     instead (``recipe.exact_proximal``). Removals must be training rows;
     several of the same size retrain at once as a vectorised
-    ensemble when the recipe can be replayed (:mod:`sklinfluence.ensemble`).
+    ensemble when the recipe can be replayed (:mod:`sklinfluence.model.ensemble`).
     """
 
     def key_parts(self, ctx: ResponseContext) -> list:
@@ -280,7 +280,7 @@ class Minimize(Rung):
         kinks = (f" The net has piecewise-linear layers ({', '.join(kinked)}): its objective "
                  "has kinks where a unit's input crosses 0, and a minimiser on a kink has no "
                  "zero gradient; the L-BFGS continuation that takes such solves on stopped at "
-                 f"its iteration cap (sklinfluence.pbrf.LBFGS_MAX_ITER = {pbrf.LBFGS_MAX_ITER}) "
+                 f"its iteration cap (sklinfluence.response.pbrf.LBFGS_MAX_ITER = {pbrf.LBFGS_MAX_ITER}) "
                  "before the objective and the step "
                  "stopped changing (smooth activations such as Tanh, GELU or Softplus do not "
                  "have kinks)." if kinked else "")

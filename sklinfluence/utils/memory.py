@@ -9,7 +9,7 @@ reports available (``MemAvailable`` of ``/proc/meminfo``) at the time of the
 call — and :func:`check_dense` raises :class:`NotEnoughMemoryError`, naming
 the sizes and what fits instead, where they do not. The library calls it
 before every dense ``P × P`` allocation
-(:meth:`~sklinfluence.curvature.Curvature.dense`), so a request that cannot
+(:meth:`~sklinfluence.curvature.operator.Curvature.dense`), so a request that cannot
 fit fails with that message instead of an allocator error minutes later.
 """
 
@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import os
 
-from ._config import get_config
+from .._config import get_config
+from ..exceptions import NotEnoughMemoryError
 
-__all__ = ["NotEnoughMemoryError", "available_bytes", "memory_limit", "dense_bytes",
+__all__ = ["available_bytes", "memory_limit", "dense_bytes",
            "dense_fits_memory", "check_dense", "format_bytes"]
-
-
-class NotEnoughMemoryError(MemoryError):
-    """A dense matrix would not fit in the memory limit; raised before allocating."""
 
 
 def available_bytes() -> int | None:

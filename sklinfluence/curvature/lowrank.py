@@ -15,8 +15,8 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
-from .curvature import Curvature
-from .memory import dense_fits_memory
+from .operator import Curvature
+from ..utils.memory import dense_fits_memory
 
 __all__ = ["bottom_eigenvalue", "top_eigenpairs", "top_eigenvalue"]
 

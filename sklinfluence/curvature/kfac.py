@@ -22,7 +22,7 @@ Gauss–Newton matrix *exactly*, not a Monte-Carlo sample of it as the
   ``Λ = (1/N) Σ_ik (Q_Sᵀ D_ik Q_A)²`` (elementwise) — the best diagonal
   approximation in that basis.
 
-Which layers, and how (:mod:`sklinfluence.layers`, one class per type; memory
+Which layers, and how (:mod:`sklinfluence.curvature.layers`, one class per type; memory
 in numbers, 8 bytes each):
 
 - ``nn.Linear`` (inputs ``(N, ..., d_in)``, the middle dimensions are
@@ -39,7 +39,7 @@ in numbers, 8 bytes each):
 Anything else with trainable parameters (``nn.Conv1d``, ``nn.MultiheadAttention``'s
 in-projection, an ``nn.Parameter`` used directly, a subclass with its own
 ``forward``, a grouped convolution) raises :class:`UnsupportedLayerError`
-(a ``ValueError``; :class:`NotLinearError` is the same class) naming the
+(a ``ValueError``) naming the
 layer: use ``solver="cg"`` or ``"arnoldi"`` for those.
 
 Layers are treated independently (block-diagonal), the weight decay ``μ`` is
@@ -76,11 +76,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import FunctionalModel, iterate_batches
-from .layers import (LAYERWISE, KroneckerLayer, LinearBlock, NotLinearError,
-                     UnsupportedLayerError, kronecker_layers)
+from ..model.functional import FunctionalModel, iterate_batches
+from ..exceptions import UnsupportedLayerError
+from .layers import LAYERWISE, KroneckerLayer, LinearBlock, kronecker_layers
 
-__all__ = ["KroneckerFactors", "LinearBlock", "NotLinearError", "UnsupportedLayerError",
+__all__ = ["KroneckerFactors", "LinearBlock", "UnsupportedLayerError",
            "kronecker_layers", "kronecker_passes", "linear_blocks", "layer_passes",
            "linear_ggn"]
 
@@ -94,7 +94,7 @@ def linear_blocks(model: FunctionalModel) -> list[LinearBlock]:
 
     Raises
     ------
-    NotLinearError
+    UnsupportedLayerError
         If some trainable parameter is outside a plain ``nn.Linear`` layer
         (subclasses with their own ``forward`` count as other layers), is
         shared by two layers, or a layer trains its bias but not its weight.
@@ -103,7 +103,7 @@ def linear_blocks(model: FunctionalModel) -> list[LinearBlock]:
     others = [f"{layer.name!r} ({type(layer).__name__})" for layer in layers
               if not isinstance(layer, LinearBlock)]
     if others:
-        raise NotLinearError(
+        raise UnsupportedLayerError(
             "the exact Kronecker build of the Gauss–Newton matrix handles nn.Linear layers "
             f"only, but the network also trains {', '.join(others[:3])}; its matrix comes "
             "from the Jacobians instead.")
@@ -214,14 +214,14 @@ def layer_passes(model: FunctionalModel, theta: Tensor, blocks: list[LinearBlock
 
     Raises
     ------
-    NotLinearError
+    UnsupportedLayerError
         As :func:`kronecker_passes`, and if a layer's input is not one 2-D row
         per sample.
     """
     for captures in kronecker_passes(model, theta, blocks, X, T, batch_size, check=check):
         for block, cap in zip(blocks, captures):
             if cap.a.shape[1] != 1:
-                raise NotLinearError(
+                raise UnsupportedLayerError(
                     f"layer {block.name!r} receives {cap.a.shape[1]} rows per sample; the "
                     "exact Kronecker build needs one row per sample (2-D inputs).")
         yield [(cap.a[:, 0], cap.g.reshape(-1, block.d_out))
@@ -253,7 +253,7 @@ class KroneckerFactors:
     ----------
     model : FunctionalModel
         The network; every trainable parameter must belong to a registered
-        layer type (:mod:`sklinfluence.layers`).
+        layer type (:mod:`sklinfluence.curvature.layers`).
     X, T : Tensor
         Training inputs and targets.
     damping : float
@@ -374,7 +374,7 @@ def linear_ggn(model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor, *,
 
     Raises
     ------
-    NotLinearError
+    UnsupportedLayerError
         If the network is not made of such layers (then use the Jacobians).
     """
     blocks = linear_blocks(model)

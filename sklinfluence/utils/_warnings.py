@@ -3,7 +3,7 @@
 Every warning sklinfluence raises goes through :func:`warn`, which attributes
 it to the first frame of the caller's own code: frames in this package are
 skipped (the public methods are wrapped, e.g. by
-:func:`~sklinfluence.threads.compute_section`, so no fixed ``stacklevel``
+:func:`~sklinfluence.utils.threads.compute_section`, so no fixed ``stacklevel``
 is right), and so are the frames of libraries that merely call into it —
 scikit-learn (``GridSearchCV.fit``, ``cross_val_score``), joblib, skorch,
 torch, and the standard library's ``contextlib``, ``functools``, ``threading``
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 __all__ = ["warn", "user_stacklevel", "describe_removal", "removal_names",
            "naming_right_hand_sides", "right_hand_side_name"]
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 #: Top-level modules whose frames only pass a call on to sklinfluence.
 PASS_THROUGH = frozenset({"sklearn", "joblib", "skorch", "torch", "contextlib", "functools",
                           "threading", "concurrent"})
@@ -70,7 +70,7 @@ def _label_text(label: Any) -> str:
 
 
 def describe_removal(removal: Any) -> str:
-    """Words for a :class:`~sklinfluence.removal.Removal`: its rows (and group label).
+    """Words for a :class:`~sklinfluence.model.removal.Removal`: its rows (and group label).
 
     ``"training row 7"``, ``"group 'a' (training rows 3, 5 and 9)"``, and for
     rows that are not training rows, their number.

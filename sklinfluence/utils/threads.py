@@ -33,7 +33,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from ._config import get_config
+from .._config import get_config
 
 __all__ = ["MANY_THREADS_MIN_PARAMS", "THREAD_VARIABLES", "automatic_threads",
            "compute_section", "model_size_known"]

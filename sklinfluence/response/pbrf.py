@@ -26,7 +26,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh, minr
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
-from .functional import FunctionalModel
+from ..model.functional import FunctionalModel
 
 __all__ = ["ResponseObjective", "MinimizeResult", "has_kinks", "kinked_layers", "minimize_kinked",
            "minimize_response", "minimize_responses_batched"]

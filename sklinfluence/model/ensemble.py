@@ -98,7 +98,7 @@ def retrain_ensemble(net: Any, model: FunctionalModel, X: Tensor, T: Tensor,
     removed : list of sequences of int
         The rows each copy leaves out (the same number for every copy).
     start, seed, max_epochs, anchor, proximity
-        As for :func:`~sklinfluence.retrain.retrain`.
+        As for :func:`~sklinfluence.model.retrain.retrain`.
     """
     n = X.shape[0]
     sizes = {len(rows) for rows in removed}

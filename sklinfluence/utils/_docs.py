@@ -22,7 +22,7 @@ removal_batch_size : int, default=32
     are outside ``nn.Linear`` layers).""",
     "measure": """\
 measure : {"loss", "linear"}, default="loss"
-    How a response is turned into a score (:mod:`sklinfluence.measure`):
+    How a response is turned into a score (:mod:`sklinfluence.response.measure`):
     ``"loss"``, the change of the loss at the response,
     ``Q(θˢ + Δθ) − Q(θˢ)``; ``"linear"``, its first-order form
     ``∇Q(θˢ)ᵀ Δθ`` (for the influence rungs the classic influence function,

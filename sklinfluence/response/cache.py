@@ -3,7 +3,7 @@
 Ground-truth responses (retrainings, PBRF solves) are expensive and a grid
 search asks for the same reference once per candidate. :data:`RESPONSE_CACHE`
 keeps them, keyed by everything that determines them
-(:meth:`~sklinfluence.response.Responder.rung_key` and the removal's key), on
+(:meth:`~sklinfluence.response.responder.Responder.rung_key` and the removal's key), on
 behalf of :class:`CacheOwner` tokens: an estimator and its clones share one,
 and an entry is dropped when the last estimator of every family that computed
 or reused it is garbage collected. Its size is
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._config import get_config, on_change
+from .._config import get_config, on_change
 
 __all__ = ["CacheOwner", "ResponseCache", "RESPONSE_CACHE"]
 
@@ -111,7 +111,7 @@ class ResponseCache:
 
     Examples
     --------
-    >>> from sklinfluence.response import RESPONSE_CACHE
+    >>> from sklinfluence.response.responder import RESPONSE_CACHE
     >>> len(RESPONSE_CACHE), RESPONSE_CACHE.nbytes  # entries, bytes held
     (0, 0)
     """

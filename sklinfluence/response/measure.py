@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .functional import FunctionalModel, iterate_batches
-from .removal import Removal, stacked_rows
+from ..model.functional import FunctionalModel, iterate_batches
+from ..model.removal import Removal, stacked_rows
 
 __all__ = ["MEASURES", "to_numpy", "loss_change", "linear_change", "own_change",
            "mean_losses"]

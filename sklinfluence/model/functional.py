@@ -7,7 +7,7 @@ sklinfluence.  :class:`FunctionalModel` holds
   statistics frozen), called with :func:`torch.func.functional_call`;
 - the trained parameters ``θˢ`` as one flat vector, in the order of
   ``module.parameters()`` (trainable parameters only);
-- the output loss (:mod:`sklinfluence.losses`) that mirrors the net's
+- the output loss (:mod:`sklinfluence.model.losses`) that mirrors the net's
   ``get_loss``;
 - the weight decay ``μ`` as a per-parameter vector, read from the optimiser's
   parameter groups.
@@ -163,7 +163,7 @@ class FunctionalModel:
         net : skorch.NeuralNet
             ``NeuralNetRegressor``, ``NeuralNetClassifier``,
             ``NeuralNetBinaryClassifier`` or a plain ``NeuralNet`` whose
-            criterion is one of :data:`~sklinfluence.losses.SUPPORTED_CRITERIA`.
+            criterion is one of :data:`~sklinfluence.model.losses.SUPPORTED_CRITERIA`.
         weight_decay : "auto" or float, default="auto"
             ``"auto"`` reads ``μ`` from the optimiser's parameter groups; a
             float overrides it for every parameter.

@@ -1,7 +1,7 @@
 """What one fitted net's responses depend on: :class:`ResponseContext`.
 
-Its own module so that both the rungs (:mod:`sklinfluence.rungs`), which
-compute from it, and the :class:`~sklinfluence.response.Responder`, which
+Its own module so that both the rungs (:mod:`sklinfluence.response.rungs`), which
+compute from it, and the :class:`~sklinfluence.response.responder.Responder`, which
 holds it, import it from below.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from .cache import CacheOwner
-from .functional import FunctionalModel
+from ..model.functional import FunctionalModel
 
 __all__ = ["ResponseContext"]
 
@@ -36,7 +36,7 @@ class ResponseContext:
     pbrf_tol, pbrf_max_iter
         Relative gradient tolerance and iteration cap of ``minimize`` rungs.
     recipe : adapter or None
-        The model adapter (:mod:`sklinfluence.adapters`) whose ``retrain``
+        The model adapter (:mod:`sklinfluence.model.adapters`) whose ``retrain``
         runs the ``retrain`` rungs.
     theta_0 : Tensor or None
         Initial parameters ``θ⁰`` of the original fit (cold start).
@@ -57,7 +57,7 @@ class ResponseContext:
         (1: one at a time).
     cache_owner : CacheOwner or None
         The token of the estimator family that owns this net's cached
-        responses (see :class:`~sklinfluence.cache.ResponseCache`); ``None``:
+        responses (see :class:`~sklinfluence.response.cache.ResponseCache`); ``None``:
         the :class:`Responder` owns them itself.
     """
 

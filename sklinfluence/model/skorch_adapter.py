@@ -14,7 +14,7 @@ from .ensemble import ensemble_supported, retrain_ensemble
 from .functional import FunctionalModel, _is_skorch_classifier
 from .losses import SUPPORTED_CRITERIA, output_loss_from_criterion
 from .retrain import get_flat_params, initialize_net, module_dtype, retrain
-from .threads import model_size_known
+from ..utils.threads import model_size_known
 
 __all__ = ["SkorchAdapter"]
 

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from .functional import FunctionalModel, iterate_batches
-from .kfac import NotLinearError, linear_ggn
-from .memory import check_dense
+from ..model.functional import FunctionalModel, iterate_batches
+from ..exceptions import UnsupportedLayerError
+from .kfac import linear_ggn
+from ..utils.memory import check_dense
 
 __all__ = ["Curvature", "CURVATURES"]
 
@@ -143,7 +144,7 @@ class Curvature:
 
         The GGN of a net with ``K > 1`` outputs whose trainable parameters all
         sit in ``nn.Linear`` layers is built from its per-layer Kronecker
-        structure (:func:`~sklinfluence.kfac.linear_ggn`, ``K`` times fewer
+        structure (:func:`~sklinfluence.curvature.kfac.linear_ggn`, ``K`` times fewer
         operations). Any other net's is accumulated from per-sample output
         Jacobians as ``Σ_i (L_iᵀJ_i)ᵀ(L_iᵀJ_i)`` with ``L_i L_iᵀ = H_i``,
         computing only the blocks on and below the diagonal (``DENSE_BLOCKS``
@@ -155,7 +156,7 @@ class Curvature:
         ------
         NotEnoughMemoryError
             Before allocating, when the matrix and its factor (``16 P²``
-            bytes) exceed :func:`~sklinfluence.memory.memory_limit`.
+            bytes) exceed :func:`~sklinfluence.utils.memory.memory_limit`.
         """
         P = self.n_params
         check_dense(P)
@@ -166,11 +167,11 @@ class Curvature:
             return 0.5 * (dense + dense.T)
         dense = None
         n_outputs = self.model.forward(self.theta, self.X[:1]).shape[1]
-        if n_outputs > 1:  # nets of Linear layers: K times fewer operations (sklinfluence.kfac)
+        if n_outputs > 1:  # nets of Linear layers: K times fewer operations (sklinfluence.curvature.kfac)
             try:
                 dense = linear_ggn(self.model, self.theta, self.X, self.T,
                                    batch_size=self.batch_size, chunk_size=chunk_size)
-            except NotLinearError:
+            except UnsupportedLayerError:
                 pass
         if dense is None:
             dense = self._jacobian_ggn(chunk_size)

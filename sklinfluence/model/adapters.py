@@ -3,12 +3,12 @@
 An adapter hides what kind of model an estimator holds. It says what targets
 the model takes (``target_kind``: ``"index"`` class ids, ``"binary"`` 0/1 floats
 or ``"float"`` values), fits it under a seed (``fit`` → fitted model and
-``θ⁰``), builds its :class:`~sklinfluence.functional.FunctionalModel`, checks
+``θ⁰``), builds its :class:`~sklinfluence.model.functional.FunctionalModel`, checks
 that the functional model reproduces the fitted one (``check``) and retrains
 it without a sample (``retrain``, rungs 0–2 of the ladder). Two exist:
 
-- :class:`~sklinfluence.skorch_adapter.SkorchAdapter` for skorch nets;
-- :class:`~sklinfluence.linear_adapter.LinearAdapter` for scikit-learn's
+- :class:`~sklinfluence.model.skorch_adapter.SkorchAdapter` for skorch nets;
+- :class:`~sklinfluence.model.linear_adapter.LinearAdapter` for scikit-learn's
   ``LinearRegression``, ``Ridge`` and ``LogisticRegression``.
 """
 

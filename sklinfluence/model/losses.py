@@ -4,7 +4,7 @@ An :class:`OutputLoss` is the training criterion of a net written as a pure
 function of the network output ``y`` (shape ``(n, K)``) and the targets ``t``,
 returning one loss per sample.  The per-sample losses average to exactly what
 the net's ``get_loss`` returns for a batch (this is checked when a net is
-adopted, see :mod:`sklinfluence.functional`), so the training objective is
+adopted, see :mod:`sklinfluence.model.functional`), so the training objective is
 ``J(θ) = (1/N) Σ_i L_i(θ) + (μ/2)‖θ‖²`` with the criterion's own scaling
 (see the Theory page of the documentation, section "Conventions that bite").
 
