@@ -204,7 +204,7 @@ def test_dense_ggn_from_kronecker_structure_matches_the_jacobians(case):
     """Nets of Linear layers take the per-layer Kronecker route, others the Jacobian
     route; both equal the jacrev reference, whatever the bias, freezing, depth, in-place
     activations, shared or outside-used weights and unused outputs."""
-    from sklinfluence.curvature.kfac import linear_ggn
+    from sklinfluence.curvature.dense_ggn import linear_ggn
     from sklinfluence.exceptions import NotLinearError
     from sklinfluence.model.losses import output_loss_from_criterion
 

@@ -25,7 +25,8 @@ from torch.func import jacrev, vmap
 
 from sklinfluence import InfluenceEstimator
 from sklinfluence.model.functional import FunctionalModel
-from sklinfluence.curvature.kfac import KroneckerFactors, kronecker_passes
+from sklinfluence.curvature.capture import kronecker_passes
+from sklinfluence.curvature.kfac import KroneckerFactors
 from sklinfluence.exceptions import UnsupportedLayerError
 from sklinfluence.curvature.layers import EmbeddingLayer, NormLayer
 from sklinfluence.exceptions import NotLinearError
@@ -189,9 +190,9 @@ def _layout_index(block, P):
     return block.to_matrices(index)[0].round().long()
 
 
-def _basis(block):
-    Q_A = torch.eye(block.n_cols, dtype=torch.float64) if block.Q_A is None else block.Q_A
-    return torch.kron(block.Q_S.contiguous(), Q_A.contiguous())
+def _basis(block, basis):
+    Q_A = torch.eye(block.n_cols, dtype=torch.float64) if basis.Q_A is None else basis.Q_A
+    return torch.kron(basis.Q_S.contiguous(), Q_A.contiguous())
 
 
 @pytest.mark.parametrize("name", list(NETS))
@@ -206,23 +207,23 @@ def test_ekfac_eigenvalues_are_the_exact_diagonal_of_every_layer_block(name):
     dense = _dense_ggn(model, X, T)
     ekfac = KroneckerFactors(model, X, T, damping=0.0, batch_size=10)
     kfac = KroneckerFactors(model, X, T, damping=0.0, corrected=False, batch_size=10)
-    kinds = {type(b).__name__ for b in ekfac.blocks}
+    kinds = {type(b).__name__ for b in ekfac.layers}
     assert kinds >= {"LinearBlock", "NormLayer"} and kinds & {"Conv2dLayer", "EmbeddingLayer"}
-    outer = [0.0] * len(ekfac.blocks)
-    for captures in kronecker_passes(model, model.params, ekfac.blocks, X, T, 10):
-        for j, (block, cap) in enumerate(zip(ekfac.blocks, captures)):
+    outer = [0.0] * len(ekfac.layers)
+    for captures in kronecker_passes(model, model.params, ekfac.layers, X, T, 10):
+        for j, (block, cap) in enumerate(zip(ekfac.layers, captures)):
             D = block.sample_gradients(cap).flatten(2).flatten(0, 1)  # (B·K, d_out·n_cols)
             outer[j] = outer[j] + D.T @ D
-    for j, (block, other) in enumerate(zip(ekfac.blocks, kfac.blocks)):
+    for j, (block, basis, other) in enumerate(zip(ekfac.layers, ekfac.bases, kfac.bases)):
         order = _layout_index(block, model.n_params).flatten()
         G = dense[np.ix_(order, order)]
         mu = torch.diag(model.weight_decay[order])
         _close(outer[j] / X.shape[0] + mu, G, atol=1e-12 * float(G.abs().max()))
-        Q = _basis(block)
+        Q = _basis(block, basis)
         rotated = Q.T @ G @ Q
-        diagonal = torch.diagonal(rotated).reshape(block.eigenvalues.shape)
-        _close(block.eigenvalues, diagonal, atol=1e-12 * float(diagonal.abs().max()))
-        error_ekfac = (rotated - torch.diag(block.eigenvalues.flatten())).norm()
+        diagonal = torch.diagonal(rotated).reshape(basis.eigenvalues.shape)
+        _close(basis.eigenvalues, diagonal, atol=1e-12 * float(diagonal.abs().max()))
+        error_ekfac = (rotated - torch.diag(basis.eigenvalues.flatten())).norm()
         error_kfac = (rotated - torch.diag(other.eigenvalues.flatten())).norm()
         if isinstance(block, NormLayer):  # the exact block: both equal it
             _close(error_ekfac, 0.0, atol=1e-10 * float(G.norm()))
@@ -284,9 +285,9 @@ def test_kfac_is_s_kron_a_with_independent_conv_factors():
     g = _output_gradients(model, model.module[0], X, T).flatten(3)  # (N, K, O, T)
     S = torch.einsum("nkot,nkpt->op", g, g) / (20 * 9)
     kfac = KroneckerFactors(model, X, T, damping=0.0, corrected=False, batch_size=6)
-    block = kfac.blocks[0]
-    Q = _basis(block)
-    approx = Q @ torch.diag(block.eigenvalues.flatten()) @ Q.T
+    block, basis = kfac.layers[0], kfac.bases[0]
+    Q = _basis(block, basis)
+    approx = Q @ torch.diag(basis.eigenvalues.flatten()) @ Q.T
     _close(approx, torch.kron(S, A), atol=1e-12 * float(approx.abs().max()))
 
 
@@ -307,9 +308,10 @@ def test_kfac_is_s_kron_a_with_token_counts_for_embeddings():
     keep = torch.as_tensor(ids != 2)
     S = torch.einsum("nkto,nktp,nt->op", g, g, keep.double()) / keep.sum()
     kfac = KroneckerFactors(model, X, T, damping=0.0, corrected=False, batch_size=6)
-    block = kfac.blocks[0]
-    assert isinstance(block, EmbeddingLayer) and block.Q_A is None
-    approx = _basis(block) @ torch.diag(block.eigenvalues.flatten()) @ _basis(block).T
+    block, basis = kfac.layers[0], kfac.bases[0]
+    assert isinstance(block, EmbeddingLayer) and basis.Q_A is None
+    Q = _basis(block, basis)
+    approx = Q @ torch.diag(basis.eigenvalues.flatten()) @ Q.T
     _close(approx, torch.kron(S, A), atol=1e-12 * float(approx.abs().max()))
     # the layout is the transposed weight: entry (o, v) is weight[v, o]
     P = model.n_params

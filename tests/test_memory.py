@@ -14,7 +14,7 @@ from sklinfluence import (Decomposer, InfluenceEstimator, PBRFEstimator, config_
 from sklinfluence.response.cache import RESPONSE_CACHE
 from sklinfluence.curvature import operator as curvature_module
 from sklinfluence.curvature.operator import Curvature
-from sklinfluence.curvature.kfac import linear_ggn
+from sklinfluence.curvature.dense_ggn import linear_ggn
 from sklinfluence.curvature.lowrank import top_eigenpairs
 from sklinfluence.exceptions import NotEnoughMemoryError
 from sklinfluence.utils.memory import (available_bytes, check_dense,

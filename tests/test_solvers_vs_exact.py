@@ -192,11 +192,11 @@ def test_ekfac_is_exact_for_one_linear_layer_with_one_output():
 
 def _blocks_in_kronecker_basis(model, factors, dense):
     """Each layer's exact GGN block, rotated into its Kronecker eigenbasis."""
-    for b in factors.blocks:
+    for b, basis in zip(factors.layers, factors.bases):
         order = [b.weight.start + o * b.d_in + c if c < b.d_in else b.bias.start + o
                  for o in range(b.d_out) for c in range(b.d_in + 1)]
-        Q = torch.kron(b.Q_S, b.Q_A)
-        yield b, Q.T @ dense[np.ix_(order, order)] @ Q
+        Q = torch.kron(basis.Q_S, basis.Q_A)
+        yield basis, Q.T @ dense[np.ix_(order, order)] @ Q
 
 
 def test_ekfac_eigenvalues_are_the_exact_diagonal_in_the_kronecker_basis(trained):
@@ -210,7 +210,7 @@ def test_ekfac_eigenvalues_are_the_exact_diagonal_in_the_kronecker_basis(trained
     dense = Curvature(model, Xt, Tt, damping=0.0).dense()
     ekfac = KroneckerFactors(model, Xt, Tt, damping=0.0)
     kfac = KroneckerFactors(model, Xt, Tt, damping=0.0, corrected=False)
-    for (b, rotated), b_k in zip(_blocks_in_kronecker_basis(model, ekfac, dense), kfac.blocks):
+    for (b, rotated), b_k in zip(_blocks_in_kronecker_basis(model, ekfac, dense), kfac.bases):
         diagonal = torch.diagonal(rotated).reshape(b.eigenvalues.shape)
         assert_allclose(b.eigenvalues.numpy(), diagonal.numpy(), rtol=CLOSED_FORM_RTOL,
                         atol=1e-12 * float(diagonal.abs().max()))

@@ -22,12 +22,14 @@ softmax cross-entropy, whose Hessian is blind to a shift of all logits); what
 they leave out of ``G`` is below ``K·eps`` of the output Hessian's largest
 eigenvalue.
 
-The rows of ``Ũ`` come from the layer captures of :mod:`sklinfluence.curvature.kfac`
+The rows of ``Ũ`` come from the layer captures of :mod:`sklinfluence.curvature.capture`
 (one forward and one batched backward pass per chunk of samples, the
 registered layer types of :mod:`sklinfluence.curvature.layers`), and each layer keeps
 the cheaper of two forms:
 
-- **factored**, for ``nn.Linear`` applied to one row per sample whose ``D`` is
+- **factored**, for a layer whose per-sample gradients are outer products
+  (:meth:`~sklinfluence.curvature.layers.KroneckerLayer.outer_factors`:
+  ``nn.Linear`` applied to one row per sample) and whose ``D`` is
   the same down each column of ``[W | b]``: ``u_ik = g_ik ⊗ ã_i`` is never
   formed; its kernel block is ``(g_ik·g_jl)(ã_i·ã_j)`` and its products with
   vectors are matrix products with the captured ``ã`` and ``g`` — what keeps
@@ -67,9 +69,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..model.functional import FunctionalModel, iterate_batches
-from .kfac import kronecker_passes
+from .capture import kronecker_passes
 from ..exceptions import NotEnoughMemoryError, UnsupportedLayerError
-from .layers import KroneckerLayer, LinearBlock, kronecker_layers
+from .layers import KroneckerLayer, kronecker_layers
 from ..utils.memory import format_bytes, memory_limit
 
 __all__ = ["GaussNewtonKernel", "kernel_bytes", "kernel_applies", "kernel_verdict",
@@ -140,9 +142,9 @@ def kernel_verdict(model: FunctionalModel, X: Tensor, damping: float) -> tuple[b
 
 
 def _materialised_bound(layers: list[KroneckerLayer]) -> int:
-    """Parameters of the layers that may keep materialised rows (all but Linear)."""
-    return sum(layer.d_out * layer.n_cols for layer in layers
-               if not isinstance(layer, LinearBlock))
+    """Parameters of the layers that may keep materialised rows (all but the
+    ``factorable`` ones, whose rows may be kept as outer-product factors)."""
+    return sum(layer.d_out * layer.n_cols for layer in layers if not layer.factorable)
 
 
 @dataclass
@@ -250,7 +252,7 @@ class GaussNewtonKernel:
         forms, scales = [], []
         for layer, cap in zip(self.layers, captures):
             columns = layer.to_matrices(self.scale.unsqueeze(0))[0]  # D^{-1/2}, (O, C)
-            factored = (isinstance(layer, LinearBlock) and cap.a.shape[1] == 1
+            factored = (layer.outer_factors(cap) is not None
                         and bool((columns == columns[:1]).all()))
             forms.append(factored)
             scales.append(columns)
@@ -290,8 +292,9 @@ class GaussNewtonKernel:
         layer, K, columns = part.layer, int(self.keep.numel()), part.scale
         root_n = self.n_samples ** -0.5
         if isinstance(part, _Factored):
-            part.a[offset:offset + B] = cap.a[:, 0] * columns[0]
-            part.g[offset:offset + B] = cap.g[:, self.keep, 0] * root_n
+            a, g = layer.outer_factors(cap)
+            part.a[offset:offset + B] = a * columns[0]
+            part.g[offset:offset + B] = g[:, self.keep] * root_n
             return
         D = layer.sample_gradients(cap)[:, self.keep]  # (B, K', O, C)
         rows = (D * (columns * root_n)).reshape(B * K, -1)
@@ -536,8 +539,9 @@ class GaussNewtonKernel:
             W = None
             for part, cap in zip(self.parts, captures):
                 if isinstance(part, _Factored):
-                    a = cap.a[:, 0].to(torch.float64) * part.scale[0]  # (B, C)
-                    delta = cap.g[:, 0, 0].to(torch.float64)  # (B, O)
+                    a, g = part.layer.outer_factors(cap)
+                    a = a.to(torch.float64) * part.scale[0]  # (B, C)
+                    delta = g[:, 0].to(torch.float64)  # (B, O)
                     gd = part.g.reshape(-1, part.g.shape[-1]) @ delta.T  # (n, B)
                     aa = part.a @ a.T  # (N, B)
                     block = (gd.view(self.n_samples, -1, gd.shape[1]) * aa[:, None]).reshape(

@@ -22,7 +22,7 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from ..model.functional import FunctionalModel, iterate_batches
 from ..exceptions import UnsupportedLayerError
-from .kfac import linear_ggn
+from .dense_ggn import linear_ggn
 from ..utils.memory import check_dense
 
 __all__ = ["Curvature", "CURVATURES"]
@@ -144,7 +144,7 @@ class Curvature:
 
         The GGN of a net with ``K > 1`` outputs whose trainable parameters all
         sit in ``nn.Linear`` layers is built from its per-layer Kronecker
-        structure (:func:`~sklinfluence.curvature.kfac.linear_ggn`, ``K`` times fewer
+        structure (:func:`~sklinfluence.curvature.dense_ggn.linear_ggn`, ``K`` times fewer
         operations). Any other net's is accumulated from per-sample output
         Jacobians as ``Σ_i (L_iᵀJ_i)ᵀ(L_iᵀJ_i)`` with ``L_i L_iᵀ = H_i``,
         computing only the blocks on and below the diagonal (``DENSE_BLOCKS``

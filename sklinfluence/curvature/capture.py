@@ -1,0 +1,140 @@
+"""Capture passes: one forward and backward pass per batch recording, for every
+registered layer, its inputs and the back-propagated output-Hessian roots at its
+output — what EK-FAC/K-FAC (:mod:`~sklinfluence.curvature.kfac`), the kernel form
+(:mod:`~sklinfluence.curvature.kernel`) and the dense Gauss–Newton build
+(:mod:`~sklinfluence.curvature.dense_ggn`) are made of.
+
+On the first samples the parameter gradients the captures imply, ``Σ_i D_ik``,
+are checked against autograd's, which catches a weight also used outside its
+layer's call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..exceptions import UnsupportedLayerError
+from ..model.functional import FunctionalModel, iterate_batches
+from .layers import LAYERWISE, KroneckerLayer
+
+__all__ = ["CHECK_SAMPLES", "kronecker_passes"]
+
+
+@contextmanager
+def _capture(module: torch.nn.Module, layers: list[KroneckerLayer]):
+    """Hooks recording each layer's input (what the layer keeps of it) and output.
+
+    The layer hands on a copy of its output, so that an in-place operation
+    after it (``ReLU(inplace=True)``) cannot change the recorded one.
+    """
+    modules = dict(module.named_modules())
+    records: dict[str, list] = {layer.name: [] for layer in layers}
+
+    def hook(layer: KroneckerLayer):
+        def record(module_, args, kwargs, output):
+            x = args[0] if args else kwargs["input"]
+            records[layer.name].append((layer.record(module_, x), output))
+            return output.clone()
+        return record
+
+    handles = [modules["" if layer.name == "<module>" else layer.name].register_forward_hook(
+        hook(layer), with_kwargs=True) for layer in layers]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+#: Samples the first-batch gradient check differentiates: autograd's parameter
+#: gradient, batched over the ``K`` root columns, is the costliest part of a pass.
+CHECK_SAMPLES = 64
+
+
+def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
+                     X: Tensor, T: Tensor, batch_size: int | None, *,
+                     check: bool = True,
+                     gradients: bool = False) -> Iterator[list[NamedTuple]]:
+    """Yield, per batch, every layer's capture (:meth:`KroneckerLayer.capture`):
+    its recorded inputs with the back-propagated output-Hessian roots, float64
+    (with ``gradients``: the back-propagated loss gradient ``∇_y L_i``, one
+    column, so that the captures give the samples' loss gradients).
+
+    With ``check`` (a caller's first pass over the data), the parameter
+    gradients the captures imply on the first ``CHECK_SAMPLES`` samples (at
+    most a batch), ``Σ_i D_ik``, are first checked against autograd's: a
+    weight also used outside its layer's call, or any other way the layers'
+    inputs and outputs miss part of the parameters' effect, is caught there.
+
+    Raises
+    ------
+    UnsupportedLayerError
+        If a layer is applied more than once per forward pass, to inputs
+        whose first dimension is not the samples, or the check fails.
+    """
+    theta = theta.detach().clone().requires_grad_(True)
+    if check:
+        n = min(CHECK_SAMPLES, batch_size or CHECK_SAMPLES)
+        _batch_captures(model, theta, layers, X[:n], T[:n], verify=True)
+    for xb, tb in iterate_batches(X, T, batch_size):
+        yield _batch_captures(model, theta, layers, xb, tb, gradients=gradients)
+
+
+def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
+                    xb: Tensor, tb: Tensor, verify: bool = False,
+                    gradients: bool = False) -> list[NamedTuple]:
+    """One forward and one backward (batched over the root's ``K`` columns) pass."""
+    with _capture(model.module, layers) as records, torch.enable_grad():
+        out = model.forward(theta, xb)
+        for layer in layers:
+            if len(records[layer.name]) != 1:
+                raise UnsupportedLayerError(
+                    f"layer {layer.name!r} is applied {len(records[layer.name])} "
+                    f"times per forward pass; {LAYERWISE} needs each "
+                    "layer used once. Use solver='cg' or 'arnoldi'.")
+            a = records[layer.name][0][0]
+            if a.dim() < 1 or a.shape[0] != xb.shape[0]:
+                raise UnsupportedLayerError(
+                    f"layer {layer.name!r} receives inputs of shape {tuple(a.shape)} "
+                    f"for {xb.shape[0]} samples; {LAYERWISE} needs one "
+                    "row per sample (the samples along the first dimension). "
+                    "Use solver='cg' or 'arnoldi'.")
+        if gradients:
+            cotangents = model.loss.output_grad(out.detach(), tb).unsqueeze(0)  # (1, B, K)
+        else:
+            root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
+            cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
+        outputs = [records[layer.name][0][1] for layer in layers]
+        wrt = outputs + ([theta] if verify else [])
+        grads = torch.autograd.grad(out, wrt, grad_outputs=cotangents,
+                                    is_grads_batched=True, allow_unused=True)
+        grads = [torch.zeros((cotangents.shape[0], *w.shape), dtype=w.dtype,
+                             device=w.device) if g is None else g  # output not used
+                 for g, w in zip(grads, wrt)]
+    captures = [layer.capture(records[layer.name][0][0], g) for layer, g in zip(layers, grads)]
+    if verify:
+        _check_gradients(layers, captures, grads[-1])
+    return captures
+
+
+def _check_gradients(layers: list[KroneckerLayer], captures: list, expected: Tensor) -> None:
+    """Raise :class:`UnsupportedLayerError` unless ``Σ_i D_ik`` is autograd's gradient."""
+    eps = torch.finfo(expected.dtype).eps  # the model's arithmetic
+    expected = expected.to(torch.float64)
+    implied, scale = torch.zeros_like(expected), torch.zeros_like(expected)
+    for layer, cap in zip(layers, captures):
+        layer.put(implied, layer.gradient_sums(cap))
+        layer.put(scale, layer.gradient_sums(cap, absolute=True))
+    error = float((implied - expected).norm())
+    if error > 1e3 * eps * float(scale.norm()):
+        raise UnsupportedLayerError(
+            "the layers' inputs and outputs do not account for the parameters' "
+            f"gradients (relative difference {error / max(float(expected.norm()), 1e-300):.1e}"
+            "): a weight is used outside its layer's call, or a layer's forward is "
+            f"not the plain one. {LAYERWISE} cannot handle this network; "
+            "use solver='cg' or 'arnoldi'.")
