@@ -17,6 +17,10 @@ Then What is the Question?", as scikit-learn estimators:
   its inputs transformed (``loss_change``, ``param_change`` through a pipeline);
 - :class:`TracInCP` and :func:`training_loss` — baselines in the same sign
   convention (grad-dot is ``InfluenceEstimator(solver="identity")``);
+- :func:`decomposition_curve` and :func:`detection_curve`, with
+  :class:`TermsCurveDisplay`, :class:`AgreementCurveDisplay` and
+  :class:`DetectionCurveDisplay` — the paper's study as validation curves and
+  plots; :mod:`sklinfluence.zoo`, the architectures it runs on;
 - :func:`set_config`, :func:`get_config`, :func:`config_context` — threads
   and the in-process response cache.
 """
@@ -29,8 +33,12 @@ from .decomposer import Decomposer
 from .ground_truth import LOOEstimator, PBRFEstimator
 from .influence import InfluenceEstimator
 from .pipeline import PipelineView
+from .study import decomposition_curve, detection_curve  # noqa: I001 (after decomposer)
+from .display import AgreementCurveDisplay, DetectionCurveDisplay, TermsCurveDisplay
 
 __all__ = ["Decomposer", "InfluenceEstimator", "LOOEstimator", "PBRFEstimator",
            "LinearDatamodelingScore", "lds_scorer", "TracInCP", "training_loss",
-           "PipelineView", "RemovalSplit", "agreement_scorer", "config_context", "get_config", "set_config"]
+           "PipelineView", "RemovalSplit", "agreement_scorer", "config_context", "get_config",
+           "set_config", "decomposition_curve", "detection_curve", "TermsCurveDisplay",
+           "AgreementCurveDisplay", "DetectionCurveDisplay"]
 __version__ = "0.1.0"
