@@ -41,7 +41,7 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
     of the ``O(1/N)`` driving force). On a net with kinks (ReLU, max pooling)
     a minimiser may sit on a kink, where no gradient vanishes and Newton
     steps stall: those solves continue with L-BFGS on the objective itself
-    (:func:`~sklinfluence.response.pbrf.minimize_kinked`), which stops when the
+    (:func:`~sklinfluence.response.kinks.minimize_kinked`), which stops when the
     objective and the step stop changing.
 
     Parameters

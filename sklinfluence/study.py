@@ -38,7 +38,7 @@ from numbers import Integral
 from typing import Any, Sequence
 
 import numpy as np
-from joblib import Parallel, delayed
+from joblib import delayed
 from sklearn.base import clone
 from sklearn.frozen import FrozenEstimator
 from sklearn.utils import Bunch, check_random_state
@@ -50,6 +50,7 @@ from .agreement import agreement as correlation
 from .baselines import training_loss
 from .decomposer import Decomposer
 from .utils._warnings import user_stacklevel
+from .utils.execution import streaming_parallel
 
 __all__ = ["decomposition_curve", "detection_curve", "REFERENCES", "STATISTICS", "QUANTITIES"]
 
@@ -203,13 +204,6 @@ def _curve_cell(estimator: Decomposer, X: Any, y: Any, X_eval: Any, y_eval: Any,
 
 def _tagged(function: Any, key: tuple, *args: Any) -> tuple:
     return key, function(*args)
-
-
-def _parallel(n_jobs: Any) -> Parallel:
-    try:
-        return Parallel(n_jobs=n_jobs, return_as="generator_unordered")
-    except ValueError:  # a backend without generators (multiprocessing)
-        return Parallel(n_jobs=n_jobs)
 
 
 # ------------------------------------------------------------------ the curve
@@ -409,7 +403,7 @@ def decomposition_curve(estimator: Decomposer, X: Any, y: Any, *, param_name: st
     try:
         if todo:
             tasks = (delayed(_tagged)(cell, key, *cells[key]) for key in todo)
-            for key, output in _parallel(n_jobs)(tasks):
+            for key, output in streaming_parallel(n_jobs)(tasks):
                 outputs[key] = output
                 bar.update(1)
     finally:

@@ -316,9 +316,9 @@ def test_a_relu_nets_stalled_pbrf_solve_says_why(lanczos, monkeypatch):
     check (lowered limit here)."""
     from sklearn.exceptions import ConvergenceWarning
 
-    from sklinfluence.response import pbrf
+    from sklinfluence.response import kinks, pbrf
 
-    monkeypatch.setattr(pbrf, "LBFGS_MAX_ITER", 2)
+    monkeypatch.setattr(kinks, "LBFGS_MAX_ITER", 2)
     expected = r"piecewise-linear layers \(ReLU\).*kinks"
     if lanczos == "too large":
         monkeypatch.setattr(pbrf, "LOWEST_CURVATURE_MAX_PARAMS", 0)

@@ -50,6 +50,18 @@ def test_n_jobs_gives_identical_results(data):
     assert_array_equal(pbrf_2.fit(X, y).score_samples(rows), a)
 
 
+def test_a_backend_without_result_generators_gives_identical_results(data):
+    """joblib's ``multiprocessing`` backend cannot stream results as they finish:
+    the workers' results then come back as one list, the same answers."""
+    X, y = data
+    rows = X[:4]
+    sequential = _loo(n_jobs=1).fit(X, y).param_change(rows)
+    RESPONSE_CACHE.clear()
+    with joblib.parallel_config(backend="multiprocessing"):
+        parallel = _loo(n_jobs=2).fit(X, y).param_change(rows)
+    assert_array_equal(parallel, sequential)
+
+
 @pytest.mark.slow
 def test_dask_local_cluster_gives_identical_results(data):
     distributed = pytest.importorskip("distributed")
@@ -205,21 +217,21 @@ def test_anderson_mixing_converges_where_the_plain_chord_diverges(monkeypatch):
     without handing any to Newton, to the one-at-a-time Newton answers."""
     import torch
 
-    from sklinfluence.response import pbrf
+    from sklinfluence.response import batched as batched_module
 
     rows = [0, 1, 2, 3, 4, 6, 7]
     many, X = _digits_mlp_pbrf(1e-4, 8)
     H0, H = _pbrf_hessian_at_the_optimum(many, 3)
     assert float((1 - torch.linalg.eigvals(torch.linalg.solve(H0, H)).real).abs().max()) > 1
     newton = []
-    minimize = pbrf.minimize_response
-    monkeypatch.setattr(pbrf, "minimize_response",
+    minimize = batched_module.minimize_response
+    monkeypatch.setattr(batched_module, "minimize_response",
                         lambda *a, **k: (newton.append(1), minimize(*a, **k))[1])
     batched = many.param_change(X[rows])
     info = many.responder_.last_info
     assert not newton and info["converged"].all()
     assert (info["grad_norm"] <= 1e-9 * info["initial_grad_norm"]).all()
-    monkeypatch.setattr(pbrf, "minimize_response", minimize)
+    monkeypatch.setattr(batched_module, "minimize_response", minimize)
     one, _ = _digits_mlp_pbrf(1e-4, 1)
     single = one.param_change(X[rows])
     assert one.responder_.last_info["converged"].all()
@@ -236,15 +248,15 @@ def test_a_removal_whose_objective_is_not_convex_is_certified_without_newton(mon
     import torch
     from sklearn.exceptions import ConvergenceWarning
 
-    from sklinfluence.response import pbrf
+    from sklinfluence.response import batched as batched_module
 
     est, X = _digits_mlp_pbrf(1e-3, 8)
     _, H = _pbrf_hessian_at_the_optimum(est, 5)
     lowest = float(torch.linalg.eigvalsh(H)[0])
     assert lowest < 0
     newton = []
-    minimize = pbrf.minimize_response
-    monkeypatch.setattr(pbrf, "minimize_response",
+    minimize = batched_module.minimize_response
+    monkeypatch.setattr(batched_module, "minimize_response",
                         lambda *a, **k: (newton.append(1), minimize(*a, **k))[1])
     with pytest.warns(ConvergenceWarning, match="at most -.*at least to be convex"):
         est.param_change(X[:8])
@@ -267,7 +279,7 @@ def test_batched_pbrf_above_the_threshold_uses_the_cg_chord_factor(data, monkeyp
     import torch
     from torch.func import hessian
 
-    from sklinfluence.response import pbrf
+    from sklinfluence.response import batched as batched_module
 
     from sklinfluence import solvers
     from sklinfluence.solvers import policy
@@ -296,8 +308,8 @@ def test_batched_pbrf_above_the_threshold_uses_the_cg_chord_factor(data, monkeyp
 
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", model.n_params - 1)
     newton = []  # samples the chord iteration handed to one-at-a-time Newton
-    minimize = pbrf.minimize_response
-    monkeypatch.setattr(pbrf, "minimize_response",
+    minimize = batched_module.minimize_response
+    monkeypatch.setattr(batched_module, "minimize_response",
                         lambda *a, **k: (newton.append(1), minimize(*a, **k))[1])
     cg = pbrf_est(6)
     cg_chord = cg.param_change(rows)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sklinfluence import PBRFEstimator
-from sklinfluence.response import pbrf
+from sklinfluence.response import kinks
 
 MU, LAMBDA = 1e-4, 1e-2
 ROWS = [0, 1, 2, 3, 4, 5]
@@ -134,11 +134,11 @@ def test_single_rows_reach_the_minimum(fitted):
     assert info["converged"].all()
     assert "lbfgs" in set(info["method"])  # some solve stopped on a kink and was continued
     continued = info["method"] == "lbfgs"
-    assert (info["objective_decrease"][continued] <= pbrf.LBFGS_FTOL).all()  # the stop rule
+    assert (info["objective_decrease"][continued] <= kinks.LBFGS_FTOL).all()  # the stop rule
     d = est.diagnostics_
     assert d["n_removals"] == len(ROWS) and d["converged"]
     assert d["methods"]["lbfgs"] == int(continued.sum())
-    assert d["max_objective_decrease"] <= pbrf.LBFGS_FTOL and d["max_relative_step"] is not None
+    assert d["max_objective_decrease"] <= kinks.LBFGS_FTOL and d["max_relative_step"] is not None
     for row, delta in zip(ROWS, deltas):
         _check(est, X, y, [row], delta)
 

@@ -412,3 +412,21 @@ def test_auto_above_the_threshold_is_mixed_precision_cg_and_equals_exact(trained
     assert products and set(products) == {torch.float32}
     assert np.all(np.abs(got - ref) <= bound[:, :7])
     assert np.all(np.abs(auto.score_samples(X) - exact.score_samples(X)) <= np.diag(bound))
+
+
+def test_cg_that_float32_rounding_stops_says_so_not_max_iter():
+    """On a float32 net CG's own residual can meet a tol that the true residual,
+    recomputed in float32, cannot: the warning then blames float32 rounding and
+    names the fixes, not ``max_iter`` (it stopped long before it)."""
+    X, y = toy_data("CrossEntropyLoss", n=60)
+    torch.manual_seed(0)
+    net = NeuralNetClassifier(mlp(X.shape[1], 3, hidden=8).float(),
+                              criterion=torch.nn.CrossEntropyLoss, verbose=0).initialize()
+    est = InfluenceEstimator(FrozenEstimator(net), solver="cg", damping=0.01, tol=1e-7).fit(
+        X.astype(np.float32), y)
+    with pytest.warns(ConvergenceWarning) as caught:
+        est.score_samples(X[:5].astype(np.float32))
+    message = str(caught[0].message)
+    assert est.diagnostics_["n_iter"] < est.solver_.max_iter
+    assert "met tol on its own recurrence" in message and "float32" in message
+    assert "max_iter" not in message and "solver='kernel'" in message

@@ -46,12 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import pbrf
+from . import kinks
 from ..utils._warnings import describe_removal, naming_right_hand_sides, removal_names
 from .context import ResponseContext
 from ..model.functional import FunctionalModel
-from .pbrf import (MinimizeResult, ResponseObjective, has_kinks, minimize_kinked,
-                   minimize_response, minimize_responses_batched)
+from .batched import minimize_responses_batched
+from .kinks import has_kinks, minimize_kinked
+from .pbrf import MinimizeResult, ResponseObjective, minimize_response
 from ..model.removal import Removal, stacked_rows
 
 __all__ = ["Rung", "Retrain", "Minimize", "Linear", "LADDER", "TERMS", "rung", "removal_forces",
@@ -236,7 +237,7 @@ class Minimize(Rung):
 
     One removal at a time by inexact Newton (:func:`~.pbrf.minimize_response`),
     or several at once by the chord iteration with the shared damped
-    Gauss–Newton factor (:func:`~.pbrf.minimize_responses_batched`).
+    Gauss–Newton factor (:func:`~.batched.minimize_responses_batched`).
     """
 
     def key_parts(self, ctx: ResponseContext) -> list:
@@ -276,12 +277,12 @@ class Minimize(Rung):
         found = [v for v in (i.get("lowest_curvature", 0.0) for _, i in stopped)
                  if np.isfinite(v)]
         lowest = min(found, default=float("nan"))
-        kinked = pbrf.kinked_layers(ctx.model.module)
-        kinks = (f" The net has piecewise-linear layers ({', '.join(kinked)}): its objective "
+        kinked = kinks.kinked_layers(ctx.model.module)
+        kink_note = (f" The net has piecewise-linear layers ({', '.join(kinked)}): its objective "
                  "has kinks where a unit's input crosses 0, and a minimiser on a kink has no "
                  "zero gradient; the L-BFGS continuation that takes such solves on stopped at "
-                 f"its iteration cap (sklinfluence.response.pbrf.LBFGS_MAX_ITER = {pbrf.LBFGS_MAX_ITER}) "
-                 "before the objective and the step "
+                 "its iteration cap (sklinfluence.response.kinks.LBFGS_MAX_ITER = "
+                 f"{kinks.LBFGS_MAX_ITER}) before the objective and the step "
                  "stopped changing (smooth activations such as Tanh, GELU or Softplus do not "
                  "have kinks)." if kinked else "")
         if lowest < 0:
@@ -291,12 +292,12 @@ class Minimize(Rung):
                       f"θˢ; they need damping above {ctx.damping - lowest:.3e} at least to be "
                       "convex.")
         elif found:
-            advice = " Increase max_iter." + kinks
+            advice = " Increase max_iter." + kink_note
         else:
             advice = (" Whether their objectives are convex at θˢ could not be settled "
                       "cheaply (bounded Lanczos did not find the smallest Hessian eigenvalue, "
                       "or the net is too large to try)."
-                      + (kinks or " If a larger max_iter does not help, increase damping."))
+                      + (kink_note or " If a larger max_iter does not help, increase damping."))
         return (f"{len(stopped)} of {n} {self.name} solves stopped short of "
                 f"tol={ctx.pbrf_tol:g}; the worst, for the removal of "
                 f"{describe_removal(removal)}, after {int(info['n_iter'])} iterations with "

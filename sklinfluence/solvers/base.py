@@ -220,14 +220,25 @@ class Solver(ABC):
         return torch.cat(blocks) if blocks else S.new_zeros((0, S.shape[0]))
 
     def _warn_short(self, name: str, n_left: int, n_rhs: int, worst: float,
-                    worst_at: int) -> None:
+                    worst_at: int, rounding: str | None = None) -> None:
         """Warn that ``n_left`` right-hand sides stopped above tol, naming the worst
-        (row ``worst_at`` of ``B``, named by :func:`~._warnings.naming_right_hand_sides`)."""
+        (row ``worst_at`` of ``B``, named by :func:`~._warnings.naming_right_hand_sides`).
+
+        ``rounding``: the precision whose rounding kept the true residual above
+        ``tol`` although the iteration's own residual met it (no ``max_iter`` then).
+        """
+        if rounding is None:
+            how, advice = f"stopped at max_iter={self.max_iter}", "Increase max_iter or damping."
+        else:
+            how = (f"met tol on its own recurrence, but the true residual recomputed in "
+                   f"{rounding} left")
+            advice = (f"The {rounding} products cannot get closer: loosen tol, or use a "
+                      "float64 net (net.module_.double()) or solver='kernel' (refined in "
+                      "float64).")
         warn(
-            f"{name} stopped at max_iter={self.max_iter} with {n_left} of {n_rhs} "
-            f"right-hand sides above tol={self.tol:g}; largest relative residual "
-            f"{worst:.3e}, for {right_hand_side_name(worst_at)}. Increase max_iter or "
-            "damping.",
+            f"{name} {how} {n_left} of {n_rhs} right-hand sides above tol={self.tol:g}; "
+            f"largest relative residual {worst:.3e}, for {right_hand_side_name(worst_at)}. "
+            f"{advice}",
             ConvergenceWarning,
         )
 

@@ -292,11 +292,12 @@ class CGSolver(Solver):
             residual = self._relative_residual(X, B) if B.shape[0] else B.new_zeros(1)
         else:
             X, n_iter, n_left, residual = self._refine(B)
-        worst = float(residual.max())
+        worst, rounding = float(residual.max()), None
         if n_left == 0 and B.dtype != torch.float64 and worst > self.tol:
             n_left = int((residual > self.tol).sum())  # the recurrence met tol, the truth did not
+            rounding = str(B.dtype).removeprefix("torch.")
         self.last_solve = SolveInfo(int(B.shape[0]), n_iter, worst, n_left == 0,
                                     time.perf_counter() - start, False, int(B.shape[0]))
         if n_left:
-            self._warn_short("CG", n_left, B.shape[0], worst, int(residual.argmax()))
+            self._warn_short("CG", n_left, B.shape[0], worst, int(residual.argmax()), rounding)
         return X

@@ -25,7 +25,7 @@ import torch
 from joblib import Memory, Parallel, delayed, effective_n_jobs
 from tqdm.auto import tqdm
 
-__all__ = ["DiskStore", "resolve_memory", "run_responses"]
+__all__ = ["DiskStore", "resolve_memory", "run_responses", "streaming_parallel"]
 
 _FORMAT = 1
 
@@ -91,6 +91,16 @@ class DiskStore:
         """Number of stored responses for a rung key."""
         folder = self.location / rung_key[:32]
         return len(list(folder.glob("*.npz"))) if folder.exists() else 0
+
+
+def streaming_parallel(n_jobs: int | None) -> Parallel:
+    """A joblib ``Parallel`` that yields results as they finish, where the active
+    backend can (loky, threads, Dask), and returns them all at the end under one
+    that cannot (``multiprocessing``): callers iterate over either alike."""
+    try:
+        return Parallel(n_jobs=n_jobs, return_as="generator_unordered")
+    except ValueError:  # a backend without generators
+        return Parallel(n_jobs=n_jobs)
 
 
 def resolve_memory(memory: Any) -> DiskStore | None:
@@ -162,7 +172,7 @@ def run_responses(compute: Callable, items: Iterable[tuple[str, tuple]], *, rung
                       for i in range(0, len(groups), size)]
             tasks = (delayed(_run_chunk)(compute, chunk, rung_key, store, threads, batch)
                      for chunk in chunks)
-            for done in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks):
+            for done in streaming_parallel(n_jobs)(tasks):
                 for key, delta, info in done:
                     results[key] = (delta, info, True)
                 bar.update(len(done))
