@@ -62,30 +62,27 @@ the conditioning (about ``eps·‖I + ŨŨᵀ‖``) is reported as missed, with 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..model.functional import FunctionalModel, iterate_batches
-from .capture import kronecker_passes
 from ..exceptions import NotEnoughMemoryError, UnsupportedLayerError
-from .layers import KroneckerLayer, kronecker_layers
+from ..model.functional import FunctionalModel
 from ..utils.memory import format_bytes, memory_limit
+from .capture import kronecker_passes
+from .kernel_rows import (RHS_CHUNK, KernelProducts, _batch_size, _Factored, _kept_root_columns,
+                          _Materialised)
+from .layers import KroneckerLayer, kronecker_layers
 
 __all__ = ["GaussNewtonKernel", "kernel_bytes", "kernel_applies", "kernel_verdict",
            "KERNEL_MAX_REFINEMENTS"]
 
 #: Kernel rows accumulated per block (a ``BLOCK_ROWS × n`` work buffer).
 BLOCK_ROWS = 1024
-#: Right-hand sides pushed through the factored layers' products at once.
-RHS_CHUNK = 64
 #: Most refinement rounds of a mixed-precision kernel solve, of each kind (float64
 #: rounds on a float32 factor; rounds in parameter space on a float64 one).
 KERNEL_MAX_REFINEMENTS = 5
-#: Bytes of parameter-space products held at once by :meth:`GaussNewtonKernel.quadratic_forms`.
-QUADRATIC_BYTES = 128 * 2**20
 #: Power iterations of :meth:`GaussNewtonKernel.norm` (only run to explain a missed tol).
 NORM_ITERATIONS = 30
 
@@ -147,33 +144,9 @@ def _materialised_bound(layers: list[KroneckerLayer]) -> int:
     return sum(layer.d_out * layer.n_cols for layer in layers if not layer.factorable)
 
 
-@dataclass
-class _Factored:
-    """A Linear layer's rows as ``g_ik ⊗ ã_i``: ``a`` ``(N, C)``, ``g`` ``(N, K', O)``;
-    ``scale`` is ``D^{-1/2}`` in the layer's ``(O, C)`` layout."""
-
-    layer: KroneckerLayer
-    scale: Tensor
-    a: Tensor
-    g: Tensor
-
-    def tensors(self) -> tuple[Tensor, ...]:
-        return self.a, self.g
 
 
-@dataclass
-class _Materialised:
-    """A layer's rows of ``Ũ`` as a matrix ``(N·K', O·C)`` (layout order)."""
-
-    layer: KroneckerLayer
-    scale: Tensor
-    rows: Tensor
-
-    def tensors(self) -> tuple[Tensor, ...]:
-        return (self.rows,)
-
-
-class GaussNewtonKernel:
+class GaussNewtonKernel(KernelProducts):
     """``(G + D)⁻¹`` in kernel form for a net and its training data.
 
     Parameters
@@ -522,178 +495,3 @@ class GaussNewtonKernel:
             self._rows_transposed_times(Z, Bs)  # Xs = Bs − ŨᵀZ, in place
             Xs = Bs
         return Xs * self.scale
-
-    def gradient_rows(self, model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor,
-                      batch_size: int | None = None) -> Tensor:
-        """``Ũ D^{-1/2} ∇L_e`` for each sample ``e`` of ``(X, T)``, ``(n, len(X))``.
-
-        From layer captures of the loss gradients, never forming them: a
-        factored layer's block is ``(g_ik·δ_e)(ã_i·D^{-1/2}a_e)``, a
-        materialised one's the rows times the sample's (small) layer gradient
-        — on the digits CNN 300 samples cost 0.5 s, against 1.5 s for their
-        71,754-number gradients and the same product with them.
-        """
-        out = []
-        for captures in kronecker_passes(model, theta, self.layers, X, T, batch_size,
-                                         check=False, gradients=True):
-            W = None
-            for part, cap in zip(self.parts, captures):
-                if isinstance(part, _Factored):
-                    a, g = part.layer.outer_factors(cap)
-                    a = a.to(torch.float64) * part.scale[0]  # (B, C)
-                    delta = g[:, 0].to(torch.float64)  # (B, O)
-                    gd = part.g.reshape(-1, part.g.shape[-1]) @ delta.T  # (n, B)
-                    aa = part.a @ a.T  # (N, B)
-                    block = (gd.view(self.n_samples, -1, gd.shape[1]) * aa[:, None]).reshape(
-                        gd.shape)
-                else:
-                    D = part.layer.sample_gradients(cap)[:, 0].to(torch.float64) * part.scale
-                    block = part.rows @ D.reshape(D.shape[0], -1).T
-                W = block if W is None else W + block
-            out.append(W)
-        return torch.cat(out, dim=1)
-
-    def removal_products(self, W: Tensor, B: Tensor, n_removals: int, *, rows: Tensor,
-                         owner: Tensor, forces: Tensor, forces_rows: Tensor,
-                         forced: Tensor, tol: float | None = None,
-                         check_rows: Tensor | None = None) -> Tensor:
-        """``[s, e] = g_sᵀ (G + D)⁻¹ b_e`` for removals ``s``, ``(n_removals, k)``.
-
-        ``W = Ũ D^{-1/2} Bᵀ`` (:meth:`gradient_rows`). A training sample's
-        gradient lies in the row space of its own rows of ``Ũ``:
-        ``∇L_i = D^{1/2} Ũ_iᵀ c_i`` with ``c_i = √N L_i⁺ ∇_y L_i``
-        (:meth:`coefficients`), so ``∇L_iᵀ (G + D)⁻¹ b = c_iᵀ Z_i`` with
-        ``Z = (I + ŨŨᵀ)⁻¹ W`` — the solve's kernel half, without its way back
-        to parameters nor the gradient. The removals made of such rows give
-        training positions ``rows`` (eligible ones) and their ``owner``
-        removal; the others their gradients ``forces`` and
-        ``forces_rows = Ũ D^{-1/2} forcesᵀ`` (one per removal ``forced``),
-        through ``gᵀ(G + D)⁻¹b = (D^{-1/2}g)ᵀ(D^{-1/2}b) − (Ũ D^{-1/2} g)ᵀ Z``, or
-        ``(D^{-1/2}g)ᵀ Xs`` where :meth:`_solve_kernel` refined the solutions
-        ``Xs`` in parameter space (``Z`` follows them: ``Ũ Xs ≈ Z``).
-        """
-        Bs = B.to(torch.float64) * self.scale
-        check = torch.arange(B.shape[0]) if check_rows is None else check_rows
-        Z, Xs = self._solve_kernel(W, Bs, tol, check)
-        out = Z.new_zeros((n_removals, Z.shape[1]))
-        if rows.numel():
-            C = self._coefficients[0]
-            picked = Z.view(self.n_samples, int(self.keep.numel()), -1)[rows]  # (r, K', k)
-            out.index_add_(0, owner, torch.einsum("rq,rqe->re", C[rows], picked))
-        if forces.shape[0]:
-            Fs = forces.to(torch.float64) * self.scale
-            out[forced] += Fs @ Bs.T - forces_rows.T @ Z if Xs is None else Fs @ Xs.T
-        return out
-
-    def quadratic_forms(self, W: Tensor) -> Tensor:
-        """``wᵀ (I + ŨŨᵀ)⁻¹ w = ‖L⁻¹w‖²`` for each column ``w`` of ``W`` ``(n, k)``,
-        in the factor's precision (float64 result).
-
-        What self-influence needs: a removal's ``gᵀ (G + D)⁻¹ g`` is
-        ``‖D^{-1/2}g‖² − wᵀ(I + ŨŨᵀ)⁻¹w`` with ``w = Ũ D^{-1/2} g``, and for a
-        removal of training rows ``w`` holds their coefficients ``c_i``
-        (:meth:`coefficients`) in their own blocks, ``‖D^{-1/2}g‖²``
-        replaced by ``‖w‖²`` — the diagonal blocks of the inverse: one
-        triangular solve, skipping the leading zero rows of each chunk of
-        columns, no solve per row and no way back to parameters. Exact to
-        rounding with a float64 factor; see :meth:`refined_forms` for a
-        float32 one.
-        """
-        Y = self._forward_solve(W)
-        return (Y * Y).sum(dim=0)
-
-    def refined_forms(self, W: Tensor, check_rows: Tensor | None = None
-                      ) -> tuple[Tensor, Tensor]:
-        """``(q, error)``: the forms of :meth:`quadratic_forms` to float64 accuracy
-        from a float32 factor, and an estimate of their error on the columns
-        ``check_rows`` (all by default).
-
-        The variational form ``q = 2 wᵀz − zᵀ(I + ŨŨᵀ)z`` of the float32
-        solution ``z`` (products in float64) is a lower bound of the true form
-        whose error ``(z − z*)ᵀ(I + ŨŨᵀ)(z − z*) = rᵀ(I + ŨŨᵀ)⁻¹r`` is second
-        order in the float32 residual ``r = w − (I + ŨŨᵀ)z``; ``error`` is that
-        quantity with the float32 factor. Costs one product ``ŨᵀZ`` per column
-        (in chunks of :data:`QUADRATIC_BYTES`) and one ``ŨV`` per checked one.
-        """
-        k, P = W.shape[1], self.scale.numel()
-        rows = torch.arange(k) if check_rows is None else check_rows
-        Z = self._kernel_solve(W)
-        W = W.to(torch.float64)
-        q = 2 * (W * Z).sum(dim=0) - (Z * Z).sum(dim=0)
-        chunk = max(1, QUADRATIC_BYTES // (8 * P))
-        for c in range(0, k, chunk):
-            UtZ = Z.new_zeros((min(k, c + chunk) - c, P))
-            self._rows_transposed_times(Z[:, c:c + chunk], UtZ)  # −(ŨᵀZ)ᵀ
-            q[c:c + chunk] -= (UtZ * UtZ).sum(dim=1)
-        UtZ = Z.new_zeros((rows.numel(), P))
-        self._rows_transposed_times(Z[:, rows], UtZ)
-        R = W[:, rows] - Z[:, rows] + self._rows_times(UtZ)  # w − z − ŨŨᵀz
-        return q, (R * self._kernel_solve(R)).sum(dim=0)
-
-    def _forward_solve(self, W: Tensor) -> Tensor:
-        """``L⁻¹ W`` in the factor's precision (float64 result), chunks of columns
-        starting at their first non-zero row (a training row's column is zero
-        above its own block)."""
-        L, k = self.factor, W.shape[1]
-        out = W.new_zeros(W.shape, dtype=torch.float64)
-        nonzero = W != 0
-        first = torch.where(nonzero.any(dim=0), nonzero.to(torch.int8).argmax(dim=0),
-                            W.shape[0])
-        order = torch.argsort(first)
-        for c in range(0, k, RHS_CHUNK * 4):
-            cols = order[c:c + RHS_CHUNK * 4]
-            f = int(first[cols].min())
-            if f >= W.shape[0]:
-                continue
-            out[f:, cols] = torch.linalg.solve_triangular(
-                L[f:, f:], W[f:, cols].to(L.dtype), upper=False).to(torch.float64)
-        return out
-
-    def coefficients(self, model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor,
-                     batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-        """``(C, eligible)``: each training sample's ``c_i`` ``(N, K')`` and whether
-        its gradient is in its rows' span (cached after the first call).
-
-        ``c_i = √N L_i⁺ ∇_y L_i`` on the kept root columns; a sample is
-        eligible when ``L_i c_i`` reproduces ``√N ∇_y L_i`` to ``1e-10`` of its
-        norm (1,000 roundings for a float32 net) — not where the output Hessian
-        has vanished along the gradient (saturated outputs: a sigmoid at
-        probability 1, a softmax class at 0).
-        """
-        if self._coefficients is None:
-            Cs, ok = [], []
-            root_n = self.n_samples ** 0.5
-            close = max(1e-10, 1e3 * torch.finfo(model.dtype).eps)
-            for xb, tb in iterate_batches(X, T, batch_size):
-                with torch.no_grad():
-                    out = model.forward(theta, xb)
-                # the capture's roots (same batches, same dtype): orthogonal columns
-                L = model.loss.output_hessian_root(out, tb)[:, :, self.keep].to(torch.float64)
-                r = model.loss.output_grad(out, tb).to(torch.float64)
-                w = (L * L).sum(dim=1)  # the columns' eigenvalues
-                c = torch.where(w > 0, torch.einsum("bjk,bj->bk", L, r)
-                                / w.clamp_min(torch.finfo(w.dtype).tiny), 0)
-                rebuilt = torch.einsum("bjk,bk->bj", L, c)
-                ok.append((rebuilt - r).norm(dim=1) <= close * r.norm(dim=1))
-                Cs.append(root_n * c)
-            self._coefficients = (torch.cat(Cs), torch.cat(ok))
-        return self._coefficients
-
-
-def _batch_size(capture) -> int:
-    return int(capture[0].shape[0])
-
-
-def _kept_root_columns(model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor,
-                       batch_size: int | None) -> Tensor:
-    """Root columns (ascending eigenvalue order) not negligible for some sample."""
-    largest = None
-    for xb, tb in iterate_batches(X, T, batch_size):
-        with torch.no_grad():
-            out = model.forward(theta, xb)
-        w = torch.linalg.eigvalsh(model.loss.output_hessian(out, tb).to(torch.float64))
-        top = w.max(dim=0).values
-        largest = top if largest is None else torch.maximum(largest, top)
-    K = largest.numel()
-    negligible = largest <= K * torch.finfo(model.dtype).eps * float(largest.max())
-    return (~negligible).nonzero().flatten()

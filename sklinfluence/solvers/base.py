@@ -169,9 +169,10 @@ class Solver(ABC):
     def build(cls, curvature: Curvature, *, tol: float, max_iter: int | None,
               verbose: int, **params: Any) -> "Solver":
         """The solver for a request (:func:`~sklinfluence.solvers.make_solver`):
-        ``params`` are its checked ``solver_params``. This default takes the
-        curvature only."""
-        return cls(curvature)
+        ``params`` are its checked ``solver_params``. This default passes them
+        to the constructor as keywords (``tol``, ``max_iter`` and ``verbose`` are
+        for the solvers that take them: override to pass those)."""
+        return cls(curvature, **params)
 
     @abstractmethod
     def solve(self, B: Tensor) -> Tensor:

@@ -281,5 +281,10 @@ def make_solver(name: str, curvature: Curvature, *, tol: float = 1e-10,
     params = check_request(name, solver_params)
     if name == "auto":
         name, params = resolve_solver(name, curvature, tol)
-    return SOLVER_TYPES[name].build(curvature, tol=tol, max_iter=max_iter, verbose=verbose,
-                                    **params)
+    solver = SOLVER_TYPES[name].build(curvature, tol=tol, max_iter=max_iter, verbose=verbose,
+                                      **params)
+    # what the estimators' diagnostics read, for a solver whose info leaves it out
+    solver.info.setdefault("solver", name)
+    solver.info.setdefault("approximate", solver.approximate)
+    solver.info.setdefault("n_params", curvature.n_params)
+    return solver

@@ -63,7 +63,7 @@ elementwise: the exact diagonal of the block in the Kronecker eigenbasis.
 
 # registration order is the order kronecker_layers tries the types in
 from .base import (ADVICE, LAYER_TYPES, LAYERWISE, Eigenbasis, KroneckerLayer,  # noqa: I001
-                   handled_types, kronecker_layers, register_layer)
+                   handled_types, kronecker_layers, register_layer, unregister_layer)
 from .linear import LinearBlock
 from .conv import Conv2dLayer
 from .embedding import EmbeddingLayer
@@ -71,4 +71,4 @@ from .norm import NormLayer
 
 __all__ = ["KroneckerLayer", "Eigenbasis", "LinearBlock", "Conv2dLayer", "EmbeddingLayer",
            "NormLayer", "LAYER_TYPES", "LAYERWISE", "ADVICE", "register_layer",
-           "kronecker_layers", "handled_types"]
+           "kronecker_layers", "handled_types", "unregister_layer"]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ...exceptions import UnsupportedLayerError
 
 __all__ = ["KroneckerLayer", "Eigenbasis", "LAYER_TYPES", "LAYERWISE", "ADVICE", "register_layer",
-           "kronecker_layers", "handled_types"]
+           "kronecker_layers", "handled_types", "unregister_layer"]
 
 ADVICE = "Use solver='cg' or 'arnoldi' for this network."
 #: The solvers built on this registry, as the errors name them (the kernel form
@@ -30,9 +30,15 @@ def register_layer(cls: type[KroneckerLayer]) -> type[KroneckerLayer]:
     Raises
     ------
     TypeError
-        If the class leaves one of :class:`KroneckerLayer`'s abstract methods
-        unimplemented (named in the message).
+        If the class is not a :class:`KroneckerLayer`, or leaves one of its
+        abstract methods unimplemented (named in the message).
+    ValueError
+        If it is registered already.
     """
+    if not (isinstance(cls, type) and issubclass(cls, KroneckerLayer)):
+        raise TypeError(f"register_layer expects a KroneckerLayer subclass, got {cls!r}.")
+    if cls in LAYER_TYPES:
+        raise ValueError(f"layer type {cls.__name__} is registered already.")
     missing = sorted(getattr(cls, "__abstractmethods__", ()))
     if missing:
         raise TypeError(f"layer type {cls.__name__} does not implement "
@@ -40,6 +46,11 @@ def register_layer(cls: type[KroneckerLayer]) -> type[KroneckerLayer]:
                         "is needed by the capture passes, the kernel or EK-FAC.")
     LAYER_TYPES.append(cls)
     return cls
+
+
+def unregister_layer(cls: type[KroneckerLayer]) -> None:
+    """Remove a layer type from :data:`LAYER_TYPES`; a ``ValueError`` if it is not there."""
+    LAYER_TYPES.remove(cls)
 
 
 def _f64(x: Tensor) -> Tensor:
