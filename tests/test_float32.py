@@ -99,3 +99,42 @@ def test_the_pbrf_of_a_float32_net_with_a_cg_chord_matches_the_dense_one(nets, m
     assert cg.responder_.solver_plan().pbrf_chord.solver == "cg"
     assert cg.responder_.last_info["converged"].all()
     assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_a_float32_nets_loss_changes_survive_its_rounding():
+    """A removal moves the parameters by O(1/N), and a well-fit row's loss then
+    changes by less than float32 rounds the loss itself: the difference of two
+    float32 losses is exactly 0. The "loss" measurements of a float32 net are
+    evaluated in float64 on its own weights — the float64 copy's numbers, never 0."""
+    from sklinfluence.model.functional import FunctionalModel
+    from sklinfluence.model.removal import single_removals
+    from sklinfluence.response import measure
+
+    X, y = load_digits(return_X_y=True)
+    X = (X[:200] / 16).astype(np.float32)
+    torch.manual_seed(0)
+    net = NeuralNetClassifier(nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)),
+                              criterion=nn.CrossEntropyLoss, max_epochs=30, lr=0.5,
+                              train_split=None, verbose=0).fit(X, y[:200])
+    model = FunctionalModel.from_net(net)
+    assert model.dtype == torch.float32
+    Xt, T = torch.as_tensor(X), torch.as_tensor(y[:200])
+    deltas = 1e-9 * torch.randn(3, model.n_params, generator=torch.Generator().manual_seed(1),
+                                dtype=torch.float64)
+    with torch.no_grad():  # what the float32 net alone gives
+        naive = torch.stack([model.losses(model.params + d.float(), Xt, T)
+                             - model.losses(model.params, Xt, T) for d in deltas])
+    assert (naive == 0).float().mean() > 0.5
+    exact = model.astype(torch.float64)
+    X64 = Xt.to(torch.float64)
+    changes = measure.loss_change(model, deltas, Xt, T)
+    assert changes.dtype == torch.float64 and bool((changes != 0).all())
+    assert torch.equal(changes, measure.loss_change(exact, deltas, X64, T))
+    removals = single_removals(Xt[:3], T[:3], np.arange(3))
+    own = measure.own_change(model, removals, deltas)
+    assert torch.equal(own, measure.own_change(exact, single_removals(X64[:3], T[:3], np.arange(3)),
+                                               deltas))
+    # a row's loss alone and within the batch: float64 rounding of the losses (~1e-16)
+    assert_allclose(changes[[0, 1, 2], [0, 1, 2]].numpy(), own.numpy(), rtol=0, atol=1e-15)
+    assert torch.equal(measure.mean_losses(model, deltas, Xt, T),
+                       measure.mean_losses(exact, deltas, X64, T))
