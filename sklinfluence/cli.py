@@ -1,4 +1,4 @@
-"""The ``sklinfluence`` command line: ``decompose`` and ``rank``.
+"""The ``sklinfluence`` command line: ``decompose``, ``rank`` and ``study``.
 
 ``sklinfluence decompose`` trains an MLP on a data set, decomposes the gap
 between its influence estimates and leave-one-out retraining into the five
@@ -11,6 +11,15 @@ optionally after flipping a fraction of the labels, prints the top samples and
 the detection curve (fraction of flipped labels found against fraction
 inspected), and writes both.
 
+``sklinfluence study`` runs the paper's study across the architectures of
+:mod:`sklinfluence.zoo` (:func:`sklinfluence.study_report.run_study`): the
+five terms and the agreement of influence with the PBRF and with
+leave-one-out per architecture, the same against width and training epochs,
+mislabel detection by five self-scores; it prints the main numbers and the
+verdict on each of the paper's claims, and writes ``study.csv`` (every
+number) and ``report.html`` (one self-contained page). A run restarted on the
+same ``--output`` loads every finished cell from its cache.
+
 Every file is written to a temporary name and renamed into place, so an
 interrupted run never leaves a half-written file where a good one was.
 """
@@ -18,11 +27,7 @@ interrupted run never leaves a half-written file where a good one was.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,41 +37,16 @@ import numpy as np
 __all__ = ["main"]
 
 
-def _plain_write_mode(path: Path) -> int:
-    """The mode ``open(path, "w")`` would leave: the file's own, or ``0o666 & ~umask``."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _plain_write_mode(path))  # mkstemp's 0o600 would make results private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
+    from .study_report.files import write_csv
 
-    _atomic_write(path, write)
+    write_csv(path, header, rows)
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    from .study_report.files import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def _widths(text: str) -> tuple:
@@ -88,6 +68,31 @@ def _threads(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"--n-threads must be a positive integer, got {text!r}")
     return value
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _names(choices: Sequence[str], what: str) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        unknown = [n for n in names if n not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what} from {', '.join(choices)}; got {text!r}")
+        return names
+
+    return parse
 
 
 def _fraction(text: str) -> float:
@@ -161,7 +166,50 @@ def _parser() -> argparse.ArgumentParser:
     rank.add_argument("--mislabel", type=_fraction, default=0.0,
                       help="fraction of labels to flip before training (classification)")
     rank.add_argument("--top", type=int, default=10, help="samples to print (default 10)")
+    _study_parser(commands)
     return parser
+
+
+def _study_parser(commands: Any) -> None:
+    from .study_report import SCALES, SECTIONS
+    from .zoo import ZOO
+
+    scales = "; ".join(f"{name}: {', '.join(s.architectures)}, {s.n_train} rows, {s.rows} "
+                       f"removed × {s.seeds} seed(s), {s.epochs} epochs"
+                       for name, s in SCALES.items())
+    study = commands.add_parser(
+        "study", help="the paper's study across the zoo, with an HTML report",
+        description="Run the study of Bae et al. (2022) on the architectures of "
+                    "sklinfluence.zoo: the five terms and the agreement of influence with the "
+                    "PBRF and with leave-one-out per architecture, against width and training "
+                    "epochs, and mislabel detection; print the main numbers and a verdict on "
+                    "each of the paper's claims; write study.csv (every number) and "
+                    "report.html (self-contained) to --output. Rerun on the same --output to "
+                    "resume: finished cells are loaded from its cache.")
+    study.add_argument("--output", type=Path, default=Path("sklinfluence-output/study"),
+                       help="directory for study.csv, report.html, figures/ and the "
+                            "resumable cache/ (default sklinfluence-output/study)")
+    study.add_argument("--scale", choices=("default", "small", "large"), default="default",
+                       help=f"how much to compute ({scales}; default: default)")
+    sizes = study.add_argument_group("sizes (default: the scale's)")
+    sizes.add_argument("--architectures", type=_names(tuple(ZOO), "zoo entries"),
+                       help="comma-separated zoo entries, e.g. mlp,lenet")
+    sizes.add_argument("--n-train", type=_at_least(3), help="training rows per architecture")
+    sizes.add_argument("--rows", type=_at_least(2), help="removed rows per cell")
+    sizes.add_argument("--seeds", type=_at_least(1), help="training seeds per cell")
+    sizes.add_argument("--epochs", type=_at_least(1), help="training epochs")
+    sizes.add_argument("--n-detect", type=_at_least(10), help="training rows of each "
+                       "mislabel detection run")
+    sizes.add_argument("--sections", type=_names(SECTIONS, "sections"), default=SECTIONS,
+                       help=f"parts to run (default: all of {','.join(SECTIONS)})")
+    run = study.add_argument_group("run")
+    run.add_argument("--n-jobs", type=int, default=-1,
+                     help="cells computed in parallel, one torch thread each (default -1: "
+                          "every core; the cells are independent)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--n-threads", type=_threads, default=None,
+                     help="torch threads of this process (default: chosen for the model "
+                          "size, or OMP_NUM_THREADS when set); parallel workers use one")
 
 
 def _prepare(args: argparse.Namespace):
@@ -344,6 +392,19 @@ def _rank(args: argparse.Namespace) -> None:
     print("\nwrote " + " and ".join(str(p) for p in written))
 
 
+def _study(args: argparse.Namespace) -> None:
+    from .study_report import format_summary, run_study
+
+    start = time.perf_counter()
+    results = run_study(args.output, args.scale, sections=args.sections, n_jobs=args.n_jobs,
+                        verbose=0 if args.quiet else 1, architectures=args.architectures,
+                        n_train=args.n_train, rows=args.rows, seeds=args.seeds,
+                        epochs=args.epochs, n_detect=args.n_detect)
+    print("\n" + format_summary(results))
+    print(f"\nwrote {results.paths.html} and {results.paths.csv} in "
+          f"{time.perf_counter() - start:.0f} s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sklinfluence`` command; returns the exit status."""
     parser = _parser()
@@ -352,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with config_context(n_threads=args.n_threads):
-            {"decompose": _decompose, "rank": _rank}[args.command](args)
+            {"decompose": _decompose, "rank": _rank, "study": _study}[args.command](args)
     except ValueError as exc:
         parser.exit(2, f"sklinfluence {args.command}: error: {exc}\n")
     return 0

@@ -122,8 +122,9 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, capsys, args, fragment):
 
 
 def test_readme_synopsis_matches_the_parser():
-    """README's synopsis names every option of both subcommands, each list of values
-    is the option's choices (default first), and every value shown is its default."""
+    """README's synopses (decompose and rank in the first block, study in the second)
+    name every option of each subcommand, each list of values is the option's choices
+    (default first), and every value shown is its default."""
     import argparse
     from pathlib import Path
 
@@ -131,17 +132,20 @@ def test_readme_synopsis_matches_the_parser():
     from sklinfluence.datasets import BUILTIN
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    block, study = section.split("```")[1:4:2]
     own, common = block.split("\nOPTIONS", 1)
     decompose, rank = own.split("sklinfluence rank")
+    assert study.lstrip("\n").startswith("sklinfluence study")
     option = re.compile(r"\[(--[\w-]+)(?: ([^\]]+))?\]")
     shared = dict(option.findall(common))
     subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name, text in (("decompose", decompose), ("rank", rank)):
+    for name, text, inherited in (("decompose", decompose, shared), ("rank", rank, shared),
+                                  ("study", study, {})):
         sub = subparsers.choices[name]
         actions = {s: a for a in sub._actions for s in a.option_strings
                    if s.startswith("--") and s != "--help"}
-        shown = {**shared, **dict(option.findall(text))}
+        shown = {**inherited, **dict(option.findall(text))}
         assert set(shown) == set(actions), name
         for opt, value in shown.items():
             action = actions[opt]
@@ -157,8 +161,50 @@ def test_readme_synopsis_matches_the_parser():
                 assert getattr(sub.parse_args([opt, value]), action.dest) == action.default, opt
 
 
-@pytest.mark.parametrize("command", [[], ["decompose"], ["rank"]])
+@pytest.mark.parametrize("command", [[], ["decompose"], ["rank"], ["study"]])
 def test_help_of_every_subcommand(command):
     result = subprocess.run([sys.executable, "-m", "sklinfluence", *command, "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: sklinfluence" in result.stdout
+
+
+#: A study of seconds: two architectures, the per-architecture section only.
+STUDY_FAST = ["--scale", "small", "--architectures", "logistic,mlp", "--n-train", "40",
+              "--rows", "3", "--seeds", "1", "--epochs", "2", "--sections", "architectures",
+              "--quiet"]
+
+
+def test_study_prints_the_table_and_verdicts_writes_the_report_and_resumes(tmp_path, capsys):
+    assert main(["study", *STUDY_FAST, "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "The paper's study, scale small: 2 architectures, 40 training rows" in out
+    assert "2 cells (2 computed, 0 from the cache)" in out
+    for text in ("warm-start", "IF–PBRF", "IF–LOO", "The paper's claims:", "not measured",
+                 f"wrote {tmp_path / 'report.html'} and {tmp_path / 'study.csv'}"):
+        assert text in out, text
+    assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert (tmp_path / "study.csv").read_text().startswith(
+        "section,architecture,param_name,param_value,seed,row,quantity,value")
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "agreement_by_architecture.png", "terms_by_architecture.png"]
+    assert not [p for p in tmp_path.rglob(".*")
+                if p.is_file() and "cache" not in p.relative_to(tmp_path).parts]
+    # the same command again: every cell from the cache
+    assert main(["study", *STUDY_FAST, "--output", str(tmp_path)]) == 0
+    assert "2 cells (0 computed, 2 from the cache)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--architectures", "mlp,alexnet"], "expected comma-separated zoo entries"),
+    (["--rows", "1"], "expected an integer ≥ 2"),
+    (["--rows", "50", "--n-train", "40"], "do not fit in n_train=40"),
+    (["--sections", "plots"], "expected comma-separated sections"),
+    (["--scale", "huge"], "invalid choice: 'huge'"),
+    (["--n-detect", "5"], "expected an integer ≥ 10"),
+])
+def test_study_bad_input_exits_with_a_clear_message(tmp_path, capsys, args, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", *args, "--quiet", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.html").exists()
