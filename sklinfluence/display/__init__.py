@@ -17,8 +17,11 @@ results of a study (``from_results``), from an estimator
   a parameter;
 - :class:`DetectionCurveDisplay`: mislabel detection curves of several
   self-scores at once.
-"""
 
+One module per display (``terms``, ``agreement``, ``detection``); what they
+share — choices, labels, the x axis, the curve ``from_estimator`` computes
+— is in ``_common``.
+"""
 
 from .agreement import AgreementCurveDisplay
 from .detection import DetectionCurveDisplay

@@ -46,7 +46,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 .rule { color: #555; font-size: 0.88em; }
 figure { margin: 1.2em 0; }
 .side-by-side { display: flex; flex-wrap: wrap; gap: 0 2em; }
-.side-by-side figure { flex: 0 1 auto; max-width: 46em; }
+.side-by-side figure { flex: 1 1 22em; max-width: calc(50% - 1em); }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #444; font-size: 0.9em; max-width: 60em; }
 code, pre { background: #f4f4f4; border-radius: 0.2em; padding: 0.1em 0.3em; }
