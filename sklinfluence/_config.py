@@ -7,6 +7,11 @@
 - ``memory_limit_bytes``: the most a dense ``P × P`` curvature may take
   (``None``: half the memory the system reports available at the time; see
   :mod:`sklinfluence.utils.memory`).
+- ``working_memory_bytes``: the most a streamed computation holds at once
+  (chunks of per-sample gradients and layer captures), in the spirit of
+  scikit-learn's ``working_memory``.
+- ``time_budget_seconds``: the longest computation ``solver="auto"`` starts
+  without falling back to an approximation.
 
 :func:`set_config` changes them, :func:`get_config` reads them and
 :func:`config_context` changes them for a ``with`` block only.
@@ -16,12 +21,13 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any, Callable, Iterator
 
 __all__ = ["get_config", "set_config", "config_context", "on_change"]
 
-_DEFAULTS = {"n_threads": None, "response_cache_bytes": 256 * 2**20, "memory_limit_bytes": None}
+_DEFAULTS = {"n_threads": None, "response_cache_bytes": 256 * 2**20, "memory_limit_bytes": None,
+             "working_memory_bytes": 512 * 2**20, "time_budget_seconds": 600.0}
 _lock = threading.Lock()
 _config = dict(_DEFAULTS)
 _listeners: dict = {name: [] for name in _DEFAULTS}
@@ -43,13 +49,14 @@ def get_config() -> dict:
     Returns
     -------
     dict
-        ``{"n_threads": ..., "response_cache_bytes": ..., "memory_limit_bytes": ...}``.
+        ``{"n_threads": ..., "response_cache_bytes": ..., "memory_limit_bytes": ...,
+        "working_memory_bytes": ..., "time_budget_seconds": ...}``.
 
     Examples
     --------
     >>> from sklinfluence import get_config
     >>> sorted(get_config())
-    ['memory_limit_bytes', 'n_threads', 'response_cache_bytes']
+    ['memory_limit_bytes', 'n_threads', 'response_cache_bytes', 'time_budget_seconds', 'working_memory_bytes']
     """
     with _lock:
         return dict(_config)
@@ -73,10 +80,19 @@ def _check(name: str, value: Any) -> None:
             raise ValueError(
                 "memory_limit_bytes must be None (half the available memory) or an integer "
                 f">= 1, got {value!r}.")
+    elif name == "working_memory_bytes":
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 2**20:
+            raise ValueError(
+                f"working_memory_bytes must be an integer >= 2**20 (1 MiB), got {value!r}.")
+    elif name == "time_budget_seconds":
+        if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
+            raise ValueError(
+                f"time_budget_seconds must be a number > 0, got {value!r}.")
 
 
 def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep",
-               memory_limit_bytes: Any = "keep") -> None:
+               memory_limit_bytes: Any = "keep", working_memory_bytes: Any = "keep",
+               time_budget_seconds: Any = "keep") -> None:
     """Change sklinfluence's process-wide settings.
 
     Parameters
@@ -111,6 +127,17 @@ def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep",
         explicit ``solver="exact"`` is refused before allocating, with a
         :class:`~sklinfluence.utils.memory.NotEnoughMemoryError` that names the
         sizes and the options that fit.
+    working_memory_bytes : int, optional
+        The most memory a streamed computation holds at once (default
+        512 MiB): the chunks in which per-sample gradients, layer captures
+        and the training side of influence matrices, self-influence and
+        top-k are computed are sized to fit it. Smaller values mean more,
+        smaller chunks and the same results.
+    time_budget_seconds : float, optional
+        The longest computation ``solver="auto"`` starts for an exact answer
+        (default 600): it predicts the time of each exact option from the
+        sizes and, where none fits, picks an approximation and says so in a
+        warning that names the exact alternative and its predicted cost.
 
     Examples
     --------
@@ -123,7 +150,9 @@ def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep",
     """
     changes = {name: value for name, value in
                (("n_threads", n_threads), ("response_cache_bytes", response_cache_bytes),
-                ("memory_limit_bytes", memory_limit_bytes))
+                ("memory_limit_bytes", memory_limit_bytes),
+                ("working_memory_bytes", working_memory_bytes),
+                ("time_budget_seconds", time_budget_seconds))
                if not (isinstance(value, str) and value == "keep")}
     for name, value in changes.items():
         _check(name, value)

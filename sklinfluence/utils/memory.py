@@ -21,7 +21,7 @@ from .._config import get_config
 from ..exceptions import NotEnoughMemoryError
 
 __all__ = ["available_bytes", "memory_limit", "dense_bytes",
-           "dense_fits_memory", "check_dense", "format_bytes"]
+           "dense_fits_memory", "check_dense", "format_bytes", "working_memory", "chunk_rows"]
 
 
 def available_bytes() -> int | None:
@@ -50,6 +50,19 @@ def memory_limit() -> int | None:
         return int(limit)
     available = available_bytes()
     return None if available is None else available // 2
+
+
+def working_memory() -> int:
+    """The bytes a streamed computation may hold at once: ``working_memory_bytes``
+    of :func:`sklinfluence.set_config`, read now."""
+    return int(get_config()["working_memory_bytes"])
+
+
+def chunk_rows(bytes_per_row: float, n_rows: int | None = None) -> int:
+    """Rows per chunk of a computation holding ``bytes_per_row`` bytes per row:
+    as many as fit in :func:`working_memory` (one at least, ``n_rows`` at most)."""
+    rows = max(1, int(working_memory() // max(float(bytes_per_row), 1.0)))
+    return rows if n_rows is None else max(1, min(rows, int(n_rows)))
 
 
 def dense_bytes(n_params: int) -> int:
