@@ -81,9 +81,9 @@ def _check(name: str, value: Any) -> None:
                 "memory_limit_bytes must be None (half the available memory) or an integer "
                 f">= 1, got {value!r}.")
     elif name == "working_memory_bytes":
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < 2**20:
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise ValueError(
-                f"working_memory_bytes must be an integer >= 2**20 (1 MiB), got {value!r}.")
+                f"working_memory_bytes must be an integer >= 1, got {value!r}.")
     elif name == "time_budget_seconds":
         if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
             raise ValueError(

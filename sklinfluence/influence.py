@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from joblib import effective_n_jobs
+from sklearn.utils import Bunch
+from sklearn.utils.validation import check_is_fitted
 
 from .utils._sklearn import Interval, StrOptions, _fit_context
 from .utils._warnings import naming_right_hand_sides, removal_names
@@ -20,11 +23,11 @@ from .response.responder import Responder, Rung, rung
 from .response.rungs import removal_forces
 from .response.measure import MEASURES, to_numpy
 from .solvers import SOLVER_NAMES, default_tol
+from .model.removal import single_removals
+from .utils.execution import map_parts
+from .utils.memory import chunk_rows
+from .utils.ranking import TopK
 from .utils.threads import compute_section
-
-#: Gradient bytes per chunk of the streamed side of an influence matrix when
-#: ``batch_size`` is None (``8 · P`` bytes a row, float64).
-STREAM_BYTES = 256 * 2**20
 
 __all__ = ["InfluenceEstimator"]
 
@@ -136,14 +139,23 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         Number of samples processed at once for gradients and curvature
         products (``None``: all), and the chunk in which the larger side of
         an influence matrix is streamed (``None``: as many rows as keep its
-        gradients within ``STREAM_BYTES``, 256 MiB). Bounds memory, never
-        changes results.
+        gradients within ``working_memory_bytes`` of
+        :func:`~sklinfluence.set_config`, 512 MiB by default). Bounds memory,
+        never changes results beyond rounding.
     measure : {"linear", "loss"}, default="linear"
         How a response is turned into a score (:mod:`sklinfluence.response.measure`):
         ``"linear"``, the first-order change ``∇Q(θˢ)ᵀ Δθ`` — the classic
         influence function ``ε ∇Q(θˢ)ᵀ (C + λI)⁻¹ ∇L_m(θˢ)``; ``"loss"``, the
         change of the loss at the response, ``Q(θˢ + Δθ) − Q(θˢ)`` (what the
         ground-truth estimators and the Decomposer report by default).
+    n_jobs : int, default=None
+        Workers (joblib) over which the training side of self-influence,
+        influence matrices and :meth:`most_influential` is split, in chunks
+        of rows — ``None`` means 1 unless in a
+        :func:`joblib.parallel_config` context, ``-1`` all cores; under
+        ``joblib.parallel_config(backend="dask")`` the chunks run on a Dask
+        cluster. Each worker gets a copy of the fitted solver; the answers
+        equal the sequential ones.
     verbose : int, default=0
         Above 0, a progress bar for each block of conjugate-gradient solves
         (``solver="cg"``, and ``"auto"`` above the dense size): columns
@@ -234,6 +246,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
     (3,)
     >>> est.loss_change(X[:5], y[:5], X[-2:], y[-2:]).shape
     (5, 2)
+    >>> top = est.most_influential(X[-2:], y[-2:], n_top=4)  # the 4 most helpful rows
+    >>> top.proponents.shape, top.opponent_scores.shape
+    ((2, 4), (2, 4))
     """
 
     _parameter_constraints: dict = {
@@ -244,6 +259,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         "tol": [None, Interval(Real, 0, None, closed="neither")],
         "max_iter": [None, Interval(Integral, 1, None, closed="left")],
         "measure": [StrOptions(set(MEASURES))],
+        "n_jobs": [None, Integral],
         "verbose": ["verbose"],
     }
 
@@ -261,6 +277,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         max_iter: int | None = None,
         batch_size: int | None = None,
         measure: str = "linear",
+        n_jobs: int | None = None,
         verbose: int = 0,
         random_state: Any = None,
     ) -> None:
@@ -275,6 +292,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         self.max_iter = max_iter
         self.batch_size = batch_size
         self.measure = measure
+        self.n_jobs = n_jobs
         self.verbose = verbose
         self.random_state = random_state
 
@@ -346,12 +364,40 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
 
     def _stream_rows(self) -> int:
         """Rows per chunk of the streamed side of an influence matrix."""
-        return self.batch_size or max(1, STREAM_BYTES // (8 * self.model_.n_params))
+        return self.batch_size or chunk_rows(8 * self.model_.n_params)
 
-    def _linear_parts(self, removals: list) -> tuple:
-        """Chunks of removals of at most :meth:`_stream_rows` rows each (one removal at
-        least)."""
-        return removal_chunks(removals, self._stream_rows())
+    def _linear_parts(self, removals: list, row_bytes: int = 0) -> list:
+        """Chunks of removals (one removal at least each): of at most
+        :meth:`_stream_rows` rows, or, for a solver that streams the rows itself,
+        as many as keep ``row_bytes`` a row within ``working_memory_bytes`` —
+        and at least two per worker when ``n_jobs`` gives several."""
+        n_rows = sum(removal.size for removal in removals)
+        rows = chunk_rows(row_bytes, n_rows) if self.solver_.streams_rows else self._stream_rows()
+        workers = effective_n_jobs(self.n_jobs)
+        if workers > 1 and n_rows > 1:
+            rows = min(rows, -(-n_rows // (2 * workers)))
+        if self.solver_.streams_rows and not row_bytes and workers == 1:
+            rows = None
+        return removal_chunks(removals, rows)
+
+    def _map(self, function: Any, parts: list) -> list:
+        """``function(part)`` for each part, in order (on ``n_jobs`` workers)."""
+        results = [None] * len(parts)
+        for position, result in map_parts(function, parts, self.n_jobs):
+            results[position] = result
+        return results
+
+    def _self_scores(self, removals: list, row_bytes: int = 0) -> tuple[list, list, Any]:
+        """Parts of the removals, their self-products (float64) and the solves."""
+        timed = _Stopwatch()
+        solver, forces = self.solver_, partial(timed, self._forces)
+        parts = self._linear_parts(removals, row_bytes)
+
+        def one(part: list) -> tuple:
+            with naming_right_hand_sides(removal_names(part)):
+                return solver.self_products(part, forces), solver.last_solve
+        done = self._map(one, parts)
+        return parts, [d[0] for d in done], ([d[1] for d in done], timed)
 
     def _forces(self, removals: list) -> torch.Tensor:
         return removal_forces(self.model_, removals, self.batch_size)
@@ -384,14 +430,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         if self.measure == "loss":
             return super().score_samples(X, y, groups)
         removals, _ = self._removals(X, y, groups)
-        scores, solves, timed = [], [], _Stopwatch()
-        forces = partial(timed, self._forces)
-        # a factorisation gives the forms directly (the kernel: from its diagonal
-        # blocks, without the training rows' gradients); other solvers solve
-        for chunk in self._linear_parts(removals):
-            with naming_right_hand_sides(removal_names(chunk)):
-                scores.append(self.solver_.self_products(chunk, forces))
-            solves.append(self.solver_.last_solve)
+        # a factorisation gives the forms directly (EK-FAC: from the rotated layer
+        # gradients; the kernel: from its diagonal blocks); other solvers solve
+        _, scores, (solves, timed) = self._self_scores(removals)
         self._record(timed.seconds, solves)
         result = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
         return to_numpy(self.epsilon_ * result)
@@ -432,11 +473,18 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         timed = _Stopwatch()
         if Xe.shape[0] <= len(removals):  # solve on the side with fewer vectors
             B = timed(self._grads, Xe, Te)
-            # the solver streams the removals' forces (the kernel form needs few of them)
+            forces = partial(timed, self._forces)
             with naming_right_hand_sides(lambda j: f"row {j} of X_eval"):
-                result = self.solver_.removal_products(
-                    B, Xe, Te, removals, partial(timed, self._forces),
-                    max_rows=self._stream_rows())
+                if effective_n_jobs(self.n_jobs) == 1:
+                    # the solver streams the removals' forces (the kernel form needs
+                    # few of them, EK-FAC the layers' captures)
+                    result = self.solver_.removal_products(
+                        B, Xe, Te, removals, forces,
+                        max_rows=None if self.solver_.streams_rows else self._stream_rows())
+                else:  # one solve here, the products with the removals on the workers
+                    products = self.solver_.query_products(B, Xe, Te, forces)
+                    result = torch.cat(self._map(products, self._linear_parts(
+                        removals, 8 * Xe.shape[0])))
             solves.append(self.solver_.last_solve)
             self._record(timed.seconds, solves)
             return to_numpy(self.epsilon_ * result)
@@ -449,3 +497,122 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         self._record(timed.seconds, solves)
         result = torch.cat(blocks) if blocks else S.new_zeros((0, S.shape[0]))
         return to_numpy(self.epsilon_ * result.T)
+
+    # ------------------------------------------------------------------ top-k
+    def _candidates(self, X: Any, y: Any, groups: Any) -> list:
+        """The removals ranked: the training rows (``X`` None) or those ``X`` describes."""
+        if X is None:
+            if y is not None or groups is not None:
+                raise ValueError("y and groups describe the rows of X; pass X with them "
+                                 "(X=None ranks the training rows).")
+            return single_removals(self.X_train_, self.T_train_, np.arange(self.n_train_))
+        return self._removals(X, y, groups)[0]
+
+    @staticmethod
+    def _check_n_top(n_top: Any) -> int:
+        if isinstance(n_top, bool) or not isinstance(n_top, Integral) or n_top < 1:
+            raise ValueError(f"n_top must be an integer >= 1, got {n_top!r}.")
+        return int(n_top)
+
+    @compute_section
+    def most_influential(self, X_eval: Any, y_eval: Any = None, *, n_top: int = 10,
+                         X: Any = None, y: Any = None, groups: Any = None) -> Bunch:
+        """The training rows (or groups) whose removal most raises — and most lowers —
+        each evaluation loss, without the full influence matrix.
+
+        Ranks by the influence ``ε ∇L_e(θˢ)ᵀ (C + λI)⁻¹ ∇L_m(θˢ)`` (the
+        ``measure="linear"`` entries of :meth:`loss_change`, whatever
+        ``measure``): the evaluation rows are solved for once and the candidate
+        rows streamed in chunks — in the layers' own form for EK-FAC/K-FAC, on
+        ``n_jobs`` workers — keeping the ``n_top`` best and worst per
+        evaluation row, so the memory is proportional to
+        ``n_top × n_eval`` plus one chunk, not to ``n_candidates × n_eval``.
+
+        Parameters
+        ----------
+        X_eval : array-like of shape (n_eval, n_features)
+            Evaluation inputs (e.g. test points).
+        y_eval : array-like, default=None
+            Their targets; ``None`` looks them up among the training rows.
+        n_top : int, default=10
+            How many proponents and opponents to return per evaluation row
+            (fewer when there are fewer candidates).
+        X, y : array-like, default=None
+            The candidate rows and their targets; ``None``: the training rows.
+        groups : array-like of shape (n_candidates,), default=None
+            A label per row of ``X``; rows sharing a label are removed together
+            and ranked as one candidate (positions then refer to the sorted
+            labels, ``numpy.unique(groups)``).
+
+        Returns
+        -------
+        Bunch
+            ``proponents`` and ``opponents``, int arrays of shape
+            ``(n_eval, k)``: positions of the candidates (rows of ``X``, or of
+            the training data) whose removal most increases (proponents:
+            they helped) and most decreases (opponents: they hurt) each
+            evaluation loss, the strongest first; ``proponent_scores`` and
+            ``opponent_scores``, their influences (``loss_change`` entries:
+            positive for proponents unless none helped).
+
+        Examples
+        --------
+        See the class's examples.
+        """
+        check_is_fitted(self)
+        n_top = self._check_n_top(n_top)
+        Xe, Te = self._eval_targets(X_eval, y_eval)
+        candidates = self._candidates(X, y, groups)
+        timed = _Stopwatch()
+        B = timed(self._grads, Xe, Te)
+        with naming_right_hand_sides(lambda j: f"row {j} of X_eval"):
+            products = self.solver_.query_products(B, Xe, Te, partial(timed, self._forces))
+        solves = [self.solver_.last_solve]
+        parts = self._linear_parts(candidates, 8 * 3 * Xe.shape[0])
+        best, worst = TopK(n_top, Xe.shape[0]), TopK(n_top, Xe.shape[0])
+        starts = np.cumsum([0] + [len(part) for part in parts])
+        for position, block in map_parts(products, parts, self.n_jobs):
+            block = self.epsilon_ * block
+            best.add(block, starts[position])
+            worst.add(-block, starts[position])
+        self._record(timed.seconds, solves)
+        (up, up_scores), (down, down_scores) = best.result(), worst.result()
+        return Bunch(proponents=up.T.numpy(), proponent_scores=up_scores.T.numpy(),
+                     opponents=down.T.numpy(), opponent_scores=-down_scores.T.numpy())
+
+    @compute_section
+    def most_self_influential(self, n_top: int = 10, X: Any = None, y: Any = None,
+                              groups: Any = None) -> Bunch:
+        """The training rows (or groups) with the largest self-influence
+        (:meth:`score_samples`) — the usual mislabel candidates — streamed in
+        chunks of rows (on ``n_jobs`` workers), keeping only the ``n_top`` best.
+
+        Parameters
+        ----------
+        n_top : int, default=10
+            How many to return (fewer when there are fewer candidates).
+        X, y : array-like, default=None
+            The candidate rows and their targets; ``None``: the training rows.
+        groups : array-like of shape (n_candidates,), default=None
+            A label per row of ``X``; rows sharing a label are scored together
+            (positions then refer to ``numpy.unique(groups)``).
+
+        Returns
+        -------
+        Bunch
+            ``indices``, int array of shape ``(k,)``: positions of the
+            candidates, largest self-influence first; ``scores``, their
+            :meth:`score_samples` values (``measure="linear"`` whatever
+            ``measure``).
+        """
+        check_is_fitted(self)
+        n_top = self._check_n_top(n_top)
+        candidates = self._candidates(X, y, groups)
+        parts, scores, (solves, timed) = self._self_scores(candidates, 8 * 3)
+        top, start = TopK(n_top, 1), 0
+        for part, block in zip(parts, scores):
+            top.add(self.epsilon_ * block[:, None], start)
+            start += len(part)
+        self._record(timed.seconds, solves)
+        rows, values = top.result()
+        return Bunch(indices=rows[:, 0].numpy(), scores=values[:, 0].numpy())

@@ -99,21 +99,19 @@ def test_chunked_and_unchunked_influence_are_identical(trained):
 
 def test_without_a_batch_size_the_streamed_side_is_bounded_in_bytes(trained, monkeypatch):
     """``batch_size=None`` streams the larger side of an influence matrix in chunks of
-    at most ``STREAM_BYTES`` of gradients (here lowered to 3 rows' worth); the answer
-    is the one computed all at once."""
-    from sklinfluence import influence as influence_module
-
+    at most ``working_memory_bytes`` of gradients (here lowered to 3 rows' worth); the
+    answer is the one computed all at once."""
     net, X, y = trained
     whole = influence(net, X, y, batch_size=len(X))
     reference = whole.loss_change(X, y, X[:5], y[:5]), whole.loss_change(X[:4], y[:4], X, y)
     est = influence(net, X, y)
-    monkeypatch.setattr(influence_module, "STREAM_BYTES", 3 * 8 * est.model_.n_params)
     sizes = []
     for name in ("_grads", "_forces"):
         original = getattr(est, name)
         monkeypatch.setattr(est, name, lambda *a, _o=original: (
             sizes.append(len(a[0])), _o(*a))[1])
-    got = est.loss_change(X, y, X[:5], y[:5]), est.loss_change(X[:4], y[:4], X, y)
+    with sklinfluence.config_context(working_memory_bytes=3 * 8 * est.model_.n_params):
+        got = est.loss_change(X, y, X[:5], y[:5]), est.loss_change(X[:4], y[:4], X, y)
     for a, b in zip(reference, got):
         assert_allclose(b, a, rtol=INVARIANCE_RTOL, atol=INVARIANCE_RTOL * np.abs(a).max())
     # the solved sides (5 points, 4 removals) whole, the streamed sides 3 rows at a time

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from ..exceptions import UnsupportedLayerError
 from ..model.functional import FunctionalModel, iterate_batches
+from ..utils.memory import chunk_rows
 from .layers import LAYERWISE, KroneckerLayer
 
-__all__ = ["CHECK_SAMPLES", "kronecker_passes"]
+__all__ = ["CHECK_SAMPLES", "kronecker_passes", "capture_rows"]
 
 
 @contextmanager
@@ -58,8 +59,8 @@ CHECK_SAMPLES = 64
 
 def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
                      X: Tensor, T: Tensor, batch_size: int | None, *,
-                     check: bool = True,
-                     gradients: bool = False) -> Iterator[list[NamedTuple]]:
+                     check: bool = True, gradients: bool = False,
+                     row_bytes: int = 0) -> Iterator[list[NamedTuple]]:
     """Yield, per batch, every layer's capture (:meth:`KroneckerLayer.capture`):
     its recorded inputs with the back-propagated output-Hessian roots, float64
     (with ``gradients``: the back-propagated loss gradient ``∇_y L_i``, one
@@ -71,6 +72,11 @@ def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[Kroneck
     weight also used outside its layer's call, or any other way the layers'
     inputs and outputs miss part of the parameters' effect, is caught there.
 
+    Without a ``batch_size``, the batches are as large as :func:`capture_rows`
+    allows: their captures, the pass's own tensors and ``row_bytes`` more per
+    row (what the caller builds from a capture) within ``working_memory_bytes``
+    (:func:`sklinfluence.set_config`).
+
     Raises
     ------
     UnsupportedLayerError
@@ -78,11 +84,30 @@ def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[Kroneck
         whose first dimension is not the samples, or the check fails.
     """
     theta = theta.detach().clone().requires_grad_(True)
+    probe = None
     if check:
         n = min(CHECK_SAMPLES, batch_size or CHECK_SAMPLES)
-        _batch_captures(model, theta, layers, X[:n], T[:n], verify=True)
+        probe = _batch_captures(model, theta, layers, X[:n], T[:n], verify=True)
+    if batch_size is None and X.shape[0] > CHECK_SAMPLES:
+        if probe is None:
+            probe = _batch_captures(model, theta, layers, X[:CHECK_SAMPLES], T[:CHECK_SAMPLES],
+                                    gradients=gradients)
+        batch_size = capture_rows(probe, row_bytes, X.shape[0])
+    del probe
     for xb, tb in iterate_batches(X, T, batch_size):
         yield _batch_captures(model, theta, layers, xb, tb, gradients=gradients)
+
+
+def capture_rows(captures: list[NamedTuple], row_bytes: int, n_rows: int) -> int:
+    """Rows per capture pass within ``working_memory_bytes``, from a pass's ``captures``.
+
+    Per row: twice the bytes of the captured tensors (the captures and the
+    pass's own activations and gradients), plus ``row_bytes``.
+    """
+    tensors = [t for cap in captures for t in cap if isinstance(t, Tensor)]
+    rows = max(1, min(int(t.shape[0]) for t in tensors)) if tensors else 1
+    captured = sum(t.numel() * t.element_size() for t in tensors) / rows
+    return chunk_rows(2 * captured + row_bytes, n_rows)
 
 
 def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],

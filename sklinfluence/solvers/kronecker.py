@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
+import torch
 from torch import Tensor
 
 from ..curvature.kfac import KroneckerFactors
+from ..curvature.layer_gradients import gradient_products, layer_vectors, rotated_forms
 from ..curvature.operator import Curvature
-from .base import DirectSolver, register_solver
+from ..model.removal import stacked_rows
+from .base import DirectSolver, SolveInfo, measured_rows, register_solver
 
 __all__ = ["KroneckerSolver", "KFACSolver"]
 
@@ -23,11 +29,19 @@ class KroneckerSolver(DirectSolver):
     :mod:`sklinfluence.curvature.kfac`): ``solve`` reports the relative residual it
     measures under the true curvature and ``converged=None``
     (:class:`SolveInfo`).
+
+    The training side of self-influence and of influence matrices is the fast
+    tier (:mod:`sklinfluence.curvature.layer_gradients`): the removed rows'
+    gradients come from the layers' captures, chunk by chunk within
+    ``working_memory_bytes``; self-influence is the quadratic form read off
+    the Kronecker eigenbases (no solve per row), and the products with the
+    preconditioned queries are taken layer by layer in the net's precision.
     """
 
     name = "ekfac"
     approximate = True
     needs = frozenset({"ggn", "layers"})
+    streams_rows = True
 
     def __init__(self, curvature: Curvature, corrected: bool = True) -> None:
         self.name = self.name_for(corrected)
@@ -44,6 +58,50 @@ class KroneckerSolver(DirectSolver):
 
     def _apply(self, B: Tensor) -> Tensor:
         return self.factors.solve(B)
+
+    def self_products(self, removals: list, forces: Callable) -> Tensor:
+        """``g_sᵀ (G + μ + λI)⁻¹ g_s`` per removal from the rotated layer gradients
+        (:func:`~sklinfluence.curvature.layer_gradients.rotated_forms`): what
+        :meth:`solve` followed by the products gives, without a solve. The
+        residual is measured as :meth:`solve` does, on the forces of
+        :func:`measured_rows` of the removals. Records ``last_solve``."""
+        start = time.perf_counter()
+        c, f = self.curvature, self.factors
+        if not removals:
+            self.last_solve = SolveInfo(0, 0, None, None, 0.0, True, 0)
+            return torch.zeros(0, dtype=torch.float64)
+        X, T, owner = stacked_rows(removals, f.theta)
+        single = all(removal.size == 1 for removal in removals)
+        forms = rotated_forms(c.model, f.theta, f.layers, f.bases, f.damping, X, T,
+                              None if single else owner, len(removals), c.batch_size)
+        residual, n_measured = None, 0
+        if self.checks_residual:
+            picked = [removals[int(i)] for i in measured_rows(len(removals))]
+            residual, n_measured = self.measured_residual(forces(picked))
+        self.last_solve = SolveInfo(len(removals), 0, residual, None,
+                                    time.perf_counter() - start, True, n_measured)
+        return forms
+
+    def query_products(self, B: Tensor, X: Tensor, T: Tensor,
+                       forces: Callable) -> Callable[[list], Tensor]:
+        """Solve for the queries ``B`` once; the products with removals contract
+        their rows' layer captures with the solutions, layer by layer in the
+        net's precision (:func:`~sklinfluence.curvature.layer_gradients.gradient_products`),
+        added in float64. Records ``last_solve`` (the solve for ``B``)."""
+        c, f = self.curvature, self.factors
+        S = self.solve(B)
+        vectors = layer_vectors(f.layers, S, c.model.dtype)
+
+        def products(removals: list) -> Tensor:
+            if not removals:
+                return S.new_zeros((0, S.shape[0]))
+            rows_X, rows_T, owner = stacked_rows(removals, S)
+            P = gradient_products(c.model, f.theta, f.layers, rows_X, rows_T, vectors,
+                                  c.batch_size)
+            if all(removal.size == 1 for removal in removals):
+                return P
+            return P.new_zeros((len(removals), P.shape[1])).index_add_(0, owner, P)
+        return products
 
 
 @register_solver

@@ -25,7 +25,7 @@ import torch
 from joblib import Memory, Parallel, delayed, effective_n_jobs
 from tqdm.auto import tqdm
 
-__all__ = ["DiskStore", "resolve_memory", "run_responses", "streaming_parallel"]
+__all__ = ["DiskStore", "resolve_memory", "run_responses", "streaming_parallel", "map_parts"]
 
 _FORMAT = 1
 
@@ -101,6 +101,31 @@ def streaming_parallel(n_jobs: int | None) -> Parallel:
         return Parallel(n_jobs=n_jobs, return_as="generator_unordered")
     except ValueError:  # a backend without generators
         return Parallel(n_jobs=n_jobs)
+
+
+def _one_part(function: Callable, position: int, part: Any, threads: int) -> tuple[int, Any]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return position, function(part)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def map_parts(function: Callable, parts: list, n_jobs: int | None,
+              threads: int = 1) -> Iterable[tuple[int, Any]]:
+    """``(position, function(part))`` for each of ``parts``: in order in this process
+    when ``n_jobs`` gives one worker (or there is one part), else on joblib's
+    workers — a Dask cluster under ``joblib.parallel_config(backend="dask")`` —
+    with ``threads`` torch threads each, as they finish (callers place them by
+    ``position``). ``function`` must be picklable for process-based backends."""
+    if len(parts) < 2 or effective_n_jobs(n_jobs) == 1:
+        for position, part in enumerate(parts):
+            yield position, function(part)
+        return
+    tasks = (delayed(_one_part)(function, position, part, threads)
+             for position, part in enumerate(parts))
+    yield from streaming_parallel(n_jobs)(tasks)
 
 
 def resolve_memory(memory: Any) -> DiskStore | None:

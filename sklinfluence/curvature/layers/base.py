@@ -194,6 +194,27 @@ class KroneckerLayer(ABC):
         """``Q_S M Q_Aᵀ``, the inverse of :meth:`rotate`."""
         return basis.Q_S @ M @ basis.Q_A.T
 
+    def gradient_products(self, cap: NamedTuple, V: Tensor) -> Tensor:
+        """``[i, e] = ⟨D_i, V_e⟩`` for a capture of loss gradients (``K = 1``) and
+        ``(k, d_out, n_cols)`` matrices ``V``, ``(B, k)`` in ``V``'s dtype. This
+        default forms :meth:`sample_gradients`; a layer whose gradients factor
+        contracts the factors instead."""
+        D = self.sample_gradients(cap)[:, 0]
+        return D.reshape(D.shape[0], -1).to(V.dtype) @ V.reshape(V.shape[0], -1).T
+
+    def rotated_gradients(self, basis: Eigenbasis, cap: NamedTuple) -> Tensor:
+        """``Q_Sᵀ D_i Q_A`` per sample, ``(B, d_out, n_cols)``, for a capture of loss
+        gradients (one column, ``K = 1``). This default rotates
+        :meth:`sample_gradients`; a layer whose gradients factor rotates the
+        factors instead. In the bases' dtype."""
+        return self.rotate(basis, self.sample_gradients(cap)[:, 0].to(basis.Q_S.dtype))
+
+    def rotated_forms(self, basis: Eigenbasis, cap: NamedTuple, weights: Tensor) -> Tensor:
+        """``Σ (Q_Sᵀ D_i Q_A)² ⊙ W`` per sample, ``(B,)``, for ``(d_out, n_cols)``
+        weights ``W`` (the damped inverse eigenvalues): each sample's quadratic
+        form in this layer's block, in the bases' dtype."""
+        return (self.rotated_gradients(basis, cap).square_() * weights).sum(dim=(1, 2))
+
     def weight_decay_diagonal(self, basis: Eigenbasis, mu: Tensor) -> Tensor:
         """The diagonal of ``diag(μ)`` in ``basis``, ``(d_out, n_cols)``."""
         M = self.to_matrices(mu.unsqueeze(0))[0]

@@ -77,6 +77,41 @@ class _PatchLayer(KroneckerLayer):
             total += D.square_().view(-1, O, C).sum(0)
         return total
 
+    def gradient_products(self, cap: PatchCapture, V: Tensor) -> Tensor:
+        """``⟨D_i, V_e⟩`` in ``V``'s dtype. At one position ``D_i = g_i āᵢᵀ`` is
+        never formed: ``g_iᵀ (V_e ā_i)``, one matrix product over all ``e``. At
+        ``T`` positions ``D_i = Gᵢᵀ Aᵢ`` is formed (``T`` times cheaper than
+        contracting every position with every ``V_e``) and multiplied by ``V``."""
+        k = V.shape[0]
+        a, g = cap.a.to(V.dtype), cap.g[:, 0].to(V.dtype)  # (B, T, C), (B, T, O)
+        B, T, C = a.shape
+        if T == 1:
+            Va = (a[:, 0] @ V.permute(2, 0, 1).reshape(C, k * self.d_out))  # (B, k·O)
+            return torch.bmm(Va.view(B, k, self.d_out), g[:, 0, :, None])[..., 0]
+        D = torch.bmm(g.transpose(1, 2), a)  # (B, O, C)
+        return D.view(B, -1) @ V.reshape(k, -1).T
+
+    def rotated_gradients(self, basis: Eigenbasis, cap: PatchCapture) -> Tensor:
+        """``Q_Sᵀ D_i Q_A = Σ_t (Q_Sᵀ g_it)(Q_Aᵀ ā_it)ᵀ``: the two factors rotated,
+        then multiplied (at one position, an outer product). In the bases' dtype."""
+        g, a = self._rotated_factors(basis, cap)
+        if g.shape[1] == 1:
+            return g[:, 0, :, None] * a[:, 0, None, :]
+        return torch.bmm(g.transpose(1, 2), a)
+
+    def _rotated_factors(self, basis: Eigenbasis, cap: PatchCapture) -> tuple[Tensor, Tensor]:
+        """``(G Q_S, A Q_A)``, ``(B, T, d_out)`` and ``(B, T, n_cols)``, in the bases' dtype."""
+        dtype = basis.Q_S.dtype
+        return cap.g[:, 0].to(dtype) @ basis.Q_S, cap.a.to(dtype) @ basis.Q_A
+
+    def rotated_forms(self, basis: Eigenbasis, cap: PatchCapture, weights: Tensor) -> Tensor:
+        """At one position the squares factor: ``Σ_oc g'_o² W_oc a'_c²``, never
+        forming the outer products; at ``T`` positions as the default."""
+        if cap.a.shape[1] != 1:
+            return super().rotated_forms(basis, cap, weights)
+        g, a = self._rotated_factors(basis, cap)
+        return ((g[:, 0].square() @ weights) * a[:, 0].square()).sum(dim=1)
+
     def gradient_sums(self, cap: PatchCapture, absolute: bool = False) -> Tensor:
         g, a = (cap.g.abs(), cap.a.abs()) if absolute else (cap.g, cap.a)
         return torch.einsum("bkto,btc->koc", g, a)
