@@ -54,9 +54,11 @@ class Decomposer(TransformerMixin, BaseResponseEstimator):
     solver : {"auto", "exact", "kernel", "cg", "lissa", "ekfac", "kfac", "arnoldi", "identity"}, default="auto"
         Solver of the practical influence (rung 5), as in
         :class:`~sklinfluence.InfluenceEstimator`. Rung 4 is always the exact
-        damped Gauss–Newton solve: dense up to 5,000 parameters, in kernel
-        form above where the data are smaller than the net, block CG to
-        ``tol`` otherwise.
+        damped Gauss–Newton solve: ``"auto"``'s dense solve or kernel form
+        (where the data are smaller than the net) where it picks one, else
+        the dense solve where it is predicted to fit the memory limit and
+        ``time_budget_seconds``, else the cheapest exact option that fits in
+        memory (block CG to ``tol``).
     solver_params : dict, default=None
         Options of ``solver`` (see :class:`~sklinfluence.InfluenceEstimator`).
     curvature : {"ggn", "hessian"}, default="ggn"

@@ -101,11 +101,16 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         - ``"identity"``: grad-dot, a baseline — the curvature
           of the data replaced by 0, ``∇Qᵀ∇L / (μ + λ)`` (needs
           ``damping > 0`` or weight decay; rankings do not depend on it);
-        - ``"auto"``: ``"exact"`` up to 5,000 parameters; above, ``"kernel"``
-          where ``N·K ≤ P`` and it fits in memory, block CG otherwise —
-          both in mixed precision at ``tol ≥ 1e-6`` (float32 factor or
-          products, refined to ``tol`` in float64), the kernel also for every
-          float32 net (whose CG products are float32 already).
+        - ``"auto"``: the exact option — ``"exact"``, ``"kernel"`` (where
+          ``N·K ≤ P``) or block ``"cg"`` — predicted cheapest from the sizes
+          and rates measured on this machine, among those predicted to fit
+          ``time_budget_seconds`` and the memory limit
+          (:func:`~sklinfluence.set_config`); ``"exact"`` whenever it fits
+          up to 5,000 parameters. Where none fits, EK-FAC (Arnoldi where
+          EK-FAC does not apply) with a warning naming the exact option and
+          its predicted cost. The kernel and CG in mixed precision at
+          ``tol ≥ 1e-6`` (float32 factor or products, refined to ``tol`` in
+          float64), the kernel also for every float32 net.
     solver_params : dict, default=None
         Options of the solver: for ``"cg"`` ``{"preconditioner": "ekfac" |
         "kfac" | "arnoldi" | None, "rank": int, "block_size": int,

@@ -307,6 +307,7 @@ def test_batched_pbrf_above_the_threshold_uses_the_cg_chord_factor(data, monkeyp
     assert met_tol(one) and met_tol(dense)
 
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", model.n_params - 1)
+    monkeypatch.setattr(policy, "memory_limit", lambda: 16 * model.n_params ** 2 - 1)
     newton = []  # samples the chord iteration handed to one-at-a-time Newton
     minimize = batched_module.minimize_response
     monkeypatch.setattr(batched_module, "minimize_response",

@@ -93,6 +93,7 @@ def test_the_pbrf_of_a_float32_net_with_a_cg_chord_matches_the_dense_one(nets, m
     assert dense.responder_.solver_plan().pbrf_chord.solver == "exact"
     RESPONSE_CACHE.clear()
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", 100)
+    monkeypatch.setattr(policy, "memory_limit", lambda: 16 * dense.model_.n_params ** 2 - 1)
     monkeypatch.setattr(policy, "kernel_verdict", lambda *a: (False, "kept out by the test"))
     cg = PBRFEstimator(FrozenEstimator(net), damping=0.1).fit(X, y)
     got = cg.param_change(X[:3])

@@ -132,6 +132,7 @@ def test_auto_above_the_threshold_is_the_kernel_and_equals_exact(tanh_cnn, monke
     exact = InfluenceEstimator(net, damping=ARCH_LAMBDA, solver="exact", random_state=0).fit(X, y)
     expected = exact.loss_change(X, y, X[:7], y[:7])
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", exact.model_.n_params - 1)
+    monkeypatch.setattr(policy, "memory_limit", lambda: 16 * exact.model_.n_params ** 2 - 1)
     auto = InfluenceEstimator(net, damping=ARCH_LAMBDA, random_state=0).fit(X, y)
     assert auto.diagnostics_["solver"] == "kernel" and isinstance(auto.solver_, KernelSolver)
     assert auto.diagnostics_["kernel_rows"] == len(X) * 2
@@ -150,6 +151,7 @@ def test_decomposer_uses_the_kernel_for_rung_4_and_the_pbrf_factor(tanh_cnn, mon
     expected = dense.rung_responses(*rows)
     RESPONSE_CACHE.clear()
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", dense.model_.n_params - 1)
+    monkeypatch.setattr(policy, "memory_limit", lambda: 16 * dense.model_.n_params ** 2 - 1)
     built = []
     original = KernelSolver.__init__
     monkeypatch.setattr(KernelSolver, "__init__", lambda self, *a, **k: (

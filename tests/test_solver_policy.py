@@ -3,7 +3,9 @@ configured rung, the exact rung and the batched PBRF's shared factor use, and wh
 the boundaries of its rule — ``EXACT_MAX_PARAMS`` (lowered to small nets: the knob is
 read at call time), the kernel's ``N·K ≤ P``, the memory limit, ``tol`` against
 ``MIXED_PRECISION_MIN_TOL``, a float32 net, the Hessian — decided once per fitted net
-and reported in ``diagnostics_["solver_policy"]``."""
+and reported in ``diagnostics_["solver_policy"]``. Where the predicted costs decide
+(above ``EXACT_MAX_PARAMS``), they are fixed by the test (``_costs``); the cost model
+itself and the budget are ``test_auto_cost.py``'s."""
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from sklinfluence.curvature.operator import Curvature
 from sklinfluence.model.functional import FunctionalModel
 from sklinfluence.model.losses import output_loss_from_criterion
 from sklinfluence.utils.memory import dense_bytes
+from sklinfluence.solvers.cost import Cost
 from sklinfluence.solvers import (CHORD_TOL, MIXED_PRECISION_MIN_TOL, SOLVER_ROLES,
                                   plan_solvers, resolve_solver)
 from nets import make_net, toy_data
@@ -44,6 +47,25 @@ def _plan(model, n, **options):
     return plan_solvers(model, _inputs(n, model.dtype), **options)
 
 
+def _costs(monkeypatch, exact, kernel, cg):
+    """Fix the predicted seconds of each exact option (bytes by the real formulas:
+    ``16 P²``, ``16 n²``, ``40 k P``)."""
+    class Fixed:
+        def __init__(self, curvature, *, n_rhs=None, tol=None, max_iter=None):
+            self.P, self.n = curvature.n_params, curvature.n_samples  # K = 1
+
+        def exact(self):
+            return Cost("exact", exact, dense_bytes(self.P), "fixed")
+
+        def kernel(self):
+            return Cost("kernel", kernel, 16 * self.n ** 2, "fixed")
+
+        def cg(self):
+            return Cost("cg", cg, 40 * self.n * self.P, "fixed")
+
+    monkeypatch.setattr(policy, "CostModel", Fixed)
+
+
 def _roles(plan):
     return tuple((getattr(plan, role).solver, getattr(plan, role).params) for role in SOLVER_ROLES)
 
@@ -56,15 +78,20 @@ def test_up_to_exact_max_params_every_role_is_the_dense_solve(monkeypatch, offse
     plan = _plan(model, 10)
     assert _roles(plan) == (("exact", {}),) * 3 and plan.chord_is_exact
     assert f"{P} parameters ≤ EXACT_MAX_PARAMS = {P + offset}" in plan.influence.reason
-    assert "fits in memory" in plan.influence.reason
+    assert "predicted to fit time_budget_seconds" in plan.influence.reason
     assert plan.pbrf_chord.reason.startswith("exact: the exact rung's factor")
 
 
 def test_one_parameter_above_it_the_kernel_form_takes_every_role(monkeypatch):
+    """Above ``EXACT_MAX_PARAMS`` the cheapest predicted option: here the kernel,
+    which still applies at ``N·K = P`` (and is weighed no more at ``P + 1``)."""
     model = _model()
     P = model.n_params
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
+    _costs(monkeypatch, exact=2.0, kernel=1.0, cg=3.0)
+    assert "kernel" not in _plan(model, P + 1).influence.predicted
     plan = _plan(model, P)  # N·K = P: the kernel still applies
+    assert set(plan.influence.predicted) == {"exact", "kernel", "cg"}
     kernel = ("kernel", {"mixed_precision": False})
     assert _roles(plan) == (kernel,) * 3 and plan.chord_is_exact
     assert f"{P} parameters > EXACT_MAX_PARAMS = {P - 1}" in plan.influence.reason
@@ -77,6 +104,7 @@ def test_more_kernel_rows_than_parameters_is_cg_and_the_dense_exact_rung(monkeyp
     model = _model()
     P = model.n_params
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
+    _costs(monkeypatch, exact=2.0, kernel=1.0, cg=1.5)  # CG predicted cheaper
     plan = _plan(model, P + 1)
     assert _roles(plan) == (("cg", {"mixed_precision": False}), ("exact", {}), ("cg", {}))
     assert not plan.chord_is_exact
@@ -102,6 +130,7 @@ def test_mixed_precision_from_mixed_precision_min_tol_up(monkeypatch, tol, mixed
     model = _model()
     P = model.n_params
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
+    _costs(monkeypatch, exact=3.0, kernel=1.0, cg=2.0)
     kernel, cg = _plan(model, P, tol=tol), _plan(model, P + 1, tol=tol)
     assert kernel.influence.params == {"mixed_precision": mixed} == cg.influence.params
     assert kernel.exact_influence.params == {"mixed_precision": mixed}
@@ -113,6 +142,7 @@ def test_a_float32_net_gets_the_float32_kernel_and_plain_cg(monkeypatch):
     model = _model(torch.float32)
     P = model.n_params
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
+    _costs(monkeypatch, exact=3.0, kernel=1.0, cg=2.0)
     kernel = _plan(model, P, tol=1e-10)  # float32 kernel rows: refined at any tol
     assert kernel.influence.params == {"mixed_precision": True}
     assert "a float32 net's kernel rows carry float32 rounding" in kernel.influence.reason
@@ -128,6 +158,7 @@ def test_the_hessian_gets_cg_above_the_dense_size_and_the_exact_rung_the_kernel(
     assert plan.influence.solver == "exact" and plan.influence.curvature == "hessian"
     assert plan.exact_influence.curvature == "ggn"
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
+    _costs(monkeypatch, exact=3.0, kernel=1.0, cg=2.0)
     plan = _plan(model, P, curvature="hessian")
     assert (plan.influence.solver, plan.influence.curvature) == ("cg", "hessian")
     assert "inverts the Gauss–Newton matrix, not the Hessian" in plan.influence.reason
@@ -150,6 +181,7 @@ def test_resolve_solver_reads_the_configured_role(monkeypatch):
     model = _model()
     P = model.n_params
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)
+    _costs(monkeypatch, exact=3.0, kernel=1.0, cg=2.0)
     for n, tol in [(P, 1e-6), (P + 1, 1e-10)]:
         X = _inputs(n)
         curvature = Curvature(model, X, model.forward(model.params, X).detach(),
@@ -179,7 +211,9 @@ def test_the_responder_decides_once_and_the_estimators_report_it(data, monkeypat
     assert list(policy) == list(SOLVER_ROLES)
     assert policy == responder.solver_plan().describe()
     assert policy["influence"]["solver"] == est.diagnostics_["solver"] == "exact"
-    assert set(policy["pbrf_chord"]) == {"solver", "params", "reason"}
+    assert set(policy["pbrf_chord"]) == {"solver", "params", "reason", "predicted"}
+    assert set(policy["influence"]["predicted"]) == {"exact", "kernel", "cg"} or \
+        set(policy["influence"]["predicted"]) == {"exact", "cg"}
 
     RESPONSE_CACHE.clear()
     pbrf = PBRFEstimator(net, damping=0.3, removal_batch_size=3, random_state=0).fit(X, y)

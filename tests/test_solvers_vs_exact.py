@@ -267,9 +267,13 @@ def test_auto_is_exact_for_small_nets_kernel_for_small_data_and_cg_above(trained
     n = P // 2 + 1  # N·K > P: more kernel rows than parameters
     Xl, yl = np.resize(Xb, (n, Xb.shape[1])), np.resize(yb, n)
     C = Curvature(model, torch.as_tensor(Xl), torch.as_tensor(yl), damping=1e-3)
-    # mixed precision where float32 refinement pays (tol ≥ MIXED_PRECISION_MIN_TOL)
-    assert resolve_solver("auto", C, 1e-6) == ("cg", {"mixed_precision": True})
-    assert resolve_solver("auto", C, 1e-10) == ("cg", {"mixed_precision": False})
+    # the dense solve where it fits (predicted far cheaper than CG here); where it does
+    # not, mixed precision where float32 refinement pays (tol ≥ MIXED_PRECISION_MIN_TOL)
+    assert resolve_solver("auto", C, 1e-6) == ("exact", {})
+    with sklinfluence.config_context(memory_limit_bytes=16 * P ** 2 - 1,
+                                     time_budget_seconds=1e9):  # CG is predicted above 600 s
+        assert resolve_solver("auto", C, 1e-6) == ("cg", {"mixed_precision": True})
+        assert resolve_solver("auto", C, 1e-10) == ("cg", {"mixed_precision": False})
     assert resolve_solver("lissa", C) == ("lissa", {})
 
 
@@ -389,6 +393,7 @@ def test_auto_above_the_threshold_is_mixed_precision_cg_and_equals_exact(trained
     tol = solvers.MIXED_PRECISION_MIN_TOL
     exact = influence(net, X, y, solver="exact")
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", exact.model_.n_params - 1)
+    monkeypatch.setattr(policy, "memory_limit", lambda: 16 * exact.model_.n_params ** 2 - 1)
     auto = influence(net, X, y, tol=tol)
     assert auto.diagnostics_["requested_solver"] == "auto"
     assert auto.diagnostics_["solver"] == "cg" and auto.diagnostics_["mixed_precision"]

@@ -105,7 +105,7 @@ class Responder:
             self._plan = plan_solvers(ctx.model, ctx.X, damping=ctx.damping,
                                       curvature=ctx.curvature, solver=ctx.solver,
                                       solver_params=ctx.solver_params, tol=ctx.tol,
-                                      max_iter=ctx.max_iter)
+                                      max_iter=ctx.max_iter, targets=ctx.T)
         return self._plan
 
     def _built(self, decision: SolverDecision, key: Any = None):

@@ -34,9 +34,11 @@ the true curvature on a few right-hand sides.
 
 Each solver is one module of this package, registered by name
 (:func:`register_solver`, :mod:`sklinfluence.solvers.base`); :func:`make_solver`
-builds one by name; ``"auto"`` is exact while the dense
-matrix is small (``EXACT_MAX_PARAMS``), the kernel form above where the data
-are smaller than the net, block CG otherwise. :func:`plan_solvers` is the one
+builds one by name; ``"auto"`` is the exact option (dense, kernel form, block
+CG) predicted cheapest among those predicted to fit ``time_budget_seconds`` and
+the memory limit (:mod:`sklinfluence.solvers.cost`), the dense one whenever it
+fits up to ``EXACT_MAX_PARAMS``, and an approximation with a
+:class:`SolverBudgetWarning` where none fits. :func:`plan_solvers` is the one
 place that decides this — for the configured solver, for the exact rung of the
 ladder and for the factor the batched PBRF shares — each decision with its
 reason (:class:`SolverPlan`); :func:`resolve_solver` reads what ``"auto"`` means
@@ -64,6 +66,7 @@ from .kronecker import KFACSolver, KroneckerSolver
 from .arnoldi import ArnoldiSolver
 from .identity import IdentitySolver
 from .policy import (CHORD_TOL, EXACT_MAX_PARAMS, MIXED_PRECISION_MIN_TOL, SOLVER_ROLES,
+                     SolverBudgetWarning,
                      SolverDecision, SolverPlan, check_request, make_solver, plan_solvers,
                      resolve_solver)
 
@@ -73,5 +76,6 @@ __all__ = ["Solver", "DirectSolver", "SolveInfo", "register_solver", "unregister
            "KFACSolver", "ArnoldiSolver", "IdentitySolver",
            "EXACT_MAX_PARAMS", "MIXED_PRECISION_MIN_TOL", "RESIDUAL_CHECKS",
            "CG_MAX_REFINEMENTS", "CHORD_TOL", "PRECONDITIONERS", "SOLVER_ROLES",
-           "SolverDecision", "SolverPlan", "check_request", "default_tol", "make_solver",
+           "SolverBudgetWarning", "SolverDecision", "SolverPlan", "check_request", "default_tol",
+           "make_solver",
            "measured_rows", "plan_solvers", "resolve_solver"]

@@ -248,17 +248,22 @@ class Solver(ABC):
         return torch.cat(blocks) if blocks else products([])
 
     def _warn_short(self, name: str, n_left: int, n_rhs: int, worst: float,
-                    worst_at: int, rounding: str | None = None) -> None:
+                    worst_at: int, rounding: str | None = None,
+                    collapsed: bool = False) -> None:
         """Warn that ``n_left`` right-hand sides stopped above tol, naming the worst
         (row ``worst_at`` of ``B``, named by :func:`~._warnings.naming_right_hand_sides`).
 
         ``rounding``: the precision whose rounding kept the true residual above
-        ``tol`` although the iteration's own residual met it (no ``max_iter`` then).
+        ``tol`` (no ``max_iter`` then): although the iteration's own residual met
+        it, or, with ``collapsed``, because the iteration stalled at that rounding
+        (its search directions collapsed) before meeting it.
         """
         if rounding is None:
             how, advice = f"stopped at max_iter={self.max_iter}", "Increase max_iter or damping."
         else:
-            how = (f"met tol on its own recurrence, but the true residual recomputed in "
+            how = (f"stalled at {rounding} rounding (its search directions collapsed), "
+                   "before max_iter, with" if collapsed else
+                   f"met tol on its own recurrence, but the true residual recomputed in "
                    f"{rounding} left")
             advice = (f"The {rounding} products cannot get closer: loosen tol, or use a "
                       "float64 net (net.module_.double()) or solver='kernel' (refined in "

@@ -22,6 +22,12 @@ PRECONDITIONERS = (None, "ekfac", "kfac", "arnoldi")
 ROUNDING_MARGIN = 30.0
 #: Most float32 refinement rounds of mixed-precision CG (each gains up to 1e-4).
 CG_MAX_REFINEMENTS = 8
+#: Iterations without halving its worst relative residual after which a block in
+#: lower than float64 precision, already within :data:`STALL_LEVEL` eps of it, is
+#: taken to have stalled at rounding (its search directions collapsed).
+STALL_ITERATIONS = 20
+#: Relative residual, in units of the precision's eps, below which a stall is rounding.
+STALL_LEVEL = 1000.0
 
 
 @register_solver
@@ -73,7 +79,13 @@ class CGSolver(Solver):
     Notes
     -----
     When some column stops at ``max_iter`` above ``tol`` a
-    :class:`~sklearn.exceptions.ConvergenceWarning` reports the residual.
+    :class:`~sklearn.exceptions.ConvergenceWarning` reports the residual. In
+    lower than float64 precision a block can stall at the precision's rounding
+    before ``tol`` (its worst relative residual, within ``1000 eps``, not
+    halving in :data:`STALL_ITERATIONS` iterations, or its directions losing
+    all rank — about 1.3e-6 on a float32 digits MLP, above the float32 default
+    ``tol`` of 1e-6): it stops there and the warning says so, rather than
+    iterating on to ``max_iter``.
     A block whose projected curvature ``PᵀAP`` is not positive definite means
     the operator is indefinite: that raises ``ValueError`` instead of
     returning garbage.
@@ -102,6 +114,7 @@ class CGSolver(Solver):
         self.mixed_precision = bool(mixed_precision) and curvature.model.dtype == torch.float64
         self._low = curvature.astype(torch.float32) if self.mixed_precision else None
         self._eta: float | None = None
+        self._stalled = 0  # columns of the latest solve whose block stalled at rounding
         self.info = {"solver": "cg", "approximate": False, "tol": self.tol,
                      "max_iter": self.max_iter,
                      "block_size": self.block_size, "mixed_precision": self.mixed_precision,
@@ -179,6 +192,9 @@ class CGSolver(Solver):
                    desc=f"CG{' (float32)' if curvature.model.dtype == torch.float32 else ''}",
                    disable=not self.verbose, leave=False)
         directions = self._orthonormal_rows(self._precondition(R[active]))
+        low = curvature.model.dtype != torch.float64
+        level = STALL_LEVEL * torch.finfo(curvature.model.dtype).eps
+        best, since = math.inf, 0
         while n_iter < self.max_iter:
             n_iter += 1
             AP = curvature.matmat(directions)
@@ -193,17 +209,22 @@ class CGSolver(Solver):
             R[active] -= alpha.T @ AP
             residuals = R[active].norm(dim=1)
             still = residuals > target[active]
+            worst = float((residuals / norms[active]).max())
             if self.verbose:
                 bar.update(int((~still).sum()))
-                worst = float((residuals / norms[active]).max())
                 bar.set_postfix(iteration=n_iter, worst=f"{worst:.1e}", refresh=False)
             active = active[still]
             if not active.numel():
+                break
+            best, since = (worst, 0) if worst < 0.5 * best else (best, since + 1)
+            if low and since >= STALL_ITERATIONS and best < level:
+                self._stalled += int(active.numel())  # stuck at rounding, not at max_iter
                 break
             Z = self._precondition(R[active])
             beta = torch.cholesky_solve(AP @ Z.T, factor)  # A-conjugate to the last block
             directions = self._orthonormal_rows(Z - beta.T @ directions)
             if not directions.shape[0]:
+                self._stalled += int(active.numel())  # the block lost every direction
                 break
         bar.close()
         return X, n_iter, active
@@ -287,17 +308,23 @@ class CGSolver(Solver):
     def solve(self, B: Tensor) -> Tensor:
         """Solve ``(C + λI) xᵀ = bᵀ`` for each row of ``B`` by block PCG."""
         start = time.perf_counter()
+        self._stalled = 0
         if self._low is None:
             X, n_iter, n_left = self._solve_blocks(B, self.curvature, self.tol)
             residual = self._relative_residual(X, B) if B.shape[0] else B.new_zeros(1)
         else:
             X, n_iter, n_left, residual = self._refine(B)
         worst, rounding = float(residual.max()), None
-        if n_left == 0 and B.dtype != torch.float64 and worst > self.tol:
+        precision = str(self.curvature.model.dtype).removeprefix("torch.")
+        collapsed = self._low is None and n_left > 0 and self._stalled >= n_left
+        if collapsed:  # the block stalled at rounding before max_iter
+            n_left, rounding = int((residual > self.tol).sum()), precision
+        elif n_left == 0 and B.dtype != torch.float64 and worst > self.tol:
             n_left = int((residual > self.tol).sum())  # the recurrence met tol, the truth did not
             rounding = str(B.dtype).removeprefix("torch.")
         self.last_solve = SolveInfo(int(B.shape[0]), n_iter, worst, n_left == 0,
                                     time.perf_counter() - start, False, int(B.shape[0]))
         if n_left:
-            self._warn_short("CG", n_left, B.shape[0], worst, int(residual.argmax()), rounding)
+            self._warn_short("CG", n_left, B.shape[0], worst, int(residual.argmax()), rounding,
+                             collapsed=collapsed)
         return X

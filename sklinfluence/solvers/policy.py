@@ -2,33 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._config import get_config
 from ..curvature.kernel import kernel_verdict
+from ..curvature.layers import kronecker_layers
 from ..curvature.operator import Curvature
-from ..utils.memory import dense_bytes, dense_fits_memory, format_bytes, memory_limit
+from ..exceptions import UnsupportedLayerError
+from ..utils._warnings import warn
+from ..utils.memory import format_bytes, memory_limit
 from .base import SOLVER_TYPES, Solver, solver_names
+from .cost import Cost, CostModel, format_seconds, stand_in_targets
 
 __all__ = ["EXACT_MAX_PARAMS", "MIXED_PRECISION_MIN_TOL", "CHORD_TOL", "SOLVER_ROLES",
-           "SolverDecision", "SolverPlan", "check_request", "make_solver", "plan_solvers",
-           "resolve_solver"]
+           "SolverBudgetWarning", "SolverDecision", "SolverPlan", "check_request",
+           "make_solver", "plan_solvers", "resolve_solver"]
 
-#: ``"auto"`` uses the exact solver up to this many parameters (8 P² bytes:
-#: 200 MB at 5,000), mixed-precision block CG above. Read at call time by
-#: :func:`plan_solvers` (private knob: the tests lower it to run the large-net
-#: paths on small nets).
+#: Up to this many parameters ``"auto"`` prefers the dense exact solve (backward
+#: stable, no refinement; its ``16 P²`` bytes are 400 MB at 5,000) whenever it is
+#: predicted to fit the memory limit and ``time_budget_seconds``, even where the
+#: kernel form is predicted faster; above, the cheapest exact option predicted to
+#: fit. Read at call time by :func:`plan_solvers` (private knob: the tests lower
+#: it to run the large-net paths on small nets).
 EXACT_MAX_PARAMS = 5000
-#: ``"auto"`` above the dense size uses mixed-precision CG at this ``tol`` or looser,
-#: float64 CG below it (see :func:`plan_solvers`).
+#: ``"auto"``'s kernel and CG use mixed precision at this ``tol`` or looser,
+#: float64 below it (see :func:`plan_solvers`).
 MIXED_PRECISION_MIN_TOL = 1e-6
 #: Relative residual of the matrix-free chord factor's CG solves (batched PBRF above
 #: the dense size). Each chord step needs only to contract the gradient; the outer
 #: iteration measures the true gradient and stops at the PBRF's own ``tol``.
 CHORD_TOL = 1e-8
+
+
+class SolverBudgetWarning(UserWarning):
+    """``solver="auto"`` chose an approximation: no exact option is predicted to fit
+    ``time_budget_seconds`` and the memory limit (:func:`plan_solvers`)."""
 
 
 #: The roles a :class:`SolverPlan` decides: the configured solver (the
@@ -56,6 +68,10 @@ class SolverDecision:
         Iteration cap of the iterative solvers (``None``: their default).
     reason : str
         Why this solver, in a line.
+    predicted : dict, default={}
+        For a decision ``"auto"`` took: option (``"exact"``, ``"kernel"``,
+        ``"cg"``) → its predicted ``{"seconds", "bytes", "how"}``
+        (:class:`~sklinfluence.solvers.cost.Cost`), each option it weighed.
     """
 
     solver: str
@@ -64,10 +80,15 @@ class SolverDecision:
     tol: float
     max_iter: int | None
     reason: str
+    predicted: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
-        """``{"solver", "params", "reason"}``, as ``diagnostics_["solver_policy"]`` shows it."""
-        return {"solver": self.solver, "params": dict(self.params), "reason": self.reason}
+        """``{"solver", "params", "reason"}``, and ``"predicted"`` where ``"auto"``
+        weighed options: as ``diagnostics_["solver_policy"]`` shows it."""
+        shown = {"solver": self.solver, "params": dict(self.params), "reason": self.reason}
+        if self.predicted:
+            shown["predicted"] = {name: dict(cost) for name, cost in self.predicted.items()}
+        return shown
 
 
 @dataclass(frozen=True)
@@ -110,37 +131,50 @@ def check_request(name: str, solver_params: dict | None) -> dict:
 
 def plan_solvers(model: Any, X: Tensor, *, damping: float, curvature: str = "ggn",
                  solver: str = "auto", solver_params: dict | None = None,
-                 tol: float = 1e-10, max_iter: int | None = None) -> SolverPlan:
+                 tol: float = 1e-10, max_iter: int | None = None,
+                 targets: Tensor | None = None, n_rhs: int | None = None) -> SolverPlan:
     """Which solver each role uses for ``model`` on ``X``, and why: the one solver policy.
 
-    - ``influence``, the configured solver: the requested one, or for
-      ``"auto"`` the exact solver up to :data:`EXACT_MAX_PARAMS` parameters
-      where the dense matrix fits in memory; above, the
-      kernel form where the data are smaller than the net and it fits
-      (:func:`~sklinfluence.curvature.kernel.kernel_applies`: ``N·K ≤ P``, a Gauss–Newton
-      matrix, registered layers; the exact answer, on the digits CNN faster
-      than CG even at tol 1e-3), in mixed precision at ``tol ≥``
-      :data:`MIXED_PRECISION_MIN_TOL` and always for a float32 net, whose
-      kernel rows carry float32 rounding anyway (float32 kernel and factor,
-      solves refined in float64 to ``tol``: 2.5× faster factorisation, and at
-      tol 1e-3 no refinement on the digits CNN); otherwise block CG without a
-      preconditioner (an EK-FAC preconditioner doubled the block iterations
-      on the benchmark's MLP and on the digits CNN: 21 against 9 to 1e-3), in
-      mixed precision for float64 models when ``tol`` is at least
-      :data:`MIXED_PRECISION_MIN_TOL` (float32 products, float64 residuals:
-      the same answer for less). Tighter, each float32 refinement round
-      restarts the Krylov space and plain float64 CG is faster (digits CNN,
-      71,754 parameters, 1,200 × 30 matrix: mixed 0.84× plain at tol 1e-5,
-      1.65× at 1e-10 with 76 block iterations against 16).
-    - ``exact_influence``, rung 4 (the Gauss–Newton matrix): the dense solve
-      where ``"auto"`` takes it; above, the kernel form where ``"auto"`` picks
-      it (the same inverse), else the dense matrix where it fits in memory
-      (:func:`~sklinfluence.utils.memory.dense_fits_memory`), else ``"auto"``'s
-      pick, block CG to ``tol`` (the same answer to its residual).
+    ``"auto"`` weighs the exact options by their predicted time and memory
+    (:mod:`sklinfluence.solvers.cost`: flops and curvature products at rates
+    measured on this machine and this net) against ``time_budget_seconds`` and
+    the memory limit (:func:`sklinfluence.set_config`):
+
+    - the dense exact solve where it is predicted to fit both and the net has
+      at most :data:`EXACT_MAX_PARAMS` parameters;
+    - otherwise the cheapest predicted of the dense solve, the kernel form
+      (where :func:`~sklinfluence.curvature.kernel.kernel_verdict` applies it:
+      ``N·K ≤ P``, a Gauss–Newton matrix, registered layers) and block CG
+      among those predicted to fit both;
+    - where none fits, an approximation — EK-FAC for a Gauss–Newton matrix
+      whose layers it factors, Arnoldi otherwise — with a
+      :class:`SolverBudgetWarning` naming the cheapest exact option and its
+      predicted cost: ``"auto"`` never starts an exact computation predicted
+      to exceed the budget.
+
+    The kernel is in mixed precision at ``tol ≥`` :data:`MIXED_PRECISION_MIN_TOL`
+    and always for a float32 net, whose kernel rows carry float32 rounding
+    anyway (float32 kernel and factor, solves refined in float64 to ``tol``:
+    2.5× faster factorisation); CG has no preconditioner (an EK-FAC
+    preconditioner doubled the block iterations on the benchmark's MLP and on
+    the digits CNN: 21 against 9 to 1e-3) and float32 products refined in
+    float64 for float64 models at ``tol ≥`` :data:`MIXED_PRECISION_MIN_TOL`
+    (tighter, each refinement round restarts the Krylov space and plain
+    float64 CG is faster: digits CNN, 71,754 parameters, 1,200 × 30 matrix,
+    mixed 0.84× plain at tol 1e-5, 1.65× at 1e-10).
+
+    The roles:
+
+    - ``influence``, the configured solver: the requested one, or ``"auto"``'s
+      pick for ``curvature``;
+    - ``exact_influence``, rung 4 (the Gauss–Newton matrix): ``"auto"``'s pick
+      where it is the dense solve or the kernel form; otherwise the dense
+      matrix where it is predicted to fit the memory limit and the budget; else
+      the cheapest exact option predicted to fit in memory (there is no
+      approximation of an exact rung), its predicted time in the reason;
     - ``pbrf_chord``, the factor ``(G + μI + λI)⁻¹`` the batched PBRF solves
-      share: the exact rung's where it is the dense Cholesky within
-      :data:`EXACT_MAX_PARAMS` or the kernel form; block CG to
-      :data:`CHORD_TOL` otherwise.
+      share: the exact rung's where ``"auto"`` picks a factorisation (the dense
+      Cholesky or the kernel form); block CG to :data:`CHORD_TOL` otherwise.
 
     Parameters
     ----------
@@ -158,6 +192,12 @@ def plan_solvers(model: Any, X: Tensor, *, damping: float, curvature: str = "ggn
         Its options (the solver's ``params``; none for ``"auto"``).
     tol, max_iter : float, int or None
         The configured stopping rule (:func:`make_solver`).
+    targets : Tensor, optional
+        The training targets, for timing the products (``None``: the net's own
+        predictions, :func:`~sklinfluence.solvers.cost.stand_in_targets`).
+    n_rhs : int, optional
+        Right-hand sides a solve will have (``None``:
+        ``min(N, DEFAULT_RHS_BLOCK)``, :mod:`~sklinfluence.solvers.cost`).
 
     Returns
     -------
@@ -167,20 +207,25 @@ def plan_solvers(model: Any, X: Tensor, *, damping: float, curvature: str = "ggn
     ------
     ValueError
         For an unknown solver, or ``solver_params`` it does not accept.
+
+    Warns
+    -----
+    SolverBudgetWarning
+        Where ``solver="auto"`` chose an approximation.
     """
     params = check_request(solver, solver_params)
     P = model.n_params
     limit = memory_limit()
-    small, fits = P <= EXACT_MAX_PARAMS, dense_fits_memory(P, limit)
-    dense = small and fits
+    budget = float(get_config()["time_budget_seconds"])
     double = model.dtype == torch.float64
     loose = tol >= MIXED_PRECISION_MIN_TOL
-    memory = f"16·P² = {format_bytes(dense_bytes(P))}" + (
-        "" if limit is None else f", limit {format_bytes(limit)}")
+    T = stand_in_targets(model, X) if targets is None else targets
+    small = P <= EXACT_MAX_PARAMS
     size = f"{P:,} parameters {'≤' if small else '>'} EXACT_MAX_PARAMS = {EXACT_MAX_PARAMS:,}"
-    size += (" and the dense matrix fits in memory" if fits
-             else " and the dense matrix does not fit in memory") + f" ({memory})"
+    within = (f"time_budget_seconds = {budget:g}" + (
+        "" if limit is None else f" and the memory limit of {format_bytes(limit)}"))
     verdicts: list = []
+    predictions: dict = {}
 
     def kernel(kind: str) -> tuple[bool, str]:
         """Whether the kernel form applies to ``kind``, and why (computed once)."""
@@ -191,40 +236,112 @@ def plan_solvers(model: Any, X: Tensor, *, damping: float, curvature: str = "ggn
         applies, why = verdicts[0]
         return applies, why if applies else f"the kernel form does not apply: {why}"
 
-    def auto(kind: str) -> SolverDecision:
-        """What ``"auto"`` picks for the curvature ``kind``."""
-        if dense:
-            return SolverDecision("exact", {}, kind, tol, max_iter, f"exact: {size}")
-        applies, why = kernel(kind)
-        if applies:
+    def options(kind: str) -> dict[str, Cost]:
+        """The exact options for ``kind`` and their predicted costs (computed once)."""
+        if kind not in predictions:
+            costs = CostModel(Curvature(model, X, T, kind=kind, damping=damping),
+                              n_rhs=n_rhs, tol=tol, max_iter=max_iter)
+            found = {"exact": costs.exact()}
+            if kernel(kind)[0]:
+                found["kernel"] = costs.kernel()
+            found["cg"] = costs.cg()
+            predictions[kind] = found
+        return predictions[kind]
+
+    def fits(cost: Cost) -> bool:
+        """Whether a factorisation fits the memory limit (CG holds what the caller's
+        right-hand sides already take, a few times over: not checked)."""
+        return cost.solver == "cg" or limit is None or cost.bytes <= limit
+
+    def summary(kind: str) -> str:
+        return "predicted " + "; ".join(
+            f"{name} {format_seconds(c.seconds)}, {format_bytes(c.bytes)}"
+            + ("" if fits(c) else " (does not fit in memory)")
+            for name, c in options(kind).items())
+
+    def decide(name: str, kind: str, why: str) -> SolverDecision:
+        """``name`` with its parameters, the reason ``why`` and the predictions."""
+        predicted = {n: c.describe() for n, c in options(kind).items()}
+        if name == "kernel":
             mixed = loose or not double
             precision = (_precision(tol, mixed, "float32 factor refined in float64") if double
                          else "float32 factor refined in float64: a float32 net's kernel "
                          "rows carry float32 rounding anyway")
             return SolverDecision("kernel", {"mixed_precision": mixed}, kind, tol, max_iter,
-                                  f"kernel: {size}; {why}; {precision}")
-        precision = (_precision(tol, loose, "float32 products refined in float64") if double
-                     else f"no mixed precision: a {str(model.dtype).removeprefix('torch.')} "
-                     "net's products are in that precision already")
-        return SolverDecision("cg", {"mixed_precision": double and loose}, kind, tol, max_iter,
-                              f"cg: {size}; {why}; {precision}")
+                                  f"kernel: {why}; {kernel(kind)[1]}; {precision}; "
+                                  f"{summary(kind)}", predicted)
+        if name == "cg":
+            precision = (_precision(tol, loose, "float32 products refined in float64") if double
+                         else f"no mixed precision: a {str(model.dtype).removeprefix('torch.')} "
+                         "net's products are in that precision already")
+            return SolverDecision("cg", {"mixed_precision": double and loose}, kind, tol,
+                                  max_iter, f"cg: {why}; {kernel(kind)[1]}; {precision}; "
+                                  f"{summary(kind)}", predicted)
+        return SolverDecision(name, {}, kind, tol, max_iter,
+                              f"{name}: {why}; {summary(kind)}", predicted)
 
-    configured = auto(curvature) if solver == "auto" else SolverDecision(
-        solver, params, curvature, tol, max_iter, f"{solver}: requested")
-    picked = auto("ggn")
-    if dense or picked.solver == "kernel" or not fits:
-        exact = picked  # the dense solve, the kernel form (the same inverse), or CG to tol
+    def auto(kind: str) -> tuple[SolverDecision, str | None]:
+        """What ``"auto"`` picks for ``kind``, and the warning an approximation needs."""
+        costs = options(kind)
+        fitting = [c for c in costs.values() if fits(c) and c.seconds <= budget]
+        dense = costs["exact"]
+        if small and dense in fitting:
+            return decide("exact", kind, f"{size} and the dense solve is predicted to fit "
+                          f"{within}"), None
+        if fitting:
+            best = min(fitting, key=lambda c: c.seconds)
+            return decide(best.solver, kind, f"{size}; the cheapest exact option predicted to "
+                          f"fit {within}"), None
+        return approximation(kind, costs)
+
+    def approximation(kind: str, costs: dict) -> tuple[SolverDecision, str]:
+        """EK-FAC where it applies, else Arnoldi; and the warning naming the exact way."""
+        try:
+            kronecker_layers(model)
+            name = "ekfac" if kind == "ggn" else "arnoldi"
+        except UnsupportedLayerError:
+            name = "arnoldi"
+        in_memory = sorted((c for c in costs.values() if fits(c)), key=lambda c: c.seconds)
+        best = in_memory[0]  # CG at least
+        over = ", ".join(f"{format_seconds(c.seconds)} ({c.solver})" for c in in_memory)
+        why = (f"the exact options are predicted to take ≥ {over}, above "
+               f"time_budget_seconds={budget:g}")
+        advice = (f"pass solver={best.solver!r} to run it anyway or raise the budget "
+                  "(sklinfluence.set_config(time_budget_seconds=...))")
+        decision = SolverDecision(name, {}, kind, tol, max_iter,
+                                  f"{name} (approximate): {why}; {summary(kind)}",
+                                  {n: c.describe() for n, c in costs.items()})
+        return decision, (f"solver='auto' chose {name!r} (approximate): {why}; {advice}.")
+
+    if solver == "auto":
+        configured, warning = auto(curvature)
+        if warning is not None:
+            warn(warning, SolverBudgetWarning)
     else:
-        exact = SolverDecision("exact", {}, "ggn", tol, max_iter,
-                               f"exact: {size}; {kernel('ggn')[1]}")
-    shared = dense or picked.solver == "kernel"
+        configured = SolverDecision(solver, params, curvature, tol, max_iter,
+                                    f"{solver}: requested")
+    picked = auto("ggn")[0] if (solver, curvature) != ("auto", "ggn") else configured
+    shared = picked.solver in ("exact", "kernel")
+    if shared:
+        exact = picked  # the dense solve or the kernel form (the same inverse)
+    else:
+        costs = options("ggn")
+        dense = costs["exact"]
+        in_memory = [c for c in costs.values() if fits(c)]  # CG at least
+        if fits(dense) and dense.seconds <= budget:
+            exact = decide("exact", "ggn", f"the dense matrix is predicted to fit {within}")
+        else:
+            best = min(in_memory, key=lambda c: c.seconds)
+            exact = decide(best.solver, "ggn", "no exact option is predicted to fit "
+                           f"{within}; the cheapest predicted to fit in memory (an exact "
+                           "rung has no approximation)")
     if shared:
         chord = replace(exact, reason=f"{exact.solver}: the exact rung's factor; "
                         f"{exact.reason.split(': ', 1)[1]}")
     else:
         chord = SolverDecision("cg", {}, "ggn", CHORD_TOL, None,
                                f"cg to CHORD_TOL = {CHORD_TOL:g}, no factor to share: "
-                               f"{size}; {kernel('ggn')[1]}")
+                               f"{picked.reason}")
     return SolverPlan(configured, exact, chord, shared)
 
 
@@ -244,7 +361,7 @@ def resolve_solver(name: str, curvature: Curvature, tol: float = 1e-10) -> tuple
     if name != "auto":
         return name, {}
     picked = plan_solvers(curvature.model, curvature.X, damping=curvature.damping,
-                          curvature=curvature.kind, tol=tol).influence
+                          curvature=curvature.kind, tol=tol, targets=curvature.T).influence
     return picked.solver, dict(picked.params)
 
 
