@@ -104,15 +104,19 @@ def test_the_kernel_solver_refuses_what_it_cannot_invert():
         make_solver("kernel", Curvature(model, X, T, damping=0.0))
     with pytest.raises(ValueError, match="hessian"):
         make_solver("kernel", Curvature(model, X, T, kind="hessian", damping=1.0))
+    # what the registry refuses, the kernel takes from autograd (test_kernel_autograd.py)
     conv1d = _model(nn.Sequential(nn.Unflatten(1, (1, 5)), nn.Conv1d(1, 2, 2), nn.Flatten()))
+    curvature = Curvature(conv1d, X, torch.zeros(9, 8, dtype=torch.float64), damping=1.0)
     with pytest.raises(UnsupportedLayerError, match="Conv1d"):
-        make_solver("kernel", Curvature(conv1d, X, torch.zeros(9, 8, dtype=torch.float64),
-                                        damping=1.0))
+        make_solver("ekfac", curvature)
+    assert make_solver("kernel", curvature).info["autograd_params"] == conv1d.n_params
     half_frozen = nn.Sequential(nn.Linear(5, 3))
     half_frozen[0].weight.requires_grad_(False)  # a trainable bias on a frozen weight
     model = _model(half_frozen, "MSELoss")
-    with pytest.raises(UnsupportedLayerError, match="solver='kernel', 'ekfac' or 'kfac' handles"):
-        make_solver("kernel", Curvature(model, X, _targets(model, X), damping=1.0))
+    curvature = Curvature(model, X, _targets(model, X), damping=1.0)
+    with pytest.raises(UnsupportedLayerError, match="solver='ekfac' or 'kfac' handles"):
+        make_solver("ekfac", curvature)
+    assert make_solver("kernel", curvature).info["autograd_params"] == 3
 
 
 # ------------------------------------------------------- through the estimators

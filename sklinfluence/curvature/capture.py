@@ -71,6 +71,8 @@ def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[Kroneck
     most a batch), ``Σ_i D_ik``, are first checked against autograd's: a
     weight also used outside its layer's call, or any other way the layers'
     inputs and outputs miss part of the parameters' effect, is caught there.
+    Only the parameters of ``layers`` are compared: the kernel form passes the
+    registered layers of a net whose other parameters it differentiates itself.
 
     Without a ``batch_size``, the batches are as large as :func:`capture_rows`
     allows: their captures, the pass's own tensors and ``row_bytes`` more per
@@ -81,7 +83,8 @@ def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[Kroneck
     ------
     UnsupportedLayerError
         If a layer is applied more than once per forward pass, to inputs
-        whose first dimension is not the samples, or the check fails.
+        whose first dimension is not the samples, or the check fails; its
+        ``layer_names`` name the layers at fault.
     """
     theta = theta.detach().clone().requires_grad_(True)
     probe = None
@@ -118,17 +121,17 @@ def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[Kronecke
         out = model.forward(theta, xb)
         for layer in layers:
             if len(records[layer.name]) != 1:
-                raise UnsupportedLayerError(
+                raise _refusal(
                     f"layer {layer.name!r} is applied {len(records[layer.name])} "
                     f"times per forward pass; {LAYERWISE} needs each "
-                    "layer used once. Use solver='cg' or 'arnoldi'.")
+                    "layer used once. Use solver='cg' or 'arnoldi'.", [layer])
             a = records[layer.name][0][0]
             if a.dim() < 1 or a.shape[0] != xb.shape[0]:
-                raise UnsupportedLayerError(
+                raise _refusal(
                     f"layer {layer.name!r} receives inputs of shape {tuple(a.shape)} "
                     f"for {xb.shape[0]} samples; {LAYERWISE} needs one "
                     "row per sample (the samples along the first dimension). "
-                    "Use solver='cg' or 'arnoldi'.")
+                    "Use solver='cg' or 'arnoldi'.", [layer])
         if gradients:
             cotangents = model.loss.output_grad(out.detach(), tb).unsqueeze(0)  # (1, B, K)
         else:
@@ -147,19 +150,36 @@ def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[Kronecke
     return captures
 
 
+def _refusal(message: str, layers: list[KroneckerLayer]) -> UnsupportedLayerError:
+    """The error refusing ``layers``, which it names in ``layer_names`` (what the
+    kernel form, which can take any parameter from autograd instead, reads)."""
+    error = UnsupportedLayerError(message)
+    error.layer_names = tuple(layer.name for layer in layers)
+    return error
+
+
 def _check_gradients(layers: list[KroneckerLayer], captures: list, expected: Tensor) -> None:
-    """Raise :class:`UnsupportedLayerError` unless ``Σ_i D_ik`` is autograd's gradient."""
+    """Raise :class:`UnsupportedLayerError` unless ``Σ_i D_ik`` is autograd's gradient
+    on every layer's own parameters (those outside ``layers`` are not compared).
+
+    Each layer is checked on its own, against the sums of absolute values of its
+    terms, and the error names every layer that fails (``layer_names``).
+    """
     eps = torch.finfo(expected.dtype).eps  # the model's arithmetic
     expected = expected.to(torch.float64)
-    implied, scale = torch.zeros_like(expected), torch.zeros_like(expected)
+    failed, worst = [], 0.0
     for layer, cap in zip(layers, captures):
-        layer.put(implied, layer.gradient_sums(cap))
-        layer.put(scale, layer.gradient_sums(cap, absolute=True))
-    error = float((implied - expected).norm())
-    if error > 1e3 * eps * float(scale.norm()):
-        raise UnsupportedLayerError(
+        wanted = layer.to_matrices(expected)  # (K, d_out, n_cols)
+        error = float((layer.gradient_sums(cap) - wanted).norm())
+        scale = float(layer.gradient_sums(cap, absolute=True).norm())
+        if error > 1e3 * eps * scale:
+            failed.append(layer)
+            worst = max(worst, error / max(float(wanted.norm()), 1e-300))
+    if failed:
+        raise _refusal(
             "the layers' inputs and outputs do not account for the parameters' "
-            f"gradients (relative difference {error / max(float(expected.norm()), 1e-300):.1e}"
+            f"gradients (relative difference {worst:.1e} in "
+            f"{', '.join(repr(layer.name) for layer in failed)}"
             "): a weight is used outside its layer's call, or a layer's forward is "
             f"not the plain one. {LAYERWISE} cannot handle this network; "
-            "use solver='cg' or 'arnoldi'.")
+            "use solver='cg' or 'arnoldi'.", failed)

@@ -24,8 +24,14 @@ eigenvalue.
 
 The rows of ``Ũ`` come from the layer captures of :mod:`sklinfluence.curvature.capture`
 (one forward and one batched backward pass per chunk of samples, the
-registered layer types of :mod:`sklinfluence.curvature.layers`), and each layer keeps
-the cheaper of two forms:
+registered layer types of :mod:`sklinfluence.curvature.layers`) and, for every
+parameter outside them (the *remainder*: attention, a bare ``nn.Parameter``,
+any module type), from per-sample vector–Jacobian products with
+``torch.func`` (:func:`~sklinfluence.curvature.kernel_rows.remainder_products`): the
+kernel is a sum over parameter blocks, so the two add up and the kernel form
+applies to any differentiable net. A registered layer that a capture pass
+cannot describe (applied twice, a weight also used outside its call) joins the
+remainder. Each layer keeps the cheaper of two forms:
 
 - **factored**, for a layer whose per-sample gradients are outer products
   (:meth:`~sklinfluence.curvature.layers.KroneckerLayer.outer_factors`:
@@ -35,7 +41,8 @@ the cheaper of two forms:
   vectors are matrix products with the captured ``ã`` and ``g`` — what keeps
   the CNN's 65,664-parameter ``Linear(512, 128)`` at 641 numbers per row;
 - **materialised** rows ``(n, P_l)`` for any other layer (convolutions,
-  embeddings, normalisation parameters).
+  embeddings, normalisation parameters) and for the remainder (``n·P_R``
+  numbers, counted in the memory check).
 
 The kernel's lower triangle is accumulated in blocks of sample rows (the
 Cholesky factorisation reads only that triangle).
@@ -62,6 +69,7 @@ the conditioning (about ``eps·‖I + ŨŨᵀ‖``) is reported as missed, with 
 from __future__ import annotations
 
 import time
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -71,9 +79,9 @@ from ..exceptions import NotEnoughMemoryError, UnsupportedLayerError
 from ..model.functional import FunctionalModel
 from ..utils.memory import format_bytes, memory_limit
 from .capture import kronecker_passes
-from .kernel_rows import (RHS_CHUNK, KernelProducts, _batch_size, _Factored, _kept_root_columns,
-                          _Materialised)
-from .layers import KroneckerLayer, kronecker_layers
+from .kernel_rows import (RHS_CHUNK, KernelProducts, Remainder, _Factored, _kept_root_columns,
+                          _Materialised, aligned_batches, kernel_blocks, remainder_products)
+from .layers import KroneckerLayer
 
 __all__ = ["GaussNewtonKernel", "kernel_bytes", "kernel_applies", "kernel_verdict",
            "KERNEL_MAX_REFINEMENTS"]
@@ -103,10 +111,11 @@ def _diagonal(model: FunctionalModel, damping: float) -> Tensor:
 def kernel_applies(model: FunctionalModel, X: Tensor, damping: float) -> str | None:
     """Why the kernel form does not apply to ``model`` on ``X``, or None if it does.
 
-    It needs a positive ``D`` (weight decay plus damping), every trainable
-    parameter in a registered layer type, fewer kernel rows than parameters
-    (``N·K ≤ P``) and ``16 (N·K)²`` bytes plus the materialised rows within
-    :func:`~sklinfluence.utils.memory.memory_limit` (:func:`kernel_verdict`).
+    It needs a positive ``D`` (weight decay plus damping), fewer kernel rows
+    than parameters (``N·K ≤ P``) and ``16 (N·K)²`` bytes plus the
+    materialised rows (those of the parameters outside registered layers
+    included) within :func:`~sklinfluence.utils.memory.memory_limit`
+    (:func:`kernel_verdict`). Any differentiable net qualifies otherwise.
     """
     applies, why = kernel_verdict(model, X, damping)
     return None if applies else why
@@ -116,32 +125,74 @@ def kernel_verdict(model: FunctionalModel, X: Tensor, damping: float) -> tuple[b
     """Whether the kernel form applies to ``model`` on ``X``, and why (or why not).
 
     The conditions of :func:`kernel_applies`; the reason names the numbers
-    (``"N·K = 6,000 kernel rows ≤ P = 71,754 parameters ..."``).
+    (``"N·K = 6,000 kernel rows ≤ P = 71,754 parameters ..."``, and the
+    parameters whose rows come from autograd, if any). Parameters outside
+    registered layers do not disqualify a net: they count as materialised rows.
     """
     if float(_diagonal(model, damping).min()) <= 0:
         return False, "weight decay plus damping is not positive everywhere"
-    try:
-        layers = kronecker_layers(model)
-    except UnsupportedLayerError as err:
-        return False, str(err)
+    layers, remainder = kernel_blocks(model)
     n_outputs = int(model.forward(model.params, X[:1]).shape[1])
     n = int(X.shape[0]) * n_outputs
     P = model.n_params
     if n > P:
         return False, f"the data give {n:,} kernel rows, more than the {P:,} parameters"
-    needed = kernel_bytes(n, _materialised_bound(layers))
+    needed = kernel_bytes(n, _materialised_bound(layers, remainder))
     limit = memory_limit()
     if limit is not None and needed > limit:
-        return False, (f"it needs {format_bytes(needed)}, more than the limit of "
+        return False, (f"solver='kernel' needs {format_bytes(needed)} "
+                       f"({_needs(n, layers, remainder)}), more than the limit of "
                        f"{format_bytes(limit)}")
+    rest = "" if remainder is None else (
+        f"; the rows of {remainder.n_cols:,} parameters outside registered layers "
+        "come from autograd")
     return True, (f"N·K = {n:,} kernel rows ≤ P = {P:,} parameters, and the kernel form "
-                  f"fits in memory ({format_bytes(needed)})")
+                  f"fits in memory ({format_bytes(needed)}){rest}")
 
 
-def _materialised_bound(layers: list[KroneckerLayer]) -> int:
-    """Parameters of the layers that may keep materialised rows (all but the
-    ``factorable`` ones, whose rows may be kept as outer-product factors)."""
-    return sum(layer.d_out * layer.n_cols for layer in layers if not layer.factorable)
+def _materialised_bound(layers: list[KroneckerLayer], remainder: Remainder | None) -> int:
+    """Parameters that may keep materialised rows: the layers' but the ``factorable``
+    ones (whose rows may be kept as outer-product factors), and the remainder."""
+    return sum(layer.d_out * layer.n_cols for layer in layers if not layer.factorable) + (
+        0 if remainder is None else remainder.n_cols)
+
+
+def _needs(n: int, layers: list, remainder: Remainder | None) -> str:
+    """What the kernel's memory is made of, for the refusals."""
+    m = _materialised_bound(layers, remainder)
+    rest = "" if remainder is None else f", {remainder.n_cols:,} of them outside registered layers"
+    return (f"n = N·K = {n:,} kernel rows: 16·n² = {format_bytes(16 * n ** 2)} for the "
+            f"kernel and its factor, plus 8·n·P_m = {format_bytes(8 * n * m)} for the "
+            f"rows of {m:,} parameters{rest}")
+
+
+def _blocks_and_passes(model: FunctionalModel, theta: Tensor, X: Tensor, T: Tensor,
+                       batch_size: int | None, n_columns: int):
+    """``(layers, remainder, passes)``: the kernel's blocks (:func:`kernel_blocks`) and
+    an iterator over their capture passes, one list of captures per batch (None
+    without layers; see :func:`~sklinfluence.curvature.kernel_rows.aligned_batches`),
+    batches sized for ``n_columns`` root columns of materialised rows.
+
+    The first pass checks the captures against autograd; a layer it refuses
+    (applied twice, a weight also used outside its call, inputs without a
+    sample dimension) joins the remainder and the check is repeated — every
+    layer at once where the refusal names none.
+    """
+    excluded: frozenset[str] = frozenset()
+    while True:
+        layers, remainder = kernel_blocks(model, excluded)
+        if not layers:
+            return layers, remainder, None
+        row_bytes = 16 * n_columns * _materialised_bound(layers, remainder)  # rows, a copy
+        passes = kronecker_passes(model, theta, layers, X, T, batch_size, row_bytes=row_bytes)
+        try:
+            first = next(passes)
+        except UnsupportedLayerError as err:
+            names = frozenset(getattr(err, "layer_names", None) or
+                              (layer.name for layer in layers))
+            excluded |= names
+            continue
+        return layers, remainder, chain([first], passes)
 
 
 
@@ -168,10 +219,15 @@ class GaussNewtonKernel(KernelProducts):
     verbose : int, default=0
         Progress bar over the kernel's row blocks.
 
+    Attributes
+    ----------
+    layers : list of KroneckerLayer
+        The captured layers.
+    remainder : Remainder or None
+        The parameters whose rows come from autograd (outside ``layers``).
+
     Raises
     ------
-    UnsupportedLayerError
-        If a trainable parameter is outside a registered layer type.
     NotEnoughMemoryError
         Before allocating, if the kernel, its factor and the materialised
         rows exceed :func:`~sklinfluence.utils.memory.memory_limit`.
@@ -185,15 +241,17 @@ class GaussNewtonKernel(KernelProducts):
         start = time.perf_counter()
         diagonal = _diagonal(model, damping)
         if float(diagonal.min()) <= 0:
-            raise ValueError("the kernel form needs weight decay plus damping > 0 for every "
-                             "parameter; increase damping.")
-        self.layers = kronecker_layers(model)
+            raise ValueError("solver='kernel' needs weight decay plus damping > 0 for every "
+                             "parameter (the kernel form scales by D^{-1/2}); increase "
+                             "damping.")
         self.scale = diagonal.rsqrt()  # D^{-1/2}
         self.n_samples = N = int(X.shape[0])
         self.keep = _kept_root_columns(model, theta, X, T, batch_size)
         K = int(self.keep.numel())
+        self.layers, self.remainder, passes = _blocks_and_passes(model, theta, X, T,
+                                                                 batch_size, K)
         self.n_rows = n = N * K
-        self.parts: list = []
+        self.parts: list | None = None
         self.verbose = verbose
         self.fallback: str | None = None
         self._coefficients = None
@@ -201,18 +259,21 @@ class GaussNewtonKernel(KernelProducts):
         self.last_residual, self.last_rounds, self.last_stop = None, 0, None
         self._dtype = torch.float32 if mixed_precision else torch.float64
         offset = 0
-        for captures in kronecker_passes(model, theta, self.layers, X, T, batch_size):
-            B = _batch_size(captures[0])
-            if not self.parts:
+        for xb, tb, captures in aligned_batches(passes, X, T, batch_size):
+            B = int(xb.shape[0])
+            if self.parts is None:
                 self.parts = self._allocate(captures, n)
             for part, cap in zip(self.parts, captures):
                 self._store(part, cap, offset, B)
+            if self.remainder is not None:
+                self._store_remainder(model, theta, xb, tb, offset)
             offset += B
         captured = time.perf_counter()
         self.factor = self._factorise()
         self.info = {"kernel_rows": n, "root_columns": K,
                      "precision": str(self.factor.dtype).removeprefix("torch."),
                      "fallback": self.fallback, "materialised_params": self._sizes[0],
+                     "autograd_params": 0 if self.remainder is None else self.remainder.n_cols,
                      "capture_seconds": captured - start,
                      "factor_seconds": time.perf_counter() - captured,
                      # held once factorised: the factor (the kernel is freed) and the rows
@@ -221,7 +282,8 @@ class GaussNewtonKernel(KernelProducts):
 
     # ----------------------------------------------------------- rows of Ũ
     def _allocate(self, captures: list, n: int) -> list:
-        """Choose each layer's form from the first batch; check memory; allocate."""
+        """Choose each layer's form from the first batch; check memory; allocate
+        (the remainder's rows last)."""
         forms, scales = [], []
         for layer, cap in zip(self.layers, captures):
             columns = layer.to_matrices(self.scale.unsqueeze(0))[0]  # D^{-1/2}, (O, C)
@@ -231,6 +293,8 @@ class GaussNewtonKernel(KernelProducts):
             scales.append(columns)
         materialised = sum(layer.d_out * layer.n_cols
                            for layer, factored in zip(self.layers, forms) if not factored)
+        if self.remainder is not None:
+            materialised += self.remainder.n_cols
         factored_numbers = sum(self.n_samples * layer.n_cols + n * layer.d_out
                                for layer, factored in zip(self.layers, forms) if factored)
         self._sizes = materialised, factored_numbers
@@ -244,6 +308,10 @@ class GaussNewtonKernel(KernelProducts):
             else:
                 parts.append(_Materialised(layer, scale, torch.empty(
                     n, layer.d_out * layer.n_cols, dtype=torch.float64)))
+        if self.remainder is not None:
+            parts.append(_Materialised(
+                self.remainder, self.remainder.to_matrices(self.scale.unsqueeze(0))[0],
+                torch.empty(n, self.remainder.n_cols, dtype=torch.float64)))
         return parts
 
     def _check_memory(self, state: str) -> None:
@@ -253,13 +321,17 @@ class GaussNewtonKernel(KernelProducts):
         needed = kernel_bytes(n, materialised, itemsize) + 8 * factored_numbers
         limit = memory_limit()
         if limit is not None and needed > limit:
+            rest = "" if self.remainder is None else \
+                f", {self.remainder.n_cols:,} of them outside registered layers"
             raise NotEnoughMemoryError(
-                f"the kernel form of the damped Gauss–Newton inverse in {self._dtype} needs "
-                f"{format_bytes(needed)} ({n:,} kernel rows: {2 * itemsize}·n² bytes for the "
-                f"kernel and its factor, plus {materialised:,} parameters' rows), more than "
-                f"the limit of {format_bytes(limit)} (set_config(memory_limit_bytes=...)). "
-                f"{state} Use solver='cg' (matrix-free) or an approximation such as "
-                "solver='ekfac'.")
+                f"solver='kernel' (the kernel form of the damped Gauss–Newton inverse, in "
+                f"{self._dtype}) needs {format_bytes(needed)}: n = N·K = {n:,} kernel rows, "
+                f"{2 * itemsize}·n² = {format_bytes(2 * itemsize * n ** 2)} for the kernel "
+                f"and its factor, plus {format_bytes(needed - 2 * itemsize * n ** 2)} for "
+                f"the rows of {materialised:,} parameters{rest} — more than the limit of "
+                f"{format_bytes(limit)} (set_config(memory_limit_bytes=...)). {state} "
+                "Use solver='cg' (matrix-free block conjugate gradients, the same inverse "
+                "to its tol).")
 
     def _store(self, part, cap, offset: int, B: int) -> None:
         layer, K, columns = part.layer, int(self.keep.numel()), part.scale
@@ -272,6 +344,19 @@ class GaussNewtonKernel(KernelProducts):
         D = layer.sample_gradients(cap)[:, self.keep]  # (B, K', O, C)
         rows = (D * (columns * root_n)).reshape(B * K, -1)
         part.rows[offset * K:(offset + B) * K] = rows
+
+    def _store_remainder(self, model: FunctionalModel, theta: Tensor, xb: Tensor, tb: Tensor,
+                         offset: int) -> None:
+        """The remainder's rows for the batch ``(xb, tb)`` from autograd, with the
+        output-Hessian roots the capture pass of the same batch uses (the
+        blocks' rows must share them)."""
+        K, part = int(self.keep.numel()), self.parts[-1]
+        with torch.no_grad():
+            root = model.loss.output_hessian_root(model.forward(theta, xb), tb)
+        rows = remainder_products(model, theta, self.remainder, xb,
+                                  root[:, :, self.keep].transpose(1, 2))  # (B, K', P_R)
+        rows *= part.scale[0] * self.n_samples ** -0.5
+        part.rows[offset * K:(offset + xb.shape[0]) * K] = rows.reshape(-1, rows.shape[-1])
 
     # ------------------------------------------------------------- kernel
     def _factorise(self) -> Tensor:

@@ -22,17 +22,19 @@ class KernelSolver(DirectSolver):
     """Exact damped Gauss–Newton inverse in kernel (Woodbury) form.
 
     ``(G + D)⁻¹ = D^{-1/2}(I − Ũᵀ(I + ŨŨᵀ)⁻¹Ũ)D^{-1/2}`` with the ``n = N·K'``
-    rows of ``Ũ`` from per-layer captures (:mod:`sklinfluence.curvature.kernel`): the
-    exact solver's answer, to rounding, for ``16 n²`` bytes instead of
-    ``16 P²``. On the digits CNN (1,200 samples, 71,754 parameters) the kernel
-    has 10,800 rows.
+    rows of ``Ũ`` from per-layer captures of the registered layer types and,
+    for every other parameter (attention, bare ``nn.Parameter`` s, any
+    module), from per-sample vector–Jacobian products with ``torch.func``
+    (:mod:`sklinfluence.curvature.kernel`): the exact solver's answer, to
+    rounding, for ``16 n²`` bytes (plus ``8 n`` per parameter whose rows are
+    materialised) instead of ``16 P²``, on any differentiable net. On the
+    digits CNN (1,200 samples, 71,754 parameters) the kernel has 10,800 rows.
 
     Parameters
     ----------
     curvature : Curvature
         A Gauss–Newton operator (``kind="ggn"``) with weight decay plus
-        damping positive; every trainable parameter in a registered layer
-        type (:mod:`sklinfluence.curvature.layers`).
+        damping positive.
     tol : float, default=1e-10
         With ``mixed_precision``: the relative residual
         ``‖b − (G + D) x‖ / ‖b‖`` the float64 refinement reaches on the
@@ -54,15 +56,15 @@ class KernelSolver(DirectSolver):
     Raises
     ------
     ValueError
-        For a Hessian, a non-positive ``D``, or layers outside the registry
-        (:class:`~sklinfluence.curvature.layers.UnsupportedLayerError`).
+        For a Hessian or a non-positive ``D``.
     NotEnoughMemoryError
-        Before allocating, when the kernel does not fit.
+        Before allocating, when the kernel, its factor and the materialised
+        rows do not fit (the message names each).
     """
 
     name = "kernel"
     params = ("mixed_precision",)
-    needs = frozenset({"ggn", "layers"})
+    needs = frozenset({"ggn"})  # any layers: those outside the registry by autograd
     measures_residual = False  # float64: exact to rounding; mixed: see solve
 
     def __init__(self, curvature: Curvature, tol: float = 1e-10,

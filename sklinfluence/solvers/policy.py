@@ -144,7 +144,7 @@ def plan_solvers(model: Any, X: Tensor, *, damping: float, curvature: str = "ggn
       at most :data:`EXACT_MAX_PARAMS` parameters;
     - otherwise the cheapest predicted of the dense solve, the kernel form
       (where :func:`~sklinfluence.curvature.kernel.kernel_verdict` applies it:
-      ``N·K ≤ P``, a Gauss–Newton matrix, registered layers) and block CG
+      ``N·K ≤ P`` and a Gauss–Newton matrix, on any net) and block CG
       among those predicted to fit both;
     - where none fits, an approximation — EK-FAC for a Gauss–Newton matrix
       whose layers it factors, Arnoldi otherwise — with a

@@ -16,9 +16,9 @@ __all__ = ["KroneckerLayer", "Eigenbasis", "LAYER_TYPES", "LAYERWISE", "ADVICE",
            "kronecker_layers", "handled_types", "unregister_layer"]
 
 ADVICE = "Use solver='cg' or 'arnoldi' for this network."
-#: The solvers built on this registry, as the errors name them (the kernel form
-#: and EK-FAC/K-FAC both take the layers' captures).
-LAYERWISE = "solver='kernel', 'ekfac' or 'kfac'"
+#: The solvers that need this registry, as the errors name them (the kernel form
+#: takes the layers' captures too, but any other parameter from autograd).
+LAYERWISE = "solver='ekfac' or 'kfac'"
 
 #: Registered layer classes, tried in order.
 LAYER_TYPES: list[type[KroneckerLayer]] = []
@@ -300,5 +300,6 @@ def kronecker_layers(model) -> list[KroneckerLayer]:
             f"{LAYERWISE} handles {handled_types()} layers only, but the parameters "
             f"{others[:3]} belong to "
             f"other layers: {', '.join(where[:3])}. Use solver='cg' or solver='arnoldi' for "
-            "this network.")
+            "this network, or solver='kernel' (exact; it differentiates those parameters "
+            "with autograd).")
     return layers
