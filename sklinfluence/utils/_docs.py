@@ -17,7 +17,7 @@ removal_batch_size : int, default=32
     time. Memory per sample in a batch: about ``8 (4P + 3 N W)`` bytes for
     ``P`` parameters, ``N`` training rows and ``W`` summed layer widths;
     once per fit, building the shared factor holds about ``18 P²``
-    bytes up to 5,000 parameters (the matrix, its factor and the build's
+    bytes where it is dense (the matrix, its factor and the build's
     accumulator; plus ``4096 K P`` for ``K`` outputs when some parameters
     are outside ``nn.Linear`` layers).""",
     "measure": """\
