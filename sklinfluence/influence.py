@@ -92,8 +92,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           Lanczos estimate of the top eigenvalue; exact to ``tol`` but slow
           when the curvature is ill-conditioned;
         - ``"ekfac"`` / ``"kfac"``: (eigenvalue-corrected) Kronecker-factored
-          Gauss–Newton of ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and
-          normalisation layers (:mod:`sklinfluence.curvature.kfac`) — approximate, fast,
+          Gauss–Newton of ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``,
+          normalisation layers and ``nn.MultiheadAttention``'s projections
+          (:mod:`sklinfluence.curvature.kfac`) — approximate, fast,
           no iterations; each solve measures its relative residual under the
           true curvature on up to 8 right-hand sides (``diagnostics_``);
         - ``"arnoldi"``: top-``rank`` eigenpairs plus damping — approximate

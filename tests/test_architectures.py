@@ -30,7 +30,6 @@ from torch.nn import functional as F
 from sklinfluence import Decomposer, InfluenceEstimator, LOOEstimator, PBRFEstimator
 from sklinfluence.response.cache import RESPONSE_CACHE
 from sklinfluence.model.ensemble import ensemble_supported
-from sklinfluence.exceptions import UnsupportedLayerError
 from tolerances import CG_VS_EXACT_RTOL
 
 MU, LAMBDA = 1e-3, 0.3
@@ -125,7 +124,6 @@ ARCHITECTURES = {
     "transformer": (Transformer, _tokens),
 }
 REPLAYABLE = {"mlp", "layernorm_mlp", "cnn", "embedding_bag"}
-KRONECKER = set(ARCHITECTURES) - {"transformer"}
 
 
 def _net(name, **kwargs):
@@ -231,17 +229,13 @@ def test_exact_influence_and_rung_4_equal_the_dense_gauss_newton_solve(fitted):
     assert kernel.diagnostics_["solver"] == "kernel" and kernel.diagnostics_["converged"]
 
 
-def test_the_kronecker_solvers_factor_every_layer_but_attention(fitted):
+def test_the_kronecker_solvers_factor_every_layer(fitted):
     name, X, y, _ = fitted
     for solver in ("ekfac", "kfac"):
         est = InfluenceEstimator(_net(name), damping=LAMBDA, solver=solver, random_state=0)
-        if name in KRONECKER:
-            scores = est.fit(X, y).score_samples(X[:5], y[:5])
-            assert np.all(np.isfinite(scores)) and est.diagnostics_["approximate"]
-            assert est.diagnostics_["max_relative_residual"] > 0  # measured, not assumed
-        else:
-            with pytest.raises(UnsupportedLayerError, match="MultiheadAttention"):
-                est.fit(X, y)
+        scores = est.fit(X, y).score_samples(X[:5], y[:5])
+        assert np.all(np.isfinite(scores)) and est.diagnostics_["approximate"]
+        assert est.diagnostics_["max_relative_residual"] > 0  # measured, not assumed
 
 
 def test_pbrf_of_a_row_and_of_a_group_is_a_stationary_point_of_its_objective(fitted):

@@ -262,3 +262,25 @@ def test_row_chunks_run_on_a_dask_local_cluster():
         assert len(client.scheduler_info()["workers"]) == 2
     for a, b in zip(sequential, on_dask):
         assert_allclose(b, a, rtol=1e-12)
+
+
+def test_the_fast_tier_on_attention_projections():
+    """The attention layer type (in-projection in three blocks, out_proj a Linear)
+    through the default methods: streamed forms and products equal the generic path."""
+    from sklinfluence.zoo import load_zoo_data, make_zoo_net
+    X, y = load_zoo_data("transformer")
+    X, y = X[:60].astype(np.float64), y[:60]
+    net = make_zoo_net("transformer", max_epochs=2).initialize()
+    net.module_.double().position.requires_grad_(False)
+    net.partial_fit(X, y)
+    est = InfluenceEstimator(FrozenEstimator(net), solver="ekfac", damping=0.1).fit(X, y)
+    removals = _removals(est, 30)
+    forces = partial(removal_forces, est.model_)
+    assert_allclose(est.solver_.self_products(removals, forces).numpy(),
+                    Solver.self_products(est.solver_, removals, forces).numpy(), rtol=RTOL)
+    Xq, Tq = est.X_train_[40:44], est.T_train_[40:44]
+    B = est.model_.per_sample_grads(est.model_.params, Xq, Tq)
+    got = est.solver_.query_products(B, Xq, Tq, forces)(removals)
+    reference = Solver.query_products(est.solver_, B, Xq, Tq, forces)(removals)
+    assert_allclose(got.numpy(), reference.numpy(), rtol=RTOL,
+                    atol=RTOL * float(reference.abs().max()))

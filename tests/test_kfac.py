@@ -436,7 +436,7 @@ class _Refused(nn.Module):
         self.conv = nn.Conv2d(2, 2, 3, groups=2 if case == "grouped_conv" else 1)
         self.head = nn.Linear(8, 3)
         if case == "attention":
-            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True, add_bias_kv=True)
         if case == "raw_parameter":
             self.scale = nn.Parameter(torch.ones(8))
         if case == "max_norm":
@@ -460,7 +460,7 @@ class _Refused(nn.Module):
 
 REFUSALS = {
     "grouped_conv": r"Conv2d with groups=2.*groups=1 only.*solver='cg'",
-    "attention": r"layers only.*'attn.in_proj_weight'.*attn \(MultiheadAttention\).*solver='cg'",
+    "attention": r"'attn' is an nn.MultiheadAttention with add_bias_kv=True.*solver='cg'",
     "raw_parameter": r"layers only.*\['scale'\].*<module> \(_Refused\).*solver='cg'",
     "max_norm": r"'emb' is an Embedding with max_norm=1.0.*solver='cg'",
     "weight_outside": r"do not account for the parameters' gradients.*solver='cg'",

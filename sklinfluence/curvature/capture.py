@@ -21,7 +21,7 @@ from torch import Tensor
 from ..exceptions import UnsupportedLayerError
 from ..model.functional import FunctionalModel, iterate_batches
 from ..utils.memory import chunk_rows
-from .layers import LAYERWISE, KroneckerLayer
+from .layers import LAYER_TYPES, LAYERWISE, KroneckerLayer
 
 __all__ = ["CHECK_SAMPLES", "kronecker_passes", "capture_rows"]
 
@@ -32,9 +32,18 @@ def _capture(module: torch.nn.Module, layers: list[KroneckerLayer]):
 
     The layer hands on a copy of its output, so that an in-place operation
     after it (``ReLU(inplace=True)``) cannot change the recorded one.
+
+    A layer type whose module does not expose its layers' inputs and outputs
+    to a forward hook (``nn.MultiheadAttention``) has a classmethod
+    ``capture_hooks(root, layers, records)`` instead, returning the hooks it
+    registers: they append ``(recorded, outputs)`` to ``records[name]``, both
+    tuples, and may route a submodule's work through a call of that
+    submodule, whose own hook then records it. Yields ``records`` and whether
+    such hooks are in place.
     """
     modules = dict(module.named_modules())
     records: dict[str, list] = {layer.name: [] for layer in layers}
+    custom = tuple(cls for cls in LAYER_TYPES if hasattr(cls, "capture_hooks"))
 
     def hook(layer: KroneckerLayer):
         def record(module_, args, kwargs, output):
@@ -44,9 +53,14 @@ def _capture(module: torch.nn.Module, layers: list[KroneckerLayer]):
         return record
 
     handles = [modules["" if layer.name == "<module>" else layer.name].register_forward_hook(
-        hook(layer), with_kwargs=True) for layer in layers]
+        hook(layer), with_kwargs=True) for layer in layers if not isinstance(layer, custom)]
+    rerouted = False
     try:
-        yield records
+        for kind in custom:
+            extra = kind.capture_hooks(module, layers, records)
+            handles.extend(extra)
+            rerouted = rerouted or bool(extra)
+        yield records, rerouted
     finally:
         for handle in handles:
             handle.remove()
@@ -107,7 +121,10 @@ def capture_rows(captures: list[NamedTuple], row_bytes: int, n_rows: int) -> int
     Per row: twice the bytes of the captured tensors (the captures and the
     pass's own activations and gradients), plus ``row_bytes``.
     """
-    tensors = [t for cap in captures for t in cap if isinstance(t, Tensor)]
+    def flat(x):  # the tensors of a capture, through nested tuples (attention's parts)
+        return [x] if isinstance(x, Tensor) else \
+            [t for part in x for t in flat(part)] if isinstance(x, tuple) else []
+    tensors = flat(tuple(captures))
     rows = max(1, min(int(t.shape[0]) for t in tensors)) if tensors else 1
     captured = sum(t.numel() * t.element_size() for t in tensors) / rows
     return chunk_rows(2 * captured + row_bytes, n_rows)
@@ -116,8 +133,13 @@ def capture_rows(captures: list[NamedTuple], row_bytes: int, n_rows: int) -> int
 def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
                     xb: Tensor, tb: Tensor, verify: bool = False,
                     gradients: bool = False) -> list[NamedTuple]:
-    """One forward and one backward (batched over the root's ``K`` columns) pass."""
-    with _capture(model.module, layers) as records, torch.enable_grad():
+    """One forward and one backward (batched over the root's ``K`` columns) pass.
+
+    With ``verify`` and a layer type's own capture hooks in place (which may
+    run a module's computation decomposed), the outputs are also compared
+    with a plain forward pass.
+    """
+    with _capture(model.module, layers) as (records, rerouted), torch.enable_grad():
         out = model.forward(theta, xb)
         for layer in layers:
             if len(records[layer.name]) != 1:
@@ -125,26 +147,33 @@ def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[Kronecke
                     f"layer {layer.name!r} is applied {len(records[layer.name])} "
                     f"times per forward pass; {LAYERWISE} needs each "
                     "layer used once. Use solver='cg' or 'arnoldi'.", [layer])
-            a = records[layer.name][0][0]
-            if a.dim() < 1 or a.shape[0] != xb.shape[0]:
-                raise _refusal(
-                    f"layer {layer.name!r} receives inputs of shape {tuple(a.shape)} "
-                    f"for {xb.shape[0]} samples; {LAYERWISE} needs one "
-                    "row per sample (the samples along the first dimension). "
-                    "Use solver='cg' or 'arnoldi'.", [layer])
+            for a in _tensors(records[layer.name][0][0]):
+                if a.dim() < 1 or a.shape[0] != xb.shape[0]:
+                    raise _refusal(
+                        f"layer {layer.name!r} receives inputs of shape {tuple(a.shape)} "
+                        f"for {xb.shape[0]} samples; {LAYERWISE} needs one "
+                        "row per sample (the samples along the first dimension). "
+                        "Use solver='cg' or 'arnoldi'.", [layer])
         if gradients:
             cotangents = model.loss.output_grad(out.detach(), tb).unsqueeze(0)  # (1, B, K)
         else:
             root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
             cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
         outputs = [records[layer.name][0][1] for layer in layers]
-        wrt = outputs + ([theta] if verify else [])
+        wrt = [t for output in outputs for t in _tensors(output)] + ([theta] if verify else [])
         grads = torch.autograd.grad(out, wrt, grad_outputs=cotangents,
                                     is_grads_batched=True, allow_unused=True)
         grads = [torch.zeros((cotangents.shape[0], *w.shape), dtype=w.dtype,
                              device=w.device) if g is None else g  # output not used
                  for g, w in zip(grads, wrt)]
-    captures = [layer.capture(records[layer.name][0][0], g) for layer, g in zip(layers, grads)]
+    if verify and rerouted:
+        _check_rerouted(model, theta, xb, out.detach())
+    captures, start = [], 0
+    for layer, output in zip(layers, outputs):
+        stop = start + len(_tensors(output))
+        captures.append(layer.capture(records[layer.name][0][0], tuple(grads[start:stop])
+                                      if isinstance(output, tuple) else grads[start]))
+        start = stop
     if verify:
         _check_gradients(layers, captures, grads[-1])
     return captures
@@ -156,6 +185,27 @@ def _refusal(message: str, layers: list[KroneckerLayer]) -> UnsupportedLayerErro
     error = UnsupportedLayerError(message)
     error.layer_names = tuple(layer.name for layer in layers)
     return error
+
+
+def _tensors(x: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """A layer's recorded inputs or outputs as a tuple (a tuple for layer types with
+    their own capture hooks, one tensor otherwise)."""
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _check_rerouted(model: FunctionalModel, theta: Tensor, xb: Tensor, out: Tensor) -> None:
+    """Raise :class:`UnsupportedLayerError` unless the capture pass's outputs, some
+    computed decomposed by a layer type's capture hooks, are the plain forward's
+    to rounding."""
+    with torch.no_grad():
+        plain = model.forward(theta.detach(), xb)
+    tol = torch.finfo(out.dtype).eps ** 0.5 * max(float(plain.abs().max()), 1.0)
+    error = float((out - plain).abs().max())
+    if not error <= tol:
+        raise UnsupportedLayerError(
+            "the capture pass, which runs attention decomposed into its projections, "
+            f"does not reproduce the network's outputs (largest difference {error:.1e}); "
+            f"{LAYERWISE} cannot handle this network; use solver='cg' or 'arnoldi'.")
 
 
 def _check_gradients(layers: list[KroneckerLayer], captures: list, expected: Tensor) -> None:

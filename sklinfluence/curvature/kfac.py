@@ -35,12 +35,19 @@ in numbers, 8 bytes each):
 - ``BatchNorm1d/2d/3d`` (eval mode), ``LayerNorm``, ``GroupNorm`` (affine):
   the exact ``2C × 2C`` block of the ``C`` scales and shifts (K-FAC = EK-FAC
   = exact block). ``(2C)² + 2C + 1``.
+- ``nn.MultiheadAttention`` (``kdim = vdim = embed_dim``; also inside
+  ``nn.TransformerEncoderLayer``): the query, key and value projections
+  (the ``E``-row blocks of ``in_proj_weight``/``in_proj_bias``) and
+  ``out_proj`` as Linear layers with positions (their own sequence's
+  tokens), each with its own factors; run decomposed during the capture
+  passes, since the module never calls them as modules.
+  ``4 (E² + (E+1)² + E (E+1))``.
 
-Anything else with trainable parameters (``nn.Conv1d``, ``nn.MultiheadAttention``'s
-in-projection, an ``nn.Parameter`` used directly, a subclass with its own
-``forward``, a grouped convolution) raises :class:`UnsupportedLayerError`
-(a ``ValueError``) naming the
-layer: use ``solver="cg"`` or ``"arnoldi"`` for those.
+Anything else with trainable parameters (``nn.Conv1d``, an ``nn.Parameter``
+used directly, a subclass with its own ``forward``, a grouped convolution,
+attention's trainable ``bias_k``/``bias_v`` or separate ``kdim``/``vdim``
+projection weights) raises :class:`UnsupportedLayerError` (a ``ValueError``)
+naming the layer: use ``solver="cg"`` or ``"arnoldi"`` for those.
 
 Layers are treated independently (block-diagonal), the weight decay ``μ`` is
 the diagonal of ``diag(μ)`` in the same basis (exact when ``μ`` is the same for
@@ -48,12 +55,12 @@ a layer's parameters) and the damping ``λ`` is added to every eigenvalue.
 
 When the factorisation is exact (EK-FAC and K-FAC equal the exact damped
 inverse): one Linear layer with one output and the squared loss (``g_ik`` a
-constant); more generally a single Linear, Conv2d or Embedding layer whose
-(flattened) output *is* the network output under the squared loss, for any
-number of positions ``T`` — then ``g_itk = c e_(t,o)``, ``G = c² I ⊗ A`` and
-``S = c² I``, which pins the ``1/T`` in ``S`` (and, for Embedding, averaging
-``S`` over the non-padding tokens). Normalisation layers are always exact
-within their block.
+constant); more generally a single Linear, Conv2d or Embedding layer (an
+attention's ``out_proj`` included) whose (flattened) output *is* the network
+output under the squared loss, for any number of positions ``T`` — then
+``g_itk = c e_(t,o)``, ``G = c² I ⊗ A`` and ``S = c² I``, which pins the
+``1/T`` in ``S`` (and, for Embedding, averaging ``S`` over the non-padding
+tokens). Normalisation layers are always exact within their block.
 
 The factors come from the layers' capture passes
 (:mod:`sklinfluence.curvature.capture`), which the kernel form shares; each

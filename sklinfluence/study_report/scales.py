@@ -12,7 +12,7 @@ from ..zoo import ZOO
 __all__ = ["StudyScale", "SCALES", "make_scale", "solver_for"]
 
 #: Zoo entries whose layers the Kronecker-factored solvers do not factor (the
-#: transformer's attention and positional embedding, see :mod:`sklinfluence.zoo`):
+#: transformer's positional embedding, a bare parameter, see :mod:`sklinfluence.zoo`):
 #: there the study's influence uses conjugate gradients instead.
 KRONECKER_UNFACTORED = ("transformer",)
 #: Solvers that need every layer in Kronecker form.

@@ -43,8 +43,10 @@ exact option predicted to be cheapest (:mod:`sklinfluence.solvers.cost`): the
 dense inverse for every entry at the usual sizes, the ResNet's 5,122
 parameters included (5 s at 600 rows, where conjugate gradients would take
 minutes). The kernel form (``"kernel"``) applies to every entry, its rows of
-parameters outside registered layers (attention, the positional embedding of
-:class:`RowTokenTransformer`) from autograd.
+parameters outside registered layers from autograd. EK-FAC and K-FAC factor
+the attention of :class:`RowTokenTransformer` but not its positional
+embedding, a bare ``nn.Parameter``: they apply to it once that is frozen
+(``net.module_.position.requires_grad_(False)``).
 """
 
 from __future__ import annotations

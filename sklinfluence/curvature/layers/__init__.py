@@ -57,6 +57,15 @@ of root column ``k`` of sample ``i`` to output position ``t``):
   as ``A`` with ``S = 1`` (layout ``(1, 2C)``): K-FAC and EK-FAC both equal
   the exact block.
 
+- ``nn.MultiheadAttention`` (``kdim = vdim = embed_dim``): the query, key
+  and value projections (rows ``0:E``, ``E:2E``, ``2E:3E`` of
+  ``[in_proj_weight | in_proj_bias]``) are three Linear layers with positions
+  (the query, key or value sequence), one layer of three blocks with their own
+  factors, and ``out_proj`` is a Linear layer with positions (the query
+  sequence). The module computes them inside
+  ``F.multi_head_attention_forward``, out of a hook's reach; during the
+  capture passes it runs decomposed into them (``attention.py``).
+
 EK-FAC's eigenvalues are, for every type, ``Λ = (1/N) Σ_ik (Q_Sᵀ D_ik Q_A)²``
 elementwise: the exact diagonal of the block in the Kronecker eigenbasis.
 """
@@ -68,7 +77,8 @@ from .linear import LinearBlock
 from .conv import Conv2dLayer
 from .embedding import EmbeddingLayer
 from .norm import NormLayer
+from .attention import AttentionProjections
 
 __all__ = ["KroneckerLayer", "Eigenbasis", "LinearBlock", "Conv2dLayer", "EmbeddingLayer",
-           "NormLayer", "LAYER_TYPES", "LAYERWISE", "ADVICE", "register_layer",
+           "NormLayer", "AttentionProjections", "LAYER_TYPES", "LAYERWISE", "ADVICE", "register_layer",
            "kronecker_layers", "handled_types", "unregister_layer"]
