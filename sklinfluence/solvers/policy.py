@@ -320,7 +320,10 @@ def plan_solvers(model: Any, X: Tensor, *, damping: float, curvature: str = "ggn
     else:
         configured = SolverDecision(solver, params, curvature, tol, max_iter,
                                     f"{solver}: requested")
-    picked = auto("ggn")[0] if (solver, curvature) != ("auto", "ggn") else configured
+    if curvature == "ggn" and solver in ("auto", "exact", "kernel"):
+        picked = configured  # an exact Gauss–Newton inverse already: nothing to predict
+    else:
+        picked = auto("ggn")[0]
     shared = picked.solver in ("exact", "kernel")
     if shared:
         exact = picked  # the dense solve or the kernel form (the same inverse)

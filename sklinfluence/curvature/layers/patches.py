@@ -86,7 +86,7 @@ class _PatchLayer(KroneckerLayer):
         a, g = cap.a.to(V.dtype), cap.g[:, 0].to(V.dtype)  # (B, T, C), (B, T, O)
         B, T, C = a.shape
         if T == 1:
-            Va = (a[:, 0] @ V.permute(2, 0, 1).reshape(C, k * self.d_out))  # (B, k·O)
+            Va = a[:, 0] @ V.reshape(k * self.d_out, C).T  # (B, k·O), V not copied
             return torch.bmm(Va.view(B, k, self.d_out), g[:, 0, :, None])[..., 0]
         D = torch.bmm(g.transpose(1, 2), a)  # (B, O, C)
         return D.view(B, -1) @ V.reshape(k, -1).T
