@@ -146,7 +146,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         products (``None``: all), and the chunk in which the larger side of
         an influence matrix is streamed (``None``: as many rows as keep its
         gradients within ``working_memory_bytes`` of
-        :func:`~sklinfluence.set_config`, 512 MiB by default). Bounds memory,
+        :func:`~sklinfluence.set_config`, 128 MiB by default). Bounds memory,
         never changes results beyond rounding.
     measure : {"linear", "loss"}, default="linear"
         How a response is turned into a score (:mod:`sklinfluence.response.measure`):
