@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from .utils._sklearn import Interval, _fit_context
+from .utils._warnings import describe_removal
 from .utils._docs import fill_doc
 from .base import BaseResponseEstimator, RungViewMixin
 from .response.responder import Responder, Rung, rung
@@ -74,14 +75,19 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         Computes and memoises the responses; ``responder_.last_info`` has, per
         removal of the latest call, the final and initial gradient norms,
         iterations, time, whether it converged, ``method`` (``"chord"``,
-        ``"newton"`` or ``"lbfgs"``) and, for the L-BFGS continuation, the
+        ``"newton"`` or ``"lbfgs"``; ``"diverged"`` for a solve that diverged
+        and whose retry from ``θˢ`` diverged too, answered with the best
+        point that had not) and, for the L-BFGS continuation, the
         objective's ``objective_decrease`` and the ``relative_step`` over its
         last iterations.
     diagnostics_ : dict
         The latest call's solves summed up (empty before the first):
         ``n_removals``, ``converged`` (all of them), ``methods`` (removals per
         method), ``max_relative_grad_norm`` (largest final over initial
-        gradient norm), ``max_objective_decrease`` and ``max_relative_step``
+        gradient norm), ``not_converged`` (one entry per removal that did not
+        converge, in order: its ``removal`` in words, ``method`` and
+        ``relative_grad_norm``), ``n_diverged`` (removals whose solves
+        diverged), ``max_objective_decrease`` and ``max_relative_step``
         (of the L-BFGS continuations, ``None`` without one),
         ``seconds_per_removal`` and ``solver_policy``: the solver of each role
         (``"pbrf_chord"``, the factor the batched solves share, among them)
@@ -94,7 +100,10 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
     removing the sample increases the measured loss (it was helpful).
 
     A :class:`~sklearn.exceptions.ConvergenceWarning` reports any solve that
-    stops at ``max_iter`` above tolerance, with its gradient norm. The
+    stops at ``max_iter`` above tolerance, with its gradient norm, naming
+    every such removal; another names the removals whose solves diverged
+    (gradient norm above the initial one, or objective above ``F(θˢ)``) once
+    and again when retried from ``θˢ`` — never returned as answers. The
     measurement is exact: ``score_samples`` is ``L_m(θ_m) − L_m(θˢ)`` at the
     solved ``θ_m``, not a linearisation.
 
@@ -182,11 +191,17 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         def largest(key: str) -> float | None:
             return float(np.max(info[key][continued])) if continued.any() else None
 
+        relative = info["grad_norm"] / np.maximum(info["initial_grad_norm"], 1e-300)
+        removals = self.responder_.last_removals
         return {"n_removals": int(len(info["converged"])),
                 "converged": bool(np.all(info["converged"])),
                 "methods": dict(zip(methods.tolist(), counts.tolist())),
-                "max_relative_grad_norm": float(np.max(info["grad_norm"]
-                                                       / info["initial_grad_norm"])),
+                "max_relative_grad_norm": float(np.max(relative)),
+                "not_converged": [{"removal": describe_removal(removals[j]),
+                                   "method": str(info["method"][j]),
+                                   "relative_grad_norm": float(relative[j])}
+                                  for j in np.flatnonzero(~info["converged"].astype(bool))],
+                "n_diverged": int(np.sum(info["method"] == "diverged")),
                 "max_objective_decrease": largest("objective_decrease"),
                 "max_relative_step": largest("relative_step"),
                 "seconds_per_removal": float(np.mean(info["seconds"])),

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
-from .kinks import has_kinks, minimize_kinked
-from .pbrf import STALL_WINDOW, MinimizeResult, ResponseObjective, minimize_response
+from .kinks import has_kinks, minimize_from_start, minimize_kinked
+from .pbrf import (STALL_WINDOW, MinimizeResult, ResponseObjective, check_response,
+                   flag_diverged, minimize_response)
 
 __all__ = ["minimize_responses_batched"]
 
@@ -81,6 +83,15 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
     the objective preconditioned by ``precondition``, whose stopping rule
     holds at a minimiser on a kink.
 
+    Every answer then passes :func:`~sklinfluence.response.pbrf.check_response`:
+    one whose gradient norm ended above its initial one, or whose objective
+    rose above ``F(θˢ)``, is never returned as it is. It is solved again one at
+    a time from ``θˢ`` (:func:`~sklinfluence.response.kinks.minimize_from_start`,
+    preconditioned alike); if that fails the check too,
+    the removal is reported not converged with ``method="diverged"``, its
+    ``failure`` saying what went wrong both times, at the best point that
+    passes the check (the chord iteration's best, else ``θˢ``).
+
     Parameters
     ----------
     objective : ResponseObjective
@@ -105,6 +116,44 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
     list of MinimizeResult
         One per removed sample, in order.
     """
+    results, best = _solve_batch(objective, xs, ts, ws, solve, tol=tol, max_iter=max_iter,
+                                 precondition=precondition)
+    return [_guarded(_single(objective, xs[b], ts[b], ws[b]), result, best[b],
+                     precondition or solve, tol=tol, max_iter=max_iter)
+            for b, result in enumerate(results)]
+
+
+def _single(objective: ResponseObjective, x: Tensor, t: Tensor, w: Tensor) -> ResponseObjective:
+    """The objective of one removal of a batch."""
+    return objective.for_removal(x, t, w)
+
+
+def _guarded(single: ResponseObjective, result: MinimizeResult, fallback: Tensor,
+             precondition: Callable[[Tensor], Tensor], *, tol: float,
+             max_iter: int) -> MinimizeResult:
+    """``result`` if it passes :func:`check_response`; else the one-at-a-time solve from
+    ``θˢ`` if that passes; else ``fallback`` (the chord iteration's best point) if it
+    passes, or ``θˢ``, flagged ``"diverged"`` (:func:`flag_diverged`). The L-BFGS
+    continuation retries and flags its own (:func:`minimize_kinked`)."""
+    if result.method == "diverged":
+        return result
+    if result.failure is None:
+        result = check_response(single, result)
+        if result.failure is None:
+            return result
+    retried = minimize_from_start(single, tol=tol, max_iter=max_iter, precondition=precondition)
+    seconds = result.seconds + retried.seconds
+    if retried.failure is None or retried.method == "diverged":
+        return replace(retried, seconds=seconds)
+    return flag_diverged(single, result, retried, fallback, seconds)
+
+
+def _solve_batch(objective: ResponseObjective, xs: Tensor, ts: Tensor, ws: Tensor,
+                 solve: Callable[[Tensor], Tensor], *, tol: float, max_iter: int,
+                 precondition: Callable[[Tensor], Tensor] | None
+                 ) -> tuple[list[MinimizeResult], Tensor]:
+    """The chord iteration and its hand-overs (:func:`minimize_responses_batched`), before
+    the results are checked; with the chord iteration's best point of each removal."""
     start = time.perf_counter()
     B = xs.shape[0]
     theta_s = objective.theta_s.detach()
@@ -172,11 +221,10 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
                 rayleigh = float(torch.linalg.eigvalsh(0.5 * (small + small.T))[0])
                 if rayleigh < 0:
                     results.append(MinimizeResult(best[b].clone(), g, float(g0[b]),
-                                                  int(n_iter[b]), False, seconds, rayleigh))
+                                                  int(n_iter[b]), False, seconds, rayleigh,
+                                                  method="chord"))
                     continue
-            single = ResponseObjective(objective.model, objective.X, objective.T, theta_s,
-                                       xs[b], ts[b], ws[b], objective.epsilon,
-                                       objective.damping, objective.bregman)
+            single = _single(objective, xs[b], ts[b], ws[b])
             if kinked:  # Newton's Hessian does not see the kinks it stalls on
                 results.append(minimize_kinked(single, best[b], tol=tol,
                                                initial_grad_norm=float(g0[b]),
@@ -188,4 +236,4 @@ def minimize_responses_batched(objective: ResponseObjective, xs: Tensor, ts: Ten
         else:
             results.append(MinimizeResult(best[b].clone(), g, float(g0[b]), int(n_iter[b]),
                                           True, seconds, method="chord"))
-    return results
+    return results, best

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .pbrf import MinimizeResult, ResponseObjective
+from .pbrf import (MinimizeResult, ResponseObjective, check_response, flag_diverged,
+                   minimize_response)
 
-__all__ = ["PIECEWISE_LINEAR", "has_kinks", "kinked_layers", "minimize_kinked"]
+__all__ = ["PIECEWISE_LINEAR", "has_kinks", "kinked_layers", "minimize_kinked",
+           "minimize_from_start"]
 
 #: Curvature pairs kept by the L-BFGS continuation of a solve stalled on kinks.
 LBFGS_MEMORY = 30
@@ -34,6 +37,19 @@ LBFGS_FTOL = 1e-5
 #: response within 0.2 % and every self-influence within 0.005 %, at 4.3 s per row;
 #: with 1e-8/1e-4 over 10 iterations within 0.05 % at 27 s per row.)
 LBFGS_XTOL = 1e-3
+#: Longest step of the continuation, relative to the larger of the response so far
+#: ``‖θ − θˢ‖`` and its first (preconditioned gradient) step. The PBRF objective can
+#: be unbounded below far from ``θˢ``: the removed row's own Bregman term cancels its
+#: loss term's curvature (what remains is linear in its logits), and a deep ReLU net's
+#: logits grow like a product of layers' weights, faster than the quadratic proximity.
+#: A line search expanding along such a direction (to 2²⁹ times the step), or an
+#: L-BFGS direction built on nearly flat curvature pairs, jumps there in one step.
+LBFGS_MAX_STEP = 1.0
+#: The continuation gives up (not converged; the divergence guard takes over) once its
+#: gradient norm exceeds this multiple of the initial one: it has left ``θˢ``'s
+#: neighbourhood for a region where the objective falls without end (ResNet above: from
+#: 1e3 times on, the gradient grew to 1e22 times over the next 270 iterations).
+LBFGS_DIVERGED = 1e3
 #: Layer types whose output has kinks (the PBRF objective is then piecewise smooth).
 PIECEWISE_LINEAR = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU,
                     torch.nn.Hardtanh, torch.nn.Hardswish, torch.nn.Hardsigmoid,
@@ -58,7 +74,8 @@ def has_kinks(module: torch.nn.Module) -> bool:
 
 def _weak_wolfe(value: Callable[[float], float],
                 phi: Callable[[float], tuple[float, Tensor, float]], f0: float, slope: float,
-                max_evals: int = 30) -> tuple[float, float, Tensor] | None:
+                max_evals: int = 30, max_t: float = math.inf
+                ) -> tuple[float, float, Tensor] | None:
     """Step ``t`` along a descent direction meeting the weak Wolfe conditions.
 
     ``value(t)`` returns the objective and ``phi(t)`` ``(value, gradient,
@@ -67,11 +84,11 @@ def _weak_wolfe(value: Callable[[float], float],
     a backward one, and most trial steps on a kinked objective are refused).
     The bisection–expansion of Lewis & Overton (2013), made for nonsmooth
     objectives: sufficient decrease ``f(t) ≤ f0 + 1e-4 t slope`` and a
-    directional derivative that rose to ``0.9 slope``. Returns
-    ``(t, value, gradient)``, the best decreasing point if no step met both, or
-    None if none decreased.
+    directional derivative that rose to ``0.9 slope``; the expansion stops at
+    ``max_t``. Returns ``(t, value, gradient)``, the best decreasing point if no
+    step met both, or None if none decreased.
     """
-    low, high, t, best = 0.0, math.inf, 1.0, None
+    low, high, t, best = 0.0, math.inf, min(1.0, max_t), None
     for _ in range(max_evals):
         f = value(t)
         if math.isfinite(f) and f <= f0 + 1e-4 * t * slope:
@@ -83,14 +100,16 @@ def _weak_wolfe(value: Callable[[float], float],
                 best = (t, f, gradient)
             if derivative >= 0.9 * slope:
                 return t, f, gradient
+            if t >= max_t:  # as long a step as allowed
+                return best
             low = t
-        t = 0.5 * (low + high) if math.isfinite(high) else 2.0 * low
+        t = 0.5 * (low + high) if math.isfinite(high) else min(2.0 * low, max_t)
     return best
 
 
 def minimize_kinked(objective: ResponseObjective, start: Tensor, *, tol: float = 1e-9,
                     initial_grad_norm: float, precondition: Callable | None = None,
-                    max_iter: int | None = None) -> MinimizeResult:
+                    max_iter: int | None = None, retry: bool = True) -> MinimizeResult:
     """Continue a PBRF solve that stalled on kinks: L-BFGS on the objective, float64.
 
     Where a ReLU (or max-pooling) unit's input crosses 0 the objective has a
@@ -117,6 +136,19 @@ def minimize_kinked(objective: ResponseObjective, start: Tensor, *, tol: float =
     resolution of ``F``); these count as converged and are reported
     (``objective_decrease``, ``relative_step``). At ``max_iter`` (default
     :data:`LBFGS_MAX_ITER`) it reports not converged.
+
+    The objective can be unbounded below far from ``θˢ`` (where a removed
+    row's loss grows without end), so no step is longer than
+    :data:`LBFGS_MAX_STEP` times the larger of ``‖θ − θˢ‖`` and the first
+    step, and the continuation gives up once its gradient norm exceeds
+    :data:`LBFGS_DIVERGED` times ``initial_grad_norm``. Its answer
+    passes :func:`~sklinfluence.response.pbrf.check_response`: one whose
+    gradient norm ended above ``initial_grad_norm``, or whose objective rose
+    above ``F(θˢ)``, is solved again from ``θˢ`` (with ``retry``, where
+    ``start`` is elsewhere) and, if that fails the check too, reported not
+    converged with ``method="diverged"`` at ``start`` or ``θˢ``
+    (:func:`~sklinfluence.response.pbrf.flag_diverged`); without ``retry``,
+    not converged with its ``failure``.
     """
     began = time.perf_counter()
     max_iter = LBFGS_MAX_ITER if max_iter is None else max_iter
@@ -134,11 +166,14 @@ def minimize_kinked(objective: ResponseObjective, start: Tensor, *, tol: float =
     target = max(tol * float(initial_grad_norm), obj.noise_floor())
     pairs: list[tuple[Tensor, Tensor, float]] = []
     values, moves = [f], []
+    first_step = None  # the first direction's length: the scale of the step cap
     n_iter, converged, decrease, step_ratio = 0, False, None, None
     while n_iter < max_iter:
         if float(g.norm()) <= target:
             converged = True
             break
+        if float(g.norm()) > LBFGS_DIVERGED * float(initial_grad_norm):
+            break  # left θˢ's neighbourhood: check_response below says so
         # two-loop recursion, initial inverse Hessian H₀⁻¹ (or a scaled identity)
         q, alphas = g.clone(), []
         for s_, y_, rho in reversed(pairs):
@@ -161,6 +196,11 @@ def minimize_kinked(objective: ResponseObjective, start: Tensor, *, tol: float =
             direction = -g if precondition is None else \
                 -precondition(g.unsqueeze(0))[0].to(torch.float64)
             slope = float(g @ direction)
+        length = float(direction.norm())
+        if first_step is None:
+            first_step = length
+        radius = LBFGS_MAX_STEP * max(float((theta - theta_s).norm()), first_step)
+        max_t = radius / length if length > 0 else math.inf
 
         def value(t: float, theta=theta, direction=direction) -> float:
             with torch.no_grad():
@@ -170,7 +210,7 @@ def minimize_kinked(objective: ResponseObjective, start: Tensor, *, tol: float =
             f_t, gradient = evaluate(theta + t * direction)
             return f_t, gradient, float(gradient @ direction)
 
-        found = _weak_wolfe(value, phi, f, slope)
+        found = _weak_wolfe(value, phi, f, slope, max_t=max_t)
         if found is None and pairs:  # the curvature pairs misled it: once more without
             pairs.clear()
             continue
@@ -200,6 +240,49 @@ def minimize_kinked(objective: ResponseObjective, start: Tensor, *, tol: float =
             if decrease <= LBFGS_FTOL and step_ratio <= LBFGS_XTOL:
                 converged = True
                 break
-    return MinimizeResult(theta.to(dtype), float(g.norm()), float(initial_grad_norm), n_iter,
-                          converged, time.perf_counter() - began, method="lbfgs",
-                          objective_decrease=decrease, relative_step=step_ratio)
+    result = check_response(obj, MinimizeResult(
+        theta, float(g.norm()), float(initial_grad_norm), n_iter, converged,
+        time.perf_counter() - began, method="lbfgs", objective_decrease=decrease,
+        relative_step=step_ratio))
+    if result.failure is not None and retry and not torch.equal(start.to(theta_s), theta_s):
+        retried = minimize_kinked(objective, objective.theta_s, tol=tol,
+                                  initial_grad_norm=initial_grad_norm,
+                                  precondition=precondition, max_iter=max_iter, retry=False)
+        seconds = time.perf_counter() - began
+        if retried.failure is None:
+            return replace(retried, seconds=seconds)
+        result = flag_diverged(obj, result, retried, start, seconds)
+    return replace(result, theta=result.theta.to(dtype), seconds=time.perf_counter() - began)
+
+
+def minimize_from_start(objective: ResponseObjective, *, tol: float = 1e-9, max_iter: int = 50,
+                        precondition: Callable | None = None) -> MinimizeResult:
+    """The one-at-a-time PBRF solve from ``θˢ``: what a solve that diverged is retried with.
+
+    On a net with kinks (Bregman objective) :func:`minimize_kinked` from
+    ``θˢ``, with ``precondition`` (the shared damped Gauss–Newton inverse) as
+    its initial inverse Hessian; elsewhere inexact Newton
+    (:func:`~sklinfluence.response.pbrf.minimize_response`) from ``θˢ`` with
+    its full stall window. Both answers pass
+    :func:`~sklinfluence.response.pbrf.check_response`.
+
+    Parameters
+    ----------
+    objective : ResponseObjective
+        One removal's objective.
+    tol, max_iter
+        As for :func:`~sklinfluence.response.pbrf.minimize_response`
+        (``max_iter`` bounds Newton; the continuation has its own cap,
+        :data:`LBFGS_MAX_ITER`).
+    precondition : callable, optional
+        ``H₀⁻¹`` applied to the rows of its argument.
+
+    Returns
+    -------
+    MinimizeResult
+    """
+    g0 = float(torch.func.grad(objective)(objective.theta_s).norm())
+    if objective.bregman and has_kinks(objective.model.module):
+        return minimize_kinked(objective, objective.theta_s, tol=tol, initial_grad_norm=g0,
+                               precondition=precondition)
+    return minimize_response(objective, tol=tol, max_iter=max_iter, initial_grad_norm=g0)

@@ -18,8 +18,9 @@ with one shared factor.
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ from torch.func import grad, vjp
 
 from ..model.functional import FunctionalModel
 
-__all__ = ["ResponseObjective", "MinimizeResult", "minimize_response"]
+__all__ = ["ResponseObjective", "MinimizeResult", "minimize_response", "response_failure",
+           "check_response", "flag_diverged"]
 
 #: Cap on MINRES iterations per Newton step (a well-posed step needs far fewer).
 MINRES_MAX_ITER = 1000
@@ -103,6 +105,38 @@ class ResponseObjective:
         removed = (self.w_S * (model.losses(theta, self.X_S, self.T_S) - self._removed_s)).sum()
         return (data + model.penalty(diff) - self.epsilon * removed
                 + 0.5 * self.damping * (diff * diff).sum())
+
+    def change(self, theta: Tensor) -> float:
+        """``F(θ) − F(θˢ)``: :meth:`shifted` for the Bregman objective, the difference
+        of two evaluations otherwise."""
+        with torch.no_grad():
+            if self.bregman:
+                return float(self.shifted(theta))
+            return float(self(theta) - self(self.theta_s))
+
+    def value_noise(self) -> float:
+        """Rounding of :meth:`change` near ``θˢ``: ``10 u (|J| + ε |Σ_S w_m L_m|)``.
+
+        ``J`` the training objective (mean loss plus weight decay) at ``θˢ``,
+        ``u`` the unit roundoff: the size of the terms whose rounding remains in
+        ``F(θ) − F(θˢ)`` (a removed row fitted to ``10⁻¹⁰`` moves the objective by
+        ``10⁻²⁰``, below it).
+        """
+        theta_s = self.theta_s
+        with torch.no_grad():
+            if not hasattr(self, "_trained_s"):  # the same for every removal: kept
+                self._trained_s = float(self.model.objective(theta_s, self.X, self.T))
+            removed = float((self.w_S * self.model.losses(theta_s, self.X_S, self.T_S)).sum())
+        return 10.0 * torch.finfo(theta_s.dtype).eps * (abs(self._trained_s)
+                                                          + self.epsilon * abs(removed))
+
+    def for_removal(self, X_S: Tensor, T_S: Tensor, w_S: Tensor) -> ResponseObjective:
+        """The same objective for another removal, sharing what does not depend on it
+        (``θˢ``'s outputs on the training rows: no forward pass)."""
+        other = copy.copy(self)
+        other.X_S, other.T_S, other.w_S = X_S, T_S, w_S
+        other.__dict__.pop("_removed_s", None)
+        return other
 
     def noise_floor(self) -> float:
         """Gradient norm below which rounding dominates: ``10 u ‖∇²F θˢ‖``.
@@ -185,6 +219,98 @@ class MinimizeResult:
     #: and the iterate's move over them relative to ``‖θ − θˢ‖``.
     objective_decrease: float | None = None
     relative_step: float | None = None
+    #: Set by :func:`check_response` when the point must not be taken for a minimiser:
+    #: what was wrong with it (``converged`` is then False).
+    failure: str | None = None
+
+
+def response_failure(objective: ResponseObjective, theta: Tensor, grad_norm: float,
+                     initial_grad_norm: float) -> str | None:
+    """Why ``theta`` is not an answer to ``objective`` — a diverged solve — or None.
+
+    A solve from ``θˢ`` that ends with a gradient norm above the one it started
+    from at ``θˢ``, with the objective above ``F(θˢ)``, or with anything
+    non-finite has not found a minimiser near ``θˢ``: on a net with kinks the
+    PBRF objective is only piecewise smooth and, with the removed row's own
+    Bregman term cancelling most of its loss term's curvature, unbounded below
+    far from ``θˢ``, where a quasi-Newton solve can run off to. A rise within
+    the objective's rounding (:meth:`ResponseObjective.value_noise`: a removed
+    row already fitted, whose response is at rounding) is not one.
+
+    Parameters
+    ----------
+    objective : ResponseObjective
+        The objective solved.
+    theta : Tensor
+        Where the solve ended.
+    grad_norm, initial_grad_norm : float
+        ``‖∇F‖`` there and at ``θˢ``.
+
+    Returns
+    -------
+    str or None
+        The failure in words (with the numbers), None for a sound point.
+    """
+    if not (np.isfinite(grad_norm) and bool(torch.isfinite(theta).all())):
+        return "the solve produced non-finite values"
+    change = objective.change(theta)
+    if not np.isfinite(change):
+        return "the objective is not finite where the solve ended"
+    if grad_norm > initial_grad_norm:
+        return (f"the gradient norm grew from {initial_grad_norm:.3e} at θˢ to "
+                f"{grad_norm:.3e} ({grad_norm / max(initial_grad_norm, 1e-300):.3g} times)")
+    if change > objective.value_noise():
+        return f"the objective rose above its value at θˢ (by {change:.3e})"
+    return None
+
+
+def check_response(objective: ResponseObjective, result: MinimizeResult) -> MinimizeResult:
+    """``result``, marked not converged with its :func:`response_failure` if it has one.
+
+    The guard every PBRF solve passes before its answer is returned: a diverged
+    point is never reported converged.
+    """
+    failure = response_failure(objective, result.theta, result.grad_norm,
+                               result.initial_grad_norm)
+    if failure is None:
+        return result
+    return replace(result, converged=False, failure=failure)
+
+
+def flag_diverged(objective: ResponseObjective, failed: MinimizeResult, retried: MinimizeResult,
+                  fallback: Tensor, seconds: float) -> MinimizeResult:
+    """The answer of a removal whose solve and one-at-a-time retry both diverged.
+
+    Not converged, ``method="diverged"``, ``failure`` naming both failures,
+    at ``fallback`` (e.g. where the diverged solve started) if it passes
+    :func:`response_failure` with a gradient norm below the initial one, else
+    at ``θˢ`` — the best point known not to have diverged, never a diverged one.
+
+    Parameters
+    ----------
+    objective : ResponseObjective
+        The removal's objective.
+    failed, retried : MinimizeResult
+        The first solve and its retry from ``θˢ``, both with a ``failure``.
+    fallback : Tensor
+        A candidate point.
+    seconds : float
+        Time spent on the removal.
+
+    Returns
+    -------
+    MinimizeResult
+    """
+    g0 = failed.initial_grad_norm
+    theta, g_norm = objective.theta_s, g0
+    fallback = fallback.to(objective.theta_s.dtype)
+    norm = float(grad(objective)(fallback).norm())
+    if norm < g0 and response_failure(objective, fallback, norm, g0) is None:
+        theta, g_norm = fallback, norm
+    return MinimizeResult(theta.detach().clone(), g_norm, g0, failed.n_iter + retried.n_iter,
+                          False, seconds, method="diverged",
+                          failure=(f"{failed.method} solve: {failed.failure}; retried from θˢ "
+                                   f"({retried.method}): {retried.failure}"))
 
 
 def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
@@ -224,6 +350,9 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
     Returns
     -------
     MinimizeResult
+        Checked by :func:`check_response`: a point whose objective rose above
+        ``F(θˢ)`` (a saddle or maximum the gradient-norm line search can lead
+        to where the objective is not convex) is reported not converged.
     """
     began = time.perf_counter()
     theta = (objective.theta_s if start is None else start).detach().clone()
@@ -266,5 +395,6 @@ def minimize_response(objective: ResponseObjective, *, tol: float = 1e-9,
         theta, g = candidate, g_new
         history.append(float(g.norm()))
     g_final = float(g.norm())
-    return MinimizeResult(theta, g_final, g0, n_iter, g_final <= target,
-                          time.perf_counter() - began)
+    result = MinimizeResult(theta, g_final, g0, n_iter, g_final <= target,
+                            time.perf_counter() - began)
+    return check_response(objective, result)

@@ -24,7 +24,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
-from ..utils._warnings import warn
+from ..utils._warnings import describe_removal, list_in_words, warn
 from .cache import RESPONSE_CACHE, CacheOwner, ResponseCache
 from .context import ResponseContext
 from ..curvature.operator import Curvature
@@ -47,7 +47,8 @@ class Responder:
     none).
 
     ``last_info`` holds per-removal diagnostics of the latest call: wall time,
-    and for the PBRF the final and initial gradient norms and the iterations.
+    and for the PBRF the final and initial gradient norms and the iterations;
+    ``last_removals`` the removals they belong to.
     ``timings`` maps each rung name to the wall times of every response
     computed so far (one per removal; one per call for closed-form rungs).
     """
@@ -55,6 +56,7 @@ class Responder:
     context: ResponseContext
     last_info: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    last_removals: list = field(default_factory=list)
     _solvers: dict = field(default_factory=dict, repr=False)
     _keys: dict = field(default_factory=dict, repr=False)
     _owner: CacheOwner | None = field(default=None, repr=False)
@@ -153,6 +155,7 @@ class Responder:
         if r.closed_form:
             start = time.perf_counter()
             delta = r.responses(self, removals)
+            self.last_removals = list(removals)
             self.last_info = {"rung": r.name, "seconds": time.perf_counter() - start}
             self.timings.setdefault(r.name, []).append(self.last_info["seconds"])
             return delta
@@ -179,11 +182,42 @@ class Responder:
                 self.timings.setdefault(r.name, []).append(info["seconds"])
                 if not info.get("converged", True):
                     stopped.append((missing[key], info))
-        if stopped:
-            warn(r.stopped_short(ctx, stopped, len(computed)), ConvergenceWarning)
+        diverged = [s for s in stopped if s[1].get("method") == "diverged"]
+        short = [s for s in stopped if s[1].get("method") != "diverged"]
+        if short:
+            warn(r.stopped_short(ctx, short, len(computed)) + " Not converged: "
+                 + _named_residuals(short) + ".", ConvergenceWarning)
+        if diverged:
+            warn(_diverged_warning(r, ctx, diverged, len(computed)), ConvergenceWarning)
         rows = [known[key][0] for key in keys]
         infos = [known[key][1] for key in keys]
         keys_ = dict.fromkeys(k for info in infos for k in info)
+        self.last_removals = list(removals)
         self.last_info = {"rung": r.name,
                           **{k: np.array([info.get(k, np.nan) for info in infos]) for k in keys_}}
         return torch.stack(rows)
+
+
+def _named_residuals(stopped: list) -> str:
+    """Every removal of ``stopped`` (``(removal, info)`` pairs), in order, with its final
+    gradient norm relative to its initial one where the rung measures them."""
+    def one(removal: Removal, info: dict) -> str:
+        name = describe_removal(removal)
+        if "grad_norm" not in info or "initial_grad_norm" not in info:
+            return name
+        relative = info["grad_norm"] / max(info["initial_grad_norm"], 1e-300)
+        return f"{name} (relative gradient norm {relative:.3e})"
+
+    return list_in_words([one(removal, info) for removal, info in stopped])
+
+
+def _diverged_warning(r: Rung, ctx: ResponseContext, diverged: list, n: int) -> str:
+    """The warning for removals whose solve diverged and whose retry from θˢ did too
+    (``info["method"] == "diverged"``, :func:`~sklinfluence.response.pbrf.flag_diverged`)."""
+    return (f"{len(diverged)} of {n} {r.name} solves diverged (their gradient norm grew "
+            "above its value at θˢ, or their objective rose above it) and so did their "
+            "one-at-a-time retries from θˢ: " + _named_residuals(diverged) + ". Their "
+            "responses are the best points reached that had not diverged (relative gradient "
+            "norms as given), not minimisers. The objective is unbounded below far from θˢ "
+            "where a removed row's loss can grow without end, and no minimiser was found "
+            f"near θˢ at damping={ctx.damping:g}: a larger damping keeps the solves there.")

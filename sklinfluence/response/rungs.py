@@ -38,7 +38,7 @@ guide (``docs/developers.rst``) shows the smallest real one.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable, Protocol
 
@@ -253,6 +253,11 @@ class Minimize(Rung):
         if not result.converged and self.bregman and has_kinks(ctx.model.module):
             result = minimize_kinked(objective, result.theta, tol=ctx.pbrf_tol,
                                      initial_grad_norm=result.initial_grad_norm)
+        if result.failure is not None and result.method != "diverged":
+            # Newton from θˢ diverged (its own start: nothing to retry): flag it and
+            # return θˢ, never the diverged point
+            result = replace(result, theta=objective.theta_s, grad_norm=result.initial_grad_norm,
+                             method="diverged")
         info = _solve_info(result)
         if not result.converged:
             info["lowest_curvature"] = objective.lowest_curvature()

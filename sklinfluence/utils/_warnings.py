@@ -27,7 +27,7 @@ import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["warn", "user_stacklevel", "describe_removal", "removal_names",
-           "naming_right_hand_sides", "right_hand_side_name"]
+           "naming_right_hand_sides", "right_hand_side_name", "list_in_words"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 #: Top-level modules whose frames only pass a call on to sklinfluence.
@@ -123,3 +123,14 @@ def right_hand_side_name(j: int) -> str:
         except (IndexError, KeyError):
             pass
     return f"right-hand side {j}"
+
+
+def list_in_words(items: Sequence[str], limit: int = 20) -> str:
+    """``"a"``, ``"a and b"``, ``"a, b and c"``: every item, in order, up to ``limit``;
+    beyond, the first ``limit`` and how many more ("… and 3 more")."""
+    items = list(items)
+    if len(items) > limit:
+        return f"{', '.join(items[:limit])} and {len(items) - limit} more"
+    if len(items) <= 1:
+        return "".join(items)
+    return f"{', '.join(items[:-1])} and {items[-1]}"
