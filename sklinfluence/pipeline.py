@@ -107,6 +107,21 @@ class PipelineView:
         X_eval = None if X_eval is None else self.transform_inputs(X_eval)
         return self.estimator.loss_change(self.transform_inputs(X), y, X_eval, y_eval, **kwargs)
 
+    def most_influential(self, X_eval: Any, y_eval: Any = None, *, X: Any = None,
+                         **kwargs: Any) -> Any:
+        """The final :class:`~sklinfluence.InfluenceEstimator`'s ``most_influential``,
+        ``X_eval`` and ``X`` (when given) transformed."""
+        X = None if X is None else self.transform_inputs(X)
+        return self.estimator.most_influential(self.transform_inputs(X_eval), y_eval, X=X,
+                                               **kwargs)
+
+    def most_self_influential(self, n_top: int = 10, X: Any = None, y: Any = None,
+                              **kwargs: Any) -> Any:
+        """The final :class:`~sklinfluence.InfluenceEstimator`'s
+        ``most_self_influential``, ``X`` (when given) transformed."""
+        X = None if X is None else self.transform_inputs(X)
+        return self.estimator.most_self_influential(n_top, X, y, **kwargs)
+
     def param_change(self, X: Any, y: Any = None, **kwargs: Any) -> np.ndarray:
         """The final estimator's ``param_change`` on transformed ``X``."""
         return self.estimator.param_change(self.transform_inputs(X), y, **kwargs)

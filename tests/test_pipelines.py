@@ -6,7 +6,7 @@ off — and a wrong or dropped choice is an error, never a silent default."""
 import numpy as np
 import pytest
 import sklearn
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -84,6 +84,12 @@ def test_pipeline_view_gives_every_method_on_transformed_rows(data):
     assert_allclose(view.param_change(X[:4]), bare.param_change(Xs[:4]), rtol=1e-12)
     assert_allclose(view.score_samples(X[:4], groups=[0, 1, 0, 1]),
                     bare.score_samples(Xs[:4], groups=[0, 1, 0, 1]), rtol=1e-12)
+    top, top_bare = view.most_influential(X[-3:], y[-3:], n_top=4), \
+        bare.most_influential(Xs[-3:], y[-3:], n_top=4)
+    assert_array_equal(top.proponents, top_bare.proponents)
+    assert_allclose(top.opponent_scores, top_bare.opponent_scores, rtol=1e-12)
+    mine = view.most_self_influential(3, X=X[:9], y=y[:9])
+    assert_array_equal(mine.indices, bare.most_self_influential(3, X=Xs[:9], y=y[:9]).indices)
     with pytest.raises(sklearn.exceptions.NotFittedError):
         PipelineView(make_pipeline(StandardScaler(), _estimator()))
 
