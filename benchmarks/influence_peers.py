@@ -279,10 +279,12 @@ def run_method(method, model, data, spec, batch_size=128, rank=50, cg_rtol=1e-2)
     raise ValueError(f"unknown method {method!r}")
 
 
-def _kronfluence(model, data, task, reg, batch_size, strategy="ekfac"):
-    """Kronfluence EK-FAC (or K-FAC) scores (test, train) = ∇L_e (F_mean + reg)⁻¹ ∇L_m,
-    all float64."""
-    from kronfluence import Analyzer, FactorArguments, ScoreArguments, Task, prepare_model
+def kronfluence_task(task):
+    """A Kronfluence ``Task`` with per-sample losses summed, for ``task``
+    ``"classification"`` (Fisher labels sampled from the softmax) or
+    ``"regression"`` (sampled targets ``f ± √(K/2)``, so E[δδᵀ] = (2/K) I, the
+    squared error's output Hessian, exact for K = 1)."""
+    from kronfluence import Task
 
     loss_i = per_sample_loss(task)
 
@@ -293,7 +295,7 @@ def _kronfluence(model, data, task, reg, batch_size, strategy="ekfac"):
             if sample and task == "classification":  # true Fisher: labels from the model
                 with torch.no_grad():
                     y = torch.multinomial(torch.softmax(out, dim=1), 1).flatten()
-            elif sample:  # E[δδᵀ] = (2/K) I, as the MSE's output Hessian (exact for K = 1)
+            elif sample:
                 with torch.no_grad():
                     sign = torch.randint(0, 2, out.shape, dtype=out.dtype) * 2 - 1
                     y = out + sign * (out.shape[1] / 2) ** 0.5
@@ -302,13 +304,21 @@ def _kronfluence(model, data, task, reg, batch_size, strategy="ekfac"):
         def compute_measurement(self, batch, model):
             return loss_i(model(batch[0]), batch[1]).sum()
 
+    return _Task()
+
+
+def _kronfluence(model, data, task, reg, batch_size, strategy="ekfac"):
+    """Kronfluence EK-FAC (or K-FAC) scores (test, train) = ∇L_e (F_mean + reg)⁻¹ ∇L_m,
+    all float64."""
+    from kronfluence import Analyzer, FactorArguments, ScoreArguments, prepare_model
+
     f64 = torch.float64
     fargs = FactorArguments(strategy=strategy, activation_covariance_dtype=f64,
                             gradient_covariance_dtype=f64, per_sample_gradient_dtype=f64,
                             lambda_dtype=f64)
     sargs = ScoreArguments(damping_factor=reg, per_sample_gradient_dtype=f64,
                            precondition_dtype=f64, score_dtype=f64)
-    ktask = _Task()
+    ktask = kronfluence_task(task)
     model = prepare_model(copy.deepcopy(model), ktask)  # it rewraps modules in place
     train = torch.utils.data.TensorDataset(data["X_train"], data["y_train"])
     test = torch.utils.data.TensorDataset(data["X_test"], data["y_test"])
