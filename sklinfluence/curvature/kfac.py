@@ -76,6 +76,7 @@ import torch
 from torch import Tensor
 
 from ..model.functional import FunctionalModel
+from ..utils.memory import chunk_rows
 from .capture import kronecker_passes
 from .layers import kronecker_layers
 
@@ -161,11 +162,18 @@ class KroneckerFactors:
 
     # ------------------------------------------------------------- inverse
     def solve(self, B: Tensor) -> Tensor:
-        """Approximate ``(G + μ + λI)⁻¹ bᵀ`` for each row ``b`` of ``B``, in float64."""
-        B = B.to(torch.float64)
-        X = torch.empty_like(B)
-        for block, basis in zip(self.layers, self.bases):
-            rotated = block.rotate(basis, block.to_matrices(B))
-            rotated = rotated / (basis.eigenvalues + self.damping)
-            block.put(X, block.unrotate(basis, rotated))
+        """Approximate ``(G + μ + λI)⁻¹ bᵀ`` for each row ``b`` of ``B``, in float64.
+
+        Rows at a time within ``working_memory_bytes``: a layer's rotation holds
+        a few ``(rows, d_out, n_cols)`` temporaries in float64."""
+        X = torch.empty(B.shape, dtype=torch.float64, device=B.device)
+        widest = max(layer.d_out * layer.n_cols for layer in self.layers)
+        step = chunk_rows(8 * (B.shape[1] + 4 * widest), B.shape[0])
+        for start in range(0, B.shape[0], step):
+            part = B[start:start + step].to(torch.float64)
+            out = X[start:start + step]
+            for block, basis in zip(self.layers, self.bases):
+                rotated = block.rotate(basis, block.to_matrices(part))
+                rotated = rotated / (basis.eigenvalues + self.damping)
+                block.put(out, block.unrotate(basis, rotated))
         return X

@@ -89,13 +89,13 @@ class KroneckerSolver(DirectSolver):
         net's precision (:func:`~sklinfluence.curvature.layer_gradients.gradient_products`),
         added in float64. Records ``last_solve`` (the solve for ``B``)."""
         c, f = self.curvature, self.factors
-        S = self.solve(B)
-        vectors = layer_vectors(f.layers, S, c.model.dtype)
+        vectors = layer_vectors(f.layers, self.solve(B), c.model.dtype)  # the solve not kept
+        k = B.shape[0]
 
         def products(removals: list) -> Tensor:
             if not removals:
-                return S.new_zeros((0, S.shape[0]))
-            rows_X, rows_T, owner = stacked_rows(removals, S)
+                return torch.zeros((0, k), dtype=torch.float64, device=f.theta.device)
+            rows_X, rows_T, owner = stacked_rows(removals, f.theta)
             P = gradient_products(c.model, f.theta, f.layers, rows_X, rows_T, vectors,
                                   c.batch_size)
             if all(removal.size == 1 for removal in removals):
