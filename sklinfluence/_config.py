@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 __all__ = ["get_config", "set_config", "config_context", "on_change"]
 
 _DEFAULTS = {"n_threads": None, "response_cache_bytes": 256 * 2**20, "memory_limit_bytes": None,
-             "working_memory_bytes": 128 * 2**20, "time_budget_seconds": 600.0}
+             "working_memory_bytes": 64 * 2**20, "time_budget_seconds": 600.0}
 _lock = threading.Lock()
 _config = dict(_DEFAULTS)
 _listeners: dict = {name: [] for name in _DEFAULTS}
@@ -129,7 +129,7 @@ def set_config(n_threads: Any = "keep", response_cache_bytes: Any = "keep",
         sizes and the options that fit.
     working_memory_bytes : int, optional
         The most memory a streamed computation holds at once (default
-        128 MiB): the chunks in which per-sample gradients, layer captures
+        64 MiB): the chunks in which per-sample gradients, layer captures
         and the training side of influence matrices, self-influence and
         top-k are computed are sized to fit it. Smaller values mean more,
         smaller chunks and the same results.

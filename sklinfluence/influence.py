@@ -146,7 +146,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         products (``None``: all), and the chunk in which the larger side of
         an influence matrix is streamed (``None``: as many rows as keep its
         gradients within ``working_memory_bytes`` of
-        :func:`~sklinfluence.set_config`, 128 MiB by default). Bounds memory,
+        :func:`~sklinfluence.set_config`, 64 MiB by default). Bounds memory,
         never changes results beyond rounding.
     measure : {"linear", "loss"}, default="linear"
         How a response is turned into a score (:mod:`sklinfluence.response.measure`):
@@ -339,7 +339,13 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         return rung("influence")
 
     def _grads(self, X: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-        return self.model_.per_sample_grads(self.model_.params, X, T, self.batch_size)
+        return self.model_.per_sample_grads(self.model_.params, X, T, self._vmap_rows())
+
+    def _vmap_rows(self) -> int:
+        """Rows differentiated at once: ``batch_size``, or as many as keep the
+        vectorised pass's gradients and temporaries (about four flat gradients a
+        row) within ``working_memory_bytes``."""
+        return self.batch_size or chunk_rows(4 * 8 * self.model_.n_params)
 
     def _record(self, gradient_seconds: float, solves: list) -> None:
         """Merge the latest call's solves into ``diagnostics_``.
@@ -406,7 +412,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         return parts, [d[0] for d in done], ([d[1] for d in done], timed)
 
     def _forces(self, removals: list) -> torch.Tensor:
-        return removal_forces(self.model_, removals, self.batch_size)
+        return removal_forces(self.model_, removals, self._vmap_rows())
 
     @compute_section
     def score_samples(self, X: Any, y: Any = None, groups: Any = None) -> np.ndarray:

@@ -194,7 +194,7 @@ def test_the_residual_is_measured_once_per_call_and_not_above_the_row_limit(monk
 
 
 def test_working_memory_bytes_is_a_checked_setting():
-    assert sklinfluence.get_config()["working_memory_bytes"] == 128 * 2**20
+    assert sklinfluence.get_config()["working_memory_bytes"] == 64 * 2**20
     for bad in (0, -5, 1.5, True, "1GB"):
         with pytest.raises(ValueError, match="working_memory_bytes must be"):
             sklinfluence.set_config(working_memory_bytes=bad)

@@ -162,18 +162,27 @@ class KroneckerFactors:
 
     # ------------------------------------------------------------- inverse
     def solve(self, B: Tensor) -> Tensor:
-        """Approximate ``(G + μ + λI)⁻¹ bᵀ`` for each row ``b`` of ``B``, in float64.
-
-        Rows at a time within ``working_memory_bytes``: a layer's rotation holds
-        a few ``(rows, d_out, n_cols)`` temporaries in float64."""
+        """Approximate ``(G + μ + λI)⁻¹ bᵀ`` for each row ``b`` of ``B``, in float64."""
         X = torch.empty(B.shape, dtype=torch.float64, device=B.device)
+        for start, stop, parts in self.solve_layers(B):
+            for block, part in zip(self.layers, parts):
+                block.put(X[start:stop], part)
+        return X
+
+    def solve_layers(self, B: Tensor, dtype: torch.dtype = torch.float64):
+        """:meth:`solve` by chunks of rows, each layer's part in its matrix layout:
+        yields ``(start, stop, [(rows, d_out, n_cols) per layer])`` in ``dtype``.
+
+        Rows at a time within a quarter of ``working_memory_bytes`` (the caller
+        holds ``B`` and the solutions besides): a layer's rotation holds a few
+        ``(rows, d_out, n_cols)`` temporaries in float64."""
         widest = max(layer.d_out * layer.n_cols for layer in self.layers)
-        step = chunk_rows(8 * (B.shape[1] + 4 * widest), B.shape[0])
+        step = chunk_rows(4 * 8 * (B.shape[1] + 4 * widest), B.shape[0])
         for start in range(0, B.shape[0], step):
             part = B[start:start + step].to(torch.float64)
-            out = X[start:start + step]
+            parts = []
             for block, basis in zip(self.layers, self.bases):
                 rotated = block.rotate(basis, block.to_matrices(part))
-                rotated = rotated / (basis.eigenvalues + self.damping)
-                block.put(out, block.unrotate(basis, rotated))
-        return X
+                rotated /= basis.eigenvalues + self.damping
+                parts.append(block.unrotate(basis, rotated).to(dtype))
+            yield start, start + part.shape[0], parts

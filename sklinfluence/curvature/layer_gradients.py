@@ -37,7 +37,7 @@ from ..model.functional import FunctionalModel
 from .capture import kronecker_passes
 from .layers import Eigenbasis, KroneckerLayer
 
-__all__ = ["gradient_captures", "layer_vectors", "gradient_products", "rotated_forms"]
+__all__ = ["gradient_captures", "gradient_products", "rotated_forms"]
 
 
 def gradient_captures(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
@@ -52,12 +52,6 @@ def gradient_captures(model: FunctionalModel, theta: Tensor, layers: list[Kronec
     """
     yield from kronecker_passes(model, theta, layers, X, T, batch_size, check=False,
                                 gradients=True, row_bytes=row_bytes)
-
-
-def layer_vectors(layers: list[KroneckerLayer], V: Tensor, dtype: torch.dtype) -> list[Tensor]:
-    """Each layer's part of the rows of ``V`` in its matrix layout,
-    ``(k, d_out, n_cols)`` in ``dtype``."""
-    return [layer.to_matrices(V).to(dtype).contiguous() for layer in layers]
 
 
 def _n_params(layers: list[KroneckerLayer]) -> int:
@@ -77,8 +71,9 @@ def gradient_products(model: FunctionalModel, theta: Tensor, layers: list[Kronec
     X, T : Tensor
         The rows and their targets.
     vectors : list of Tensor
-        :func:`layer_vectors` of the ``k`` vectors ``v_e``: their dtype is the
-        precision of the products (each layer's, then added in float64).
+        Each layer's part of the ``k`` vectors ``v_e`` in its matrix layout,
+        ``(k, d_out, n_cols)``: their dtype is the precision of the products
+        (each layer's, then added in float64).
     batch_size : int, optional
         Rows per pass (None: as many as ``working_memory_bytes`` allows).
     """

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..curvature.kfac import KroneckerFactors
-from ..curvature.layer_gradients import gradient_products, layer_vectors, rotated_forms
+from ..curvature.layer_gradients import gradient_products, rotated_forms
 from ..curvature.operator import Curvature
 from ..model.removal import stacked_rows
 from .base import DirectSolver, SolveInfo, measured_rows, register_solver
@@ -89,8 +89,16 @@ class KroneckerSolver(DirectSolver):
         net's precision (:func:`~sklinfluence.curvature.layer_gradients.gradient_products`),
         added in float64. Records ``last_solve`` (the solve for ``B``)."""
         c, f = self.curvature, self.factors
-        vectors = layer_vectors(f.layers, self.solve(B), c.model.dtype)  # the solve not kept
         k = B.shape[0]
+        start_time = time.perf_counter()
+        vectors = [torch.empty((k, layer.d_out, layer.n_cols), dtype=c.model.dtype,
+                               device=f.theta.device) for layer in f.layers]
+        for start, stop, parts in f.solve_layers(B, c.model.dtype):  # never all in float64
+            for V, part in zip(vectors, parts):
+                V[start:stop] = part
+        residual, n_measured = self.measured_residual(B)
+        self.last_solve = SolveInfo(k, 0, residual, None, time.perf_counter() - start_time,
+                                    True, n_measured)
 
         def products(removals: list) -> Tensor:
             if not removals:
