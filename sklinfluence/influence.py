@@ -95,8 +95,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
           Gauss–Newton of ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``,
           normalisation layers and ``nn.MultiheadAttention``'s projections
           (:mod:`sklinfluence.curvature.kfac`) — approximate, fast,
-          no iterations; each solve measures its relative residual under the
-          true curvature on up to 8 right-hand sides (``diagnostics_``);
+          no iterations; each call measures its relative residual under the
+          true curvature on up to 8 right-hand sides (``diagnostics_``)
+          where training rows × parameters are at most 10⁷;
         - ``"arnoldi"``: top-``rank`` eigenpairs plus damping — approximate
           below full rank, its residual measured as for EK-FAC;
         - ``"identity"``: grad-dot, a baseline — the curvature

@@ -11,7 +11,7 @@ captures, streamed within ``working_memory_bytes``.
 - lowering ``working_memory_bytes`` splits the rows into many passes and changes
   nothing beyond rounding;
 - the residual check is made once per call and skipped above
-  ``RESIDUAL_CHECK_MAX_ROWS`` training rows.
+  ``RESIDUAL_CHECK_MAX_WORK`` training rows × parameters.
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ def test_the_residual_is_measured_once_per_call_and_not_above_the_row_limit(monk
     assert len(calls) == 1
     assert est.diagnostics_["n_measured"] == solver_base.RESIDUAL_CHECKS
     assert 0 < est.diagnostics_["max_relative_residual"] < np.inf
-    monkeypatch.setattr(solver_base, "RESIDUAL_CHECK_MAX_ROWS", len(X) - 1)
+    monkeypatch.setattr(solver_base, "RESIDUAL_CHECK_MAX_WORK",
+                        len(X) * est.model_.n_params - 1)
     est.score_samples(X[:5], y[:5])
     est.loss_change(X, y, X[:3], y[:3])
     assert len(calls) == 1

@@ -30,17 +30,18 @@ from ..model.removal import removal_chunks
 from ..utils._warnings import right_hand_side_name, warn
 
 __all__ = ["Solver", "DirectSolver", "SolveInfo", "NEEDS", "SOLVER_TYPES", "SOLVER_NAMES",
-           "RESIDUAL_CHECKS", "RESIDUAL_CHECK_MAX_ROWS", "FLOAT64_TOL", "FLOAT32_TOL", "default_tol", "measured_rows",
+           "RESIDUAL_CHECKS", "RESIDUAL_CHECK_MAX_WORK", "FLOAT64_TOL", "FLOAT32_TOL", "default_tol", "measured_rows",
            "register_solver", "unregister_solver", "solver_names"]
 
 #: Right-hand sides whose residual an approximate direct solve (EK-FAC, K-FAC,
 #: Arnoldi) measures under the true curvature (:func:`measured_rows`).
 RESIDUAL_CHECKS = 8
-#: ... on up to this many training rows: above, one curvature product over all
-#: of them costs more than the scores of the fast tier (at 4,000 rows of a
-#: 71,754-parameter float32 CNN, 2.1 s against 3.3 s for the whole 4,000 × 100
-#: EK-FAC influence matrix).
-RESIDUAL_CHECK_MAX_ROWS = 2000
+#: ... where training rows × parameters are at most this: above, one curvature
+#: product of those vectors over all rows costs more than the scores of the
+#: fast tier (2.1 s against 3.3 s for a whole 4,000 × 100 EK-FAC influence
+#: matrix of a 71,754-parameter CNN; 23 s of 34 s on 1,200 rows of a
+#: 372,234-parameter one, and 2.9 GB).
+RESIDUAL_CHECK_MAX_WORK = 10**7
 #: ``tol=None`` means this relative residual for a float64 net ...
 FLOAT64_TOL = 1e-10
 #: ... and this one for a float32 net (skorch's default), whose gradients carry
@@ -286,14 +287,15 @@ class DirectSolver(Solver):
     """
 
     #: Whether ``solve`` measures residuals (every solver but the exact one) —
-    #: where the training set has at most :data:`RESIDUAL_CHECK_MAX_ROWS` rows.
+    #: where training rows × parameters are at most :data:`RESIDUAL_CHECK_MAX_WORK`.
     measures_residual: ClassVar[bool] = True
 
     @property
     def checks_residual(self) -> bool:
         """Whether solves measure their residual now (:attr:`measures_residual`,
-        and at most :data:`RESIDUAL_CHECK_MAX_ROWS` training rows)."""
-        return self.measures_residual and self.curvature.X.shape[0] <= RESIDUAL_CHECK_MAX_ROWS
+        and at most :data:`RESIDUAL_CHECK_MAX_WORK` training rows × parameters)."""
+        c = self.curvature
+        return self.measures_residual and c.X.shape[0] * c.n_params <= RESIDUAL_CHECK_MAX_WORK
 
     def measured_residual(self, B: Tensor, X: Tensor | None = None) -> tuple[float | None, int]:
         """``(largest relative residual, how many)`` of the solutions ``X`` of ``B``
