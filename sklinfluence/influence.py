@@ -500,7 +500,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
                         removals, 8 * Xe.shape[0])))
             solves.append(self.solver_.last_solve)
             self._record(timed.seconds, solves)
-            return to_numpy(self.epsilon_ * result)
+            return to_numpy(result.mul_(self.epsilon_))  # in place: no second n × k copy
         G_small = timed(self._forces, removals)
         with naming_right_hand_sides(removal_names(removals)):
             S = self._solve(G_small, solves)  # (n_removals, P)

@@ -246,6 +246,8 @@ class Solver(ABC):
         """
         products = self.query_products(B, X, T, forces)
         blocks = [products(part) for part in removal_chunks(removals, max_rows)]
+        if len(blocks) == 1:
+            return blocks[0]
         return torch.cat(blocks) if blocks else products([])
 
     def _warn_short(self, name: str, n_left: int, n_rhs: int, worst: float,
