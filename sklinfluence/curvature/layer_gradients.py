@@ -54,10 +54,6 @@ def gradient_captures(model: FunctionalModel, theta: Tensor, layers: list[Kronec
                                 gradients=True, row_bytes=row_bytes)
 
 
-def _n_params(layers: list[KroneckerLayer]) -> int:
-    return sum(layer.d_out * layer.n_cols for layer in layers)
-
-
 def gradient_products(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
                       X: Tensor, T: Tensor, vectors: list[Tensor],
                       batch_size: int | None = None) -> Tensor:
@@ -79,7 +75,13 @@ def gradient_products(model: FunctionalModel, theta: Tensor, layers: list[Kronec
     """
     k = vectors[0].shape[0] if vectors else 0
     out = torch.zeros((X.shape[0], k), dtype=torch.float64, device=theta.device)
-    row_bytes = 8 * _n_params(layers) + 8 * k
+    # per row, the largest layer's temporaries: k·d_out products of a factored row
+    # (a Linear layer's at one position), else its gradient matrix (formed within
+    # working memory by the layer itself), plus the row's results
+    itemsize = vectors[0].element_size() if vectors else 8
+    row_bytes = itemsize * max((k * layer.d_out if layer.factorable
+                                else layer.d_out * layer.n_cols for layer in layers),
+                               default=0) + 8 * k
     start = 0
     for captures in gradient_captures(model, theta, layers, X, T, batch_size,
                                       row_bytes=row_bytes):
@@ -113,9 +115,15 @@ def rotated_forms(model: FunctionalModel, theta: Tensor, layers: list[KroneckerL
     else:
         sums = [torch.zeros((n_sets, layer.d_out, layer.n_cols), dtype=torch.float64,
                             device=device) for layer in layers]
+    # per row, the largest layer's rotated matrix (two rotated factors for a
+    # factored row, the outer products never formed), in the net's precision
+    itemsize = torch.finfo(dtype).bits // 8
+    row_bytes = 2 * itemsize * max(
+        (layer.d_out + layer.n_cols if layer.factorable and sums is None
+         else layer.d_out * layer.n_cols for layer in layers), default=0)
     start = 0
     for captures in gradient_captures(model, theta, layers, X, T, batch_size,
-                                      row_bytes=16 * _n_params(layers)):
+                                      row_bytes=row_bytes):
         for j, (layer, basis, cap, w) in enumerate(zip(layers, bases, captures, weights)):
             if sums is None:
                 part = layer.rotated_forms(basis, cap, w)

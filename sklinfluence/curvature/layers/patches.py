@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ...utils.memory import chunk_rows
 from .base import Eigenbasis, KroneckerLayer, _f64
 
 __all__ = ["PatchCapture", "ROTATED_SQUARES_WORK_ELEMENTS"]
@@ -88,8 +89,9 @@ class _PatchLayer(KroneckerLayer):
         if T == 1:
             Va = a[:, 0] @ V.reshape(k * self.d_out, C).T  # (B, k·O), V not copied
             return torch.bmm(Va.view(B, k, self.d_out), g[:, 0, :, None])[..., 0]
-        D = torch.bmm(g.transpose(1, 2), a)  # (B, O, C)
-        return D.view(B, -1) @ V.reshape(k, -1).T
+        step = chunk_rows(a.element_size() * self.d_out * C, B)  # D within working memory
+        return torch.cat([torch.bmm(g[s:s + step].transpose(1, 2), a[s:s + step]).view(
+            -1, self.d_out * C) @ V.reshape(k, -1).T for s in range(0, B, step)])
 
     def rotated_gradients(self, basis: Eigenbasis, cap: PatchCapture) -> Tensor:
         """``Q_Sᵀ D_i Q_A = Σ_t (Q_Sᵀ g_it)(Q_Aᵀ ā_it)ᵀ``: the two factors rotated,
