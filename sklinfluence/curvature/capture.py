@@ -118,8 +118,9 @@ def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[Kroneck
 def capture_rows(captures: list[NamedTuple], row_bytes: int, n_rows: int) -> int:
     """Rows per capture pass within ``working_memory_bytes``, from a pass's ``captures``.
 
-    Per row: twice the bytes of the captured tensors (the captures and the
-    pass's own activations and gradients), plus ``row_bytes``.
+    Per row: four times the bytes of the captured tensors (the captures, the
+    pass's own activations, gradients and float64 conversions: measured on the
+    digits CNN, twice was not enough), plus ``row_bytes``.
     """
     def flat(x):  # the tensors of a capture, through nested tuples (attention's parts)
         return [x] if isinstance(x, Tensor) else \
@@ -127,7 +128,7 @@ def capture_rows(captures: list[NamedTuple], row_bytes: int, n_rows: int) -> int
     tensors = flat(tuple(captures))
     rows = max(1, min(int(t.shape[0]) for t in tensors)) if tensors else 1
     captured = sum(t.numel() * t.element_size() for t in tensors) / rows
-    return chunk_rows(2 * captured + row_bytes, n_rows)
+    return chunk_rows(4 * captured + row_bytes, n_rows)
 
 
 def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[KroneckerLayer],
