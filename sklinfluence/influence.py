@@ -488,12 +488,17 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
             B = timed(self._grads, Xe, Te)
             forces = partial(timed, self._forces)
             with naming_right_hand_sides(lambda j: f"row {j} of X_eval"):
-                if effective_n_jobs(self.n_jobs) == 1:
+                if self.solver_.streams_rows and effective_n_jobs(self.n_jobs) == 1:
+                    # EK-FAC: the queries solved, their gradients freed, then the
+                    # removals' captures streamed
+                    products = self.solver_.query_products(B, Xe, Te, forces)
+                    del B
+                    result = products(removals)
+                elif effective_n_jobs(self.n_jobs) == 1:
                     # the solver streams the removals' forces (the kernel form needs
-                    # few of them, EK-FAC the layers' captures)
+                    # few of them)
                     result = self.solver_.removal_products(
-                        B, Xe, Te, removals, forces,
-                        max_rows=None if self.solver_.streams_rows else self._stream_rows())
+                        B, Xe, Te, removals, forces, max_rows=self._stream_rows())
                 else:  # one solve here, the products with the removals on the workers
                     products = self.solver_.query_products(B, Xe, Te, forces)
                     result = torch.cat(self._map(products, self._linear_parts(
