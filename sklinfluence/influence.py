@@ -412,6 +412,28 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         done = self._map(one, parts)
         return parts, [d[0] for d in done], ([d[1] for d in done], timed)
 
+    def _streamed_matrix(self, Xe: torch.Tensor, Te: torch.Tensor, removals: list,
+                         forces: Any, timed: Any, solves: list) -> torch.Tensor:
+        """The products of a solver that streams the rows (EK-FAC, K-FAC), queries a
+        chunk at a time: each chunk's gradients and solutions (two flat vectors a
+        query in the net's precision) within ``working_memory_bytes``, its
+        gradients freed once solved, then the removals' captures streamed — once
+        per chunk, so that a few queries of a large net stay within the setting."""
+        itemsize = torch.finfo(self.model_.dtype).bits // 8
+        step = chunk_rows(2 * itemsize * self.model_.n_params, Xe.shape[0])
+        blocks = []
+        for start in range(0, Xe.shape[0], step):
+            Xq, Tq = Xe[start:start + step], Te[start:start + step]
+            B = timed(self._grads, Xq, Tq)
+            with naming_right_hand_sides(lambda j, s=start: f"row {j + s} of X_eval"):
+                products = self.solver_.query_products(B, Xq, Tq, forces)
+            del B
+            blocks.append(products(removals))
+            solves.append(self.solver_.last_solve)
+        if not blocks:
+            return torch.zeros((len(removals), 0), dtype=torch.float64)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
     def _forces(self, removals: list) -> torch.Tensor:
         return removal_forces(self.model_, removals, self._vmap_rows())
 
@@ -485,16 +507,14 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         solves: list = []
         timed = _Stopwatch()
         if Xe.shape[0] <= len(removals):  # solve on the side with fewer vectors
-            B = timed(self._grads, Xe, Te)
             forces = partial(timed, self._forces)
+            if self.solver_.streams_rows and effective_n_jobs(self.n_jobs) == 1:
+                result = self._streamed_matrix(Xe, Te, removals, forces, timed, solves)
+                self._record(timed.seconds, solves)
+                return to_numpy(result.mul_(self.epsilon_))  # in place: no n × k copy
+            B = timed(self._grads, Xe, Te)
             with naming_right_hand_sides(lambda j: f"row {j} of X_eval"):
-                if self.solver_.streams_rows and effective_n_jobs(self.n_jobs) == 1:
-                    # EK-FAC: the queries solved, their gradients freed, then the
-                    # removals' captures streamed
-                    products = self.solver_.query_products(B, Xe, Te, forces)
-                    del B
-                    result = products(removals)
-                elif effective_n_jobs(self.n_jobs) == 1:
+                if effective_n_jobs(self.n_jobs) == 1:
                     # the solver streams the removals' forces (the kernel form needs
                     # few of them)
                     result = self.solver_.removal_products(

@@ -159,7 +159,7 @@ def test_a_float32_net_streams_in_float32_within_its_rounding():
 def test_a_lower_working_memory_streams_more_passes_with_the_same_answer(monkeypatch):
     est, X, y = _fitted("conv_batchnorm", n=150)
     whole_self = est.score_samples(X, y)
-    whole = est.loss_change(X, y, X[:5], y[:5])
+    whole = est.loss_change(X, y, X[:12], y[:12])
     sizes = []
     original = capture._batch_captures
     monkeypatch.setattr(capture, "_batch_captures",
@@ -167,11 +167,19 @@ def test_a_lower_working_memory_streams_more_passes_with_the_same_answer(monkeyp
                             sizes.append(len(xb)), original(model, theta, layers, xb, *a, **k))[1])
     with config_context(working_memory_bytes=200_000):
         streamed_self = est.score_samples(X, y)
-        streamed = est.loss_change(X, y, X[:5], y[:5])
+        streamed = est.loss_change(X, y, X[:12], y[:12])  # queries in chunks too
     assert_allclose(streamed_self, whole_self, rtol=RTOL)
     assert_allclose(streamed, whole, rtol=RTOL, atol=RTOL * np.abs(whole).max())
     passes = [s for s in sizes if s != capture.CHECK_SAMPLES]
     assert len(passes) >= 6 and max(passes) < 150 / 3
+    queries = []  # the 12 queries' gradients and solutions do not fit at once either
+    original_grads = est._grads
+    monkeypatch.setattr(est, "_grads", lambda Xq, Tq: (queries.append(len(Xq)),
+                                                     original_grads(Xq, Tq))[1])
+    with config_context(working_memory_bytes=200_000):
+        assert_allclose(est.loss_change(X, y, X[:12], y[:12]), whole, rtol=RTOL,
+                        atol=RTOL * np.abs(whole).max())
+    assert len(queries) > 1 and sum(queries) == 12
 
 
 def test_the_residual_is_measured_once_per_call_and_not_above_the_row_limit(monkeypatch):
