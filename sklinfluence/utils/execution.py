@@ -18,7 +18,8 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -104,12 +105,8 @@ def streaming_parallel(n_jobs: int | None) -> Parallel:
 
 
 def _one_part(function: Callable, position: int, part: Any, threads: int) -> tuple[int, Any]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return position, function(part)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def map_parts(function: Callable, parts: list, n_jobs: int | None,
@@ -140,11 +137,21 @@ def resolve_memory(memory: Any) -> DiskStore | None:
                      f"{type(memory).__name__}.")
 
 
-def _run_chunk(compute: Callable, items: list, rung_key: str, store: DiskStore | None,
-               threads: int, batch: int) -> list:
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for a ``with`` block (a worker's
+    share), the previous setting restored after it."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_chunk(compute: Callable, items: list, rung_key: str, store: DiskStore | None,
+               threads: int, batch: int) -> list:
+    with torch_threads(threads):
         results = []
         for i in range(0, len(items), batch):
             group = items[i:i + batch]
@@ -153,8 +160,6 @@ def _run_chunk(compute: Callable, items: list, rung_key: str, store: DiskStore |
                     store.save(rung_key, key, delta.detach().cpu().numpy(), info)
                 results.append((key, delta, info))
         return results
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run_responses(compute: Callable, items: Iterable[tuple[str, tuple]], *, rung_key: str,
