@@ -18,12 +18,11 @@ from .utils._warnings import naming_right_hand_sides, removal_names
 from .base import BaseResponseEstimator, RungViewMixin
 from .curvature.operator import CURVATURES
 from .model.functional import iterate_batches
-from .model.removal import removal_chunks
+from .model.removal import removal_chunks, removal_rows, single_removals
 from .response.responder import Responder, Rung, rung
 from .response.rungs import removal_forces
 from .response.measure import MEASURES, to_numpy
 from .solvers import SOLVER_NAMES, default_tol
-from .model.removal import single_removals
 from .utils.execution import map_parts
 from .utils.memory import chunk_rows
 from .utils.ranking import TopK
@@ -201,7 +200,9 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         ``"exact_influence"`` (the ladder's exact rung) and ``"pbrf_chord"``
         (the factor the batched PBRF of a ``score`` reference shares) — to
         its ``solver``, ``params`` and the ``reason`` it was chosen
-        (:func:`~sklinfluence.solvers.plan_solvers`).
+        (:func:`~sklinfluence.solvers.plan_solvers`); with a requested
+        approximate or iterative solver only ``"influence"`` (the exact
+        roles are decided, their costs predicted, only if used).
     epsilon_ : float
         The ``ε`` in use.
     n_train_ : int
@@ -384,7 +385,7 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         :meth:`_stream_rows` rows, or, for a solver that streams the rows itself,
         as many as keep ``row_bytes`` a row within ``working_memory_bytes`` —
         and at least two per worker when ``n_jobs`` gives several."""
-        n_rows = sum(removal.size for removal in removals)
+        n_rows = removal_rows(removals)
         rows = chunk_rows(row_bytes, n_rows) if self.solver_.streams_rows else self._stream_rows()
         workers = effective_n_jobs(self.n_jobs)
         if workers > 1 and n_rows > 1:
@@ -412,22 +413,30 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         done = self._map(one, parts)
         return parts, [d[0] for d in done], ([d[1] for d in done], timed)
 
+    def _query_products(self, Xq: torch.Tensor, Tq: torch.Tensor, forces: Any,
+                        timed: Any) -> Any:
+        """The solver's products with the queries ``(Xq, Tq)``
+        (:meth:`~sklinfluence.solvers.Solver.query_products`): a solver that
+        streams rows (EK-FAC, K-FAC) reads the queries' gradients off their
+        layer captures itself; the others get them as rows."""
+        B = None if self.solver_.streams_rows else timed(self._grads, Xq, Tq)
+        return self.solver_.query_products(B, Xq, Tq, forces)
+
     def _streamed_matrix(self, Xe: torch.Tensor, Te: torch.Tensor, removals: list,
                          forces: Any, timed: Any, solves: list) -> torch.Tensor:
         """The products of a solver that streams the rows (EK-FAC, K-FAC), queries a
-        chunk at a time: each chunk's gradients and solutions (two flat vectors a
-        query in the net's precision) within ``working_memory_bytes``, its
-        gradients freed once solved, then the removals' captures streamed — once
-        per chunk, so that a few queries of a large net stay within the setting."""
-        itemsize = torch.finfo(self.model_.dtype).bits // 8
+        chunk at a time: each chunk's solutions (a flat vector a query in the
+        net's precision) within half of ``working_memory_bytes`` (the products
+        take the other half), then the removals' captures streamed — once per
+        chunk, so that a few queries of a large net stay within the setting
+        (the more chunks, the more passes over the removals)."""
+        itemsize = torch.finfo(self.model_.dtype).bits // 8  # solutions in half the setting
         step = chunk_rows(2 * itemsize * self.model_.n_params, Xe.shape[0])
         blocks = []
         for start in range(0, Xe.shape[0], step):
-            Xq, Tq = Xe[start:start + step], Te[start:start + step]
-            B = timed(self._grads, Xq, Tq)
             with naming_right_hand_sides(lambda j, s=start: f"row {j + s} of X_eval"):
-                products = self.solver_.query_products(B, Xq, Tq, forces)
-            del B
+                products = self._query_products(Xe[start:start + step], Te[start:start + step],
+                                                forces, timed)
             blocks.append(products(removals))
             solves.append(self.solver_.last_solve)
         if not blocks:
@@ -512,15 +521,15 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
                 result = self._streamed_matrix(Xe, Te, removals, forces, timed, solves)
                 self._record(timed.seconds, solves)
                 return to_numpy(result.mul_(self.epsilon_))  # in place: no n × k copy
-            B = timed(self._grads, Xe, Te)
             with naming_right_hand_sides(lambda j: f"row {j} of X_eval"):
                 if effective_n_jobs(self.n_jobs) == 1:
                     # the solver streams the removals' forces (the kernel form needs
                     # few of them)
                     result = self.solver_.removal_products(
-                        B, Xe, Te, removals, forces, max_rows=self._stream_rows())
+                        timed(self._grads, Xe, Te), Xe, Te, removals, forces,
+                        max_rows=self._stream_rows())
                 else:  # one solve here, the products with the removals on the workers
-                    products = self.solver_.query_products(B, Xe, Te, forces)
+                    products = self._query_products(Xe, Te, forces, timed)
                     result = torch.cat(self._map(products, self._linear_parts(
                         removals, 8 * Xe.shape[0])))
             solves.append(self.solver_.last_solve)
@@ -602,9 +611,8 @@ class InfluenceEstimator(RungViewMixin, BaseResponseEstimator):
         Xe, Te = self._eval_targets(X_eval, y_eval)
         candidates = self._candidates(X, y, groups)
         timed = _Stopwatch()
-        B = timed(self._grads, Xe, Te)
         with naming_right_hand_sides(lambda j: f"row {j} of X_eval"):
-            products = self.solver_.query_products(B, Xe, Te, partial(timed, self._forces))
+            products = self._query_products(Xe, Te, partial(timed, self._forces), timed)
         solves = [self.solver_.last_solve]
         parts = self._linear_parts(candidates, 8 * 3 * Xe.shape[0])
         best, worst = TopK(n_top, Xe.shape[0]), TopK(n_top, Xe.shape[0])

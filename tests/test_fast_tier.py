@@ -29,7 +29,9 @@ from torch import nn
 import sklinfluence
 from sklinfluence import InfluenceEstimator, config_context
 from sklinfluence.curvature import capture
-from sklinfluence.model.removal import group_removals, single_removals
+from sklinfluence.model.removal import (Removal, RowRemovals, group_removals, removal_chunks,
+                                        removal_rows, single_removals, single_rows,
+                                        stacked_rows)
 from sklinfluence.response.rungs import removal_forces
 from sklinfluence.solvers import base as solver_base
 from sklinfluence.solvers.base import Solver
@@ -130,6 +132,18 @@ def test_streamed_products_with_queries_are_the_solvers_own(fitted, grouped):
     assert got.shape == (len(removals), 6)
     assert_allclose(got.numpy(), reference.numpy(), rtol=RTOL,
                     atol=RTOL * float(reference.abs().max()))
+    # the queries as rows: their gradients read off their own captures, no B formed
+    rows = est.solver_.query_products(None, Xq, Tq, forces)(removals)
+    assert_allclose(rows.numpy(), reference.numpy(), rtol=RTOL,
+                    atol=RTOL * float(reference.abs().max()))
+
+
+def test_the_queries_gradients_from_captures_are_autograds(fitted):
+    est, X, y = fitted
+    Xq, Tq = est.X_train_[:7], est.T_train_[:7]
+    B = est.model_.per_sample_grads(est.model_.params, Xq, Tq)
+    assert_allclose(est.solver_._gradients(Xq, Tq).numpy(), B.numpy(), rtol=RTOL,
+                    atol=RTOL * float(B.abs().max()))
 
 
 def test_the_estimator_takes_the_fast_tier_and_matches_its_dense_checks(fitted):
@@ -170,16 +184,17 @@ def test_a_lower_working_memory_streams_more_passes_with_the_same_answer(monkeyp
         streamed = est.loss_change(X, y, X[:12], y[:12])  # queries in chunks too
     assert_allclose(streamed_self, whole_self, rtol=RTOL)
     assert_allclose(streamed, whole, rtol=RTOL, atol=RTOL * np.abs(whole).max())
-    passes = [s for s in sizes if s != capture.CHECK_SAMPLES]
+    passes = [s for s in sizes if s > 1]  # not the one-row probes that size the passes
     assert len(passes) >= 6 and max(passes) < 150 / 3
-    queries = []  # the 12 queries' gradients and solutions do not fit at once either
-    original_grads = est._grads
-    monkeypatch.setattr(est, "_grads", lambda Xq, Tq: (queries.append(len(Xq)),
-                                                     original_grads(Xq, Tq))[1])
-    with config_context(working_memory_bytes=200_000):
+    queries = []  # the 12 queries' solutions do not fit at once either
+    factors = est.solver_.factors
+    original_rows = factors.solve_rows
+    monkeypatch.setattr(factors, "solve_rows", lambda Xq, *a: (queries.append(len(Xq)),
+                                                              original_rows(Xq, *a))[1])
+    with config_context(working_memory_bytes=2 * 5 * 8 * est.model_.n_params):  # 5 at once
         assert_allclose(est.loss_change(X, y, X[:12], y[:12]), whole, rtol=RTOL,
                         atol=RTOL * np.abs(whole).max())
-    assert len(queries) > 1 and sum(queries) == 12
+    assert queries == [5, 5, 2]
 
 
 def test_the_residual_is_measured_once_per_call_and_not_above_the_row_limit(monkeypatch):
@@ -293,3 +308,29 @@ def test_the_fast_tier_on_attention_projections():
     reference = Solver.query_products(est.solver_, B, Xq, Tq, forces)(removals)
     assert_allclose(got.numpy(), reference.numpy(), rtol=RTOL,
                     atol=RTOL * float(reference.abs().max()))
+
+
+# ------------------------------------------------------------- row removals
+def test_row_removals_read_like_a_list_of_removals_without_copies():
+    X = torch.arange(30.0, dtype=torch.float64).reshape(10, 3)
+    T = torch.arange(10.0, dtype=torch.float64)[:, None]
+    index = np.arange(10) + 5
+    rows = single_removals(X, T, index)
+    listed = [Removal(X[i:i + 1], T[i:i + 1], (int(index[i]),)) for i in range(10)]
+    assert isinstance(rows, RowRemovals) and len(rows) == 10
+    assert rows[-1].index == (14,) and rows[3].key == listed[3].key
+    assert [r.index for r in rows] == [r.index for r in listed]
+    with pytest.raises(IndexError):
+        rows[10]
+    for got, expected in zip(stacked_rows(rows, X), stacked_rows(listed, X)):
+        assert_array_equal(got.numpy(), expected.numpy())
+    assert stacked_rows(rows, X)[0] is X  # the rows themselves
+    chunks = removal_chunks(rows, 4)
+    assert [len(c) for c in chunks] == [len(c) for c in removal_chunks(listed, 4)] == [4, 4, 2]
+    assert isinstance(chunks[1], RowRemovals) and chunks[1][0].index == (9,)
+    assert [len(c) for c in removal_chunks(rows, None)] == [10]
+    assert removal_chunks(rows[:0], 4) == [] == removal_chunks([], 4)
+    assert single_rows(rows) and single_rows(listed) and removal_rows(rows) == 10
+    assert not single_rows(group_removals(X, T, index, np.arange(10) // 2)[0])
+    with pytest.raises(ValueError, match="one target and index per row"):
+        RowRemovals(X, T[:9], index)

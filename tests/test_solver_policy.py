@@ -258,3 +258,25 @@ def test_the_default_removal_products_stream_the_forces_and_equal_the_products()
     assert whole.shape == (9, 3) and torch.equal(whole, expected)
     torch.testing.assert_close(parts, whole, rtol=1e-13, atol=0)
     assert solver.last_solve.n_rhs == 3
+
+
+def test_a_requested_approximation_predicts_nothing_until_an_exact_role_is_read(
+        data, monkeypatch):
+    X, y, net = data
+    built = []
+    real = policy.CostModel
+    monkeypatch.setattr(policy, "CostModel", lambda *a, **k: (built.append(1), real(*a, **k))[1])
+    est = InfluenceEstimator(net, damping=DAMPING, solver="ekfac", random_state=0).fit(X, y)
+    assert built == []  # no curvature products timed, no Lanczos
+    assert list(est.diagnostics_["solver_policy"]) == ["influence"]
+    plan = est.responder_.solver_plan()
+    assert plan.decided == ("influence",)
+    exact = est.responder_.solver(exact=True)  # the exact rung: decided now, once
+    assert len(built) == 1 and plan.decided == SOLVER_ROLES
+    assert isinstance(exact, solvers.ExactSolver) and exact is not est.solver_
+    assert plan.exact_influence.predicted and plan.chord_is_exact  # auto would pick dense
+    assert list(plan.describe()) == list(SOLVER_ROLES) and len(built) == 1
+    eager = plan_solvers(est.model_, est.responder_.context.X, damping=DAMPING,
+                         solver="ekfac", decide_exact=True)
+    assert eager.decided == SOLVER_ROLES
+    assert eager.exact_influence.solver == plan.exact_influence.solver

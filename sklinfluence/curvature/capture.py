@@ -82,7 +82,8 @@ def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[Kroneck
 
     With ``check`` (a caller's first pass over the data), the parameter
     gradients the captures imply on the first ``CHECK_SAMPLES`` samples (at
-    most a batch), ``Σ_i D_ik``, are first checked against autograd's: a
+    most a pass's rows), ``Σ_i D_i`` for one fixed random combination of the
+    root's columns, are first checked against autograd's: a
     weight also used outside its layer's call, or any other way the layers'
     inputs and outputs miss part of the parameters' effect, is caught there.
     Only the parameters of ``layers`` are compared: the kernel form passes the
@@ -91,7 +92,9 @@ def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[Kroneck
     Without a ``batch_size``, the batches are as large as :func:`capture_rows`
     allows: their captures, the pass's own tensors and ``row_bytes`` more per
     row (what the caller builds from a capture) within ``working_memory_bytes``
-    (:func:`sklinfluence.set_config`).
+    (:func:`sklinfluence.set_config`), sized from one row's captures (the
+    output-Hessian roots make a row of a wide convolutional net capture
+    megabytes: 64 rows at once would not fit).
 
     Raises
     ------
@@ -101,16 +104,12 @@ def kronecker_passes(model: FunctionalModel, theta: Tensor, layers: list[Kroneck
         ``layer_names`` name the layers at fault.
     """
     theta = theta.detach().clone().requires_grad_(True)
-    probe = None
-    if check:
+    if batch_size is None and X.shape[0] > 1:  # one row's captures size the passes
+        batch_size = capture_rows(_batch_captures(model, theta, layers, X[:1], T[:1],
+                                                  gradients=gradients), row_bytes, X.shape[0])
+    if check:  # within a pass's rows too
         n = min(CHECK_SAMPLES, batch_size or CHECK_SAMPLES)
-        probe = _batch_captures(model, theta, layers, X[:n], T[:n], verify=True)
-    if batch_size is None and X.shape[0] > CHECK_SAMPLES:
-        if probe is None:
-            probe = _batch_captures(model, theta, layers, X[:CHECK_SAMPLES], T[:CHECK_SAMPLES],
-                                    gradients=gradients)
-        batch_size = capture_rows(probe, row_bytes, X.shape[0])
-    del probe
+        _batch_captures(model, theta, layers, X[:n], T[:n], verify=True)
     for xb, tb in iterate_batches(X, T, batch_size):
         yield _batch_captures(model, theta, layers, xb, tb, gradients=gradients)
 
@@ -159,7 +158,12 @@ def _batch_captures(model: FunctionalModel, theta: Tensor, layers: list[Kronecke
             cotangents = model.loss.output_grad(out.detach(), tb).unsqueeze(0)  # (1, B, K)
         else:
             root = model.loss.output_hessian_root(out.detach(), tb)  # (B, K, K)
-            cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
+            if verify:  # one fixed random mix of the columns: the check's memory is P, not K·P
+                mix = torch.randn(root.shape[2], generator=torch.Generator().manual_seed(0),
+                                  dtype=torch.float64).to(root)
+                cotangents = (root @ mix).unsqueeze(0)  # (1, B, K)
+            else:
+                cotangents = root.permute(2, 0, 1)  # (K, B, K): column k for every sample
         outputs = [records[layer.name][0][1] for layer in layers]
         wrt = [t for output in outputs for t in _tensors(output)] + ([theta] if verify else [])
         grads = torch.autograd.grad(out, wrt, grad_outputs=cotangents,

@@ -78,7 +78,8 @@ from torch import Tensor
 from ..model.functional import FunctionalModel
 from ..utils.memory import chunk_rows
 from .capture import kronecker_passes
-from .layers import kronecker_layers
+from .layer_gradients import gradient_captures
+from .layers import Eigenbasis, KroneckerLayer, kronecker_layers
 
 __all__ = ["KroneckerFactors"]
 
@@ -180,9 +181,31 @@ class KroneckerFactors:
         step = chunk_rows(4 * 8 * (B.shape[1] + 4 * widest), B.shape[0])
         for start in range(0, B.shape[0], step):
             part = B[start:start + step].to(torch.float64)
-            parts = []
-            for block, basis in zip(self.layers, self.bases):
-                rotated = block.rotate(basis, block.to_matrices(part))
-                rotated /= basis.eigenvalues + self.damping
-                parts.append(block.unrotate(basis, rotated).to(dtype))
+            parts = [self._solved(block, basis, block.rotate(basis, block.to_matrices(part)),
+                                  dtype) for block, basis in zip(self.layers, self.bases)]
             yield start, start + part.shape[0], parts
+
+    def solve_rows(self, X: Tensor, T: Tensor, dtype: torch.dtype = torch.float64,
+                   batch_size: int | None = None):
+        """:meth:`solve_layers` for the loss gradients of the rows ``(X, T)``, read
+        off the layers' captures (:func:`~.layer_gradients.gradient_captures`: one
+        batched pass per chunk, each layer's gradient rotated in its factored
+        form, :meth:`~.layers.KroneckerLayer.rotated_gradients`) — no flat
+        gradient of a row is ever formed. Chunks of rows within
+        ``working_memory_bytes`` (``batch_size``: rows per pass)."""
+        widest = max(layer.d_out * layer.n_cols for layer in self.layers)
+        start = 0
+        for captures in gradient_captures(self.model, self.theta, self.layers, X, T,
+                                          batch_size, row_bytes=4 * 8 * widest):
+            parts = [self._solved(block, basis, block.rotated_gradients(basis, cap), dtype)
+                     for block, basis, cap in zip(self.layers, self.bases, captures)]
+            stop = start + parts[0].shape[0]
+            yield start, stop, parts
+            start = stop
+
+    def _solved(self, block: KroneckerLayer, basis: Eigenbasis, rotated: Tensor,
+                dtype: torch.dtype) -> Tensor:
+        """``Q_S [R / (Λ + λ)] Q_Aᵀ`` for rotated matrices ``R`` (float64), in ``dtype``."""
+        rotated = rotated.to(torch.float64)
+        rotated /= basis.eigenvalues + self.damping
+        return block.unrotate(basis, rotated).to(dtype)

@@ -53,7 +53,7 @@ from ..model.functional import FunctionalModel
 from .batched import minimize_responses_batched
 from .kinks import has_kinks, minimize_kinked
 from .pbrf import MinimizeResult, ResponseObjective, minimize_response
-from ..model.removal import Removal, stacked_rows
+from ..model.removal import Removal, single_rows, stacked_rows
 
 __all__ = ["Rung", "Retrain", "Minimize", "Linear", "LADDER", "TERMS", "rung", "removal_forces",
            "compute_each", "compute_pbrf_batch", "compute_retrain_batch", "ResponderLike"]
@@ -404,7 +404,7 @@ def removal_forces(model: FunctionalModel, removals: list[Removal],
     theta = model.params if theta is None else theta
     rows_X, rows_T, owner = stacked_rows(removals, theta)
     grads = model.per_sample_grads(theta, rows_X, rows_T, batch_size)
-    if all(removal.size == 1 for removal in removals):
+    if single_rows(removals):
         return grads
     return grads.new_zeros((len(removals), grads.shape[1])).index_add_(0, owner, grads)
 

@@ -160,7 +160,8 @@ class Solver(ABC):
     needs: ClassVar[frozenset] = frozenset()
     #: Whether :meth:`self_products` and :meth:`query_products` stream the removed
     #: rows themselves within ``working_memory_bytes`` (then the estimators hand
-    #: them every removal at once, and a residual is measured once per call).
+    #: them every removal at once, and a residual is measured once per call), and
+    #: :meth:`query_products` takes the queries as rows (``B=None``).
     streams_rows: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -212,12 +213,14 @@ class Solver(ABC):
         F = forces(removals)
         return (F.to(torch.float64) * self.solve(F)).sum(dim=1)
 
-    def query_products(self, B: Tensor, X: Tensor, T: Tensor,
+    def query_products(self, B: Tensor | None, X: Tensor, T: Tensor,
                        forces: Callable) -> Callable[[list], Tensor]:
         """Prepare products with the queries ``B`` (loss gradients of the samples
         ``(X, T)``, rows): a function giving ``[s, e] = g_sᵀ (C + λI)⁻¹ b_e``,
         float64, for any list of removals — what an influence matrix or a top-k
-        search streams over chunks of training rows.
+        search streams over chunks of training rows. A solver that
+        :attr:`streams_rows` also takes ``B=None`` and differentiates the
+        queries itself.
 
         This default solves for ``B`` once (recording ``last_solve``) and takes
         products with ``forces(removals)``; the Kronecker solvers contract the

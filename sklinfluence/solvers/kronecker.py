@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from ..curvature.kfac import KroneckerFactors
-from ..curvature.layer_gradients import gradient_products, rotated_forms
+from ..curvature.layer_gradients import gradient_captures, gradient_products, rotated_forms
 from ..curvature.operator import Curvature
-from ..model.removal import stacked_rows
+from ..model.removal import single_rows, stacked_rows
 from .base import DirectSolver, SolveInfo, measured_rows, register_solver
 
 __all__ = ["KroneckerSolver", "KFACSolver"]
@@ -52,6 +52,20 @@ class KroneckerSolver(DirectSolver):
         self.info = {"solver": self.name, "approximate": True, "n_params": curvature.n_params,
                      "memory_bytes": self.factors.memory_bytes, **self.factors.info}
 
+    def _gradients(self, X: Tensor, T: Tensor) -> Tensor:
+        """The loss gradients of the rows ``(X, T)`` from their captures, ``(n, P)``
+        float64 (a few rows: the residual check of :meth:`query_products`)."""
+        f = self.factors
+        G = torch.zeros((X.shape[0], self.curvature.n_params), dtype=torch.float64,
+                        device=f.theta.device)
+        start = 0
+        for captures in gradient_captures(self.curvature.model, f.theta, f.layers, X, T):
+            for layer, cap in zip(f.layers, captures):
+                D = layer.sample_gradients(cap)[:, 0]
+                layer.put(G[start:start + D.shape[0]], D.to(torch.float64))
+            start += D.shape[0]
+        return G
+
     @staticmethod
     def name_for(corrected: bool) -> str:
         return "ekfac" if corrected else "kfac"
@@ -71,7 +85,7 @@ class KroneckerSolver(DirectSolver):
             self.last_solve = SolveInfo(0, 0, None, None, 0.0, True, 0)
             return torch.zeros(0, dtype=torch.float64)
         X, T, owner = stacked_rows(removals, f.theta)
-        single = all(removal.size == 1 for removal in removals)
+        single = single_rows(removals)
         forms = rotated_forms(c.model, f.theta, f.layers, f.bases, f.damping, X, T,
                               None if single else owner, len(removals), c.batch_size)
         residual, n_measured = None, 0
@@ -82,21 +96,31 @@ class KroneckerSolver(DirectSolver):
                                     time.perf_counter() - start, True, n_measured)
         return forms
 
-    def query_products(self, B: Tensor, X: Tensor, T: Tensor,
+    def query_products(self, B: Tensor | None, X: Tensor, T: Tensor,
                        forces: Callable) -> Callable[[list], Tensor]:
-        """Solve for the queries ``B`` once; the products with removals contract
+        """Solve for the queries once; the products with removals contract
         their rows' layer captures with the solutions, layer by layer in the
         net's precision (:func:`~sklinfluence.curvature.layer_gradients.gradient_products`),
-        added in float64. Records ``last_solve`` (the solve for ``B``)."""
+        added in float64. ``B`` None: the queries' gradients are read off
+        their own captures, each layer's solved as it comes
+        (:meth:`~sklinfluence.curvature.kfac.KroneckerFactors.solve_rows`), so
+        that only the solutions are held. Records ``last_solve`` (the solve
+        for the queries)."""
         c, f = self.curvature, self.factors
-        k = B.shape[0]
+        k = X.shape[0]
         start_time = time.perf_counter()
         vectors = [torch.empty((k, layer.d_out, layer.n_cols), dtype=c.model.dtype,
                                device=f.theta.device) for layer in f.layers]
-        for start, stop, parts in f.solve_layers(B, c.model.dtype):  # never all in float64
+        solved = f.solve_layers(B, c.model.dtype) if B is not None else \
+            f.solve_rows(X, T, c.model.dtype, c.batch_size)
+        for start, stop, parts in solved:  # never all in float64
             for V, part in zip(vectors, parts):
                 V[start:stop] = part
-        residual, n_measured = self.measured_residual(B)
+        if B is None and self.checks_residual and k:
+            B = self._gradients(X[measured_rows(k)], T[measured_rows(k)])
+            residual, n_measured = self.measured_residual(B)
+        else:
+            residual, n_measured = self.measured_residual(B) if B is not None else (None, 0)
         self.last_solve = SolveInfo(k, 0, residual, None, time.perf_counter() - start_time,
                                     True, n_measured)
 
@@ -106,7 +130,7 @@ class KroneckerSolver(DirectSolver):
             rows_X, rows_T, owner = stacked_rows(removals, f.theta)
             P = gradient_products(c.model, f.theta, f.layers, rows_X, rows_T, vectors,
                                   c.batch_size)
-            if all(removal.size == 1 for removal in removals):
+            if single_rows(removals):
                 return P
             return P.new_zeros((len(removals), P.shape[1])).index_add_(0, owner, P)
         return products

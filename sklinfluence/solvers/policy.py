@@ -91,9 +91,13 @@ class SolverDecision:
         return shown
 
 
-@dataclass(frozen=True)
 class SolverPlan:
     """The solver of each role (:data:`SOLVER_ROLES`) of one fitted net (:func:`plan_solvers`).
+
+    The configured solver (``influence``) is decided at once; the exact
+    rung's and the batched PBRF's factor when first read, where deciding them
+    costs a prediction (a requested approximate solver: no cost model runs
+    for a net whose exact rung is never used).
 
     Attributes
     ----------
@@ -104,14 +108,39 @@ class SolverPlan:
         Cholesky or the kernel form) rather than a CG of its own.
     """
 
-    influence: SolverDecision
-    exact_influence: SolverDecision
-    pbrf_chord: SolverDecision
-    chord_is_exact: bool
+    def __init__(self, influence: SolverDecision, request: dict,
+                 exact_roles: tuple | None = None) -> None:
+        self.influence = influence
+        self._request = request  # plan_solvers' arguments: the exact roles decided from them
+        self._decided = exact_roles  # (exact_influence, pbrf_chord, chord_is_exact)
+
+    def _exact(self) -> tuple:
+        if self._decided is None:
+            whole = plan_solvers(**self._request, decide_exact=True)
+            self._decided = (whole.exact_influence, whole.pbrf_chord, whole.chord_is_exact)
+        return self._decided
+
+    @property
+    def exact_influence(self) -> SolverDecision:
+        return self._exact()[0]
+
+    @property
+    def pbrf_chord(self) -> SolverDecision:
+        return self._exact()[1]
+
+    @property
+    def chord_is_exact(self) -> bool:
+        return self._exact()[2]
+
+    @property
+    def decided(self) -> tuple[str, ...]:
+        """The roles decided so far (all of them once an exact role is read)."""
+        return SOLVER_ROLES if self._decided is not None else ("influence",)
 
     def describe(self) -> dict:
-        """Role → :meth:`SolverDecision.describe`: ``diagnostics_["solver_policy"]``."""
-        return {role: getattr(self, role).describe() for role in SOLVER_ROLES}
+        """Role → :meth:`SolverDecision.describe` for the roles decided so far
+        (:attr:`decided`): ``diagnostics_["solver_policy"]``."""
+        return {role: getattr(self, role).describe() for role in self.decided}
 
 
 def check_request(name: str, solver_params: dict | None) -> dict:
@@ -132,7 +161,8 @@ def check_request(name: str, solver_params: dict | None) -> dict:
 def plan_solvers(model: Any, X: Tensor, *, damping: float, curvature: str = "ggn",
                  solver: str = "auto", solver_params: dict | None = None,
                  tol: float = 1e-10, max_iter: int | None = None,
-                 targets: Tensor | None = None, n_rhs: int | None = None) -> SolverPlan:
+                 targets: Tensor | None = None, n_rhs: int | None = None,
+                 decide_exact: bool | None = None) -> SolverPlan:
     """Which solver each role uses for ``model`` on ``X``, and why: the one solver policy.
 
     ``"auto"`` weighs the exact options by their predicted time and memory
@@ -198,10 +228,16 @@ def plan_solvers(model: Any, X: Tensor, *, damping: float, curvature: str = "ggn
     n_rhs : int, optional
         Right-hand sides a solve will have (``None``:
         ``min(N, DEFAULT_RHS_BLOCK)``, :mod:`~sklinfluence.solvers.cost`).
+    decide_exact : bool, optional
+        Whether to decide the exact roles now. ``None``: where that predicts
+        nothing more (``"auto"``, or the exact Gauss–Newton solvers),
+        otherwise when the plan's exact roles are first read.
 
     Returns
     -------
     SolverPlan
+        With a requested solver other than the exact Gauss–Newton ones, the
+        exact roles are decided (their costs predicted) when first read.
 
     Raises
     ------
@@ -320,32 +356,42 @@ def plan_solvers(model: Any, X: Tensor, *, damping: float, curvature: str = "ggn
     else:
         configured = SolverDecision(solver, params, curvature, tol, max_iter,
                                     f"{solver}: requested")
-    if curvature == "ggn" and solver in ("auto", "exact", "kernel"):
-        picked = configured  # an exact Gauss–Newton inverse already: nothing to predict
-    else:
-        picked = auto("ggn")[0]
-    shared = picked.solver in ("exact", "kernel")
-    if shared:
-        exact = picked  # the dense solve or the kernel form (the same inverse)
-    else:
-        costs = options("ggn")
-        dense = costs["exact"]
-        in_memory = [c for c in costs.values() if fits(c)]  # CG at least
-        if fits(dense) and dense.seconds <= budget:
-            exact = decide("exact", "ggn", f"the dense matrix is predicted to fit {within}")
+
+    def exact_roles() -> tuple[SolverDecision, SolverDecision, bool]:
+        """The exact rung's solver, the batched PBRF's factor, and whether they share it."""
+        if curvature == "ggn" and solver in ("auto", "exact", "kernel"):
+            picked = configured  # an exact Gauss–Newton inverse already: nothing to predict
         else:
-            best = min(in_memory, key=lambda c: c.seconds)
-            exact = decide(best.solver, "ggn", "no exact option is predicted to fit "
-                           f"{within}; the cheapest predicted to fit in memory (an exact "
-                           "rung has no approximation)")
-    if shared:
-        chord = replace(exact, reason=f"{exact.solver}: the exact rung's factor; "
-                        f"{exact.reason.split(': ', 1)[1]}")
-    else:
-        chord = SolverDecision("cg", {}, "ggn", CHORD_TOL, None,
-                               f"cg to CHORD_TOL = {CHORD_TOL:g}, no factor to share: "
-                               f"{picked.reason}")
-    return SolverPlan(configured, exact, chord, shared)
+            picked = auto("ggn")[0]
+        shared = picked.solver in ("exact", "kernel")
+        if shared:
+            exact = picked  # the dense solve or the kernel form (the same inverse)
+        else:
+            costs = options("ggn")
+            dense = costs["exact"]
+            in_memory = [c for c in costs.values() if fits(c)]  # CG at least
+            if fits(dense) and dense.seconds <= budget:
+                exact = decide("exact", "ggn", f"the dense matrix is predicted to fit {within}")
+            else:
+                best = min(in_memory, key=lambda c: c.seconds)
+                exact = decide(best.solver, "ggn", "no exact option is predicted to fit "
+                               f"{within}; the cheapest predicted to fit in memory (an exact "
+                               "rung has no approximation)")
+        if shared:
+            chord = replace(exact, reason=f"{exact.solver}: the exact rung's factor; "
+                            f"{exact.reason.split(': ', 1)[1]}")
+        else:
+            chord = SolverDecision("cg", {}, "ggn", CHORD_TOL, None,
+                                   f"cg to CHORD_TOL = {CHORD_TOL:g}, no factor to share: "
+                                   f"{picked.reason}")
+        return exact, chord, shared
+
+    if decide_exact is None:
+        decide_exact = solver == "auto" or (curvature == "ggn" and solver in ("exact", "kernel"))
+    request = {"model": model, "X": X, "damping": damping, "curvature": curvature,
+               "solver": solver, "solver_params": solver_params, "tol": tol,
+               "max_iter": max_iter, "targets": T, "n_rhs": n_rhs}
+    return SolverPlan(configured, request, exact_roles() if decide_exact else None)
 
 
 def _precision(tol: float, mixed: bool, how: str) -> str:
