@@ -17,8 +17,9 @@ from sklinfluence.curvature.operator import Curvature
 from sklinfluence.curvature.dense_ggn import linear_ggn
 from sklinfluence.curvature.lowrank import top_eigenpairs
 from sklinfluence.exceptions import NotEnoughMemoryError
-from sklinfluence.utils.memory import (available_bytes, check_dense,
-                                 dense_bytes, dense_fits_memory, format_bytes, memory_limit)
+from sklinfluence.utils.memory import (available_bytes, check_dense, chunk_rows, dense_bytes,
+                                       dense_fits_memory, format_bytes, holding, memory_limit,
+                                       working_memory)
 from sklinfluence.solvers import CGSolver, ExactSolver
 
 DAMPING = 0.3
@@ -128,3 +129,18 @@ def test_low_rank_eigenpairs_use_lanczos_instead_of_a_dense_matrix_beyond_the_li
     assert_allclose(values, dense_values, rtol=1e-9)
     overlap = (vectors * dense_vectors).sum(dim=1).abs()  # eigenvectors up to sign
     assert_allclose(overlap, np.ones(rank), atol=1e-6)
+
+
+def test_what_a_caller_holds_counts_against_the_working_memory():
+    with config_context(working_memory_bytes=1000):
+        assert working_memory() == 1000 and chunk_rows(10) == 100
+        with holding(300):
+            assert working_memory() == 700 and chunk_rows(10) == 70
+            with holding(200):  # nested blocks add up
+                assert working_memory() == 500
+            with holding(10**6):  # never below a quarter of the setting
+                assert working_memory() == 250 and chunk_rows(10, 7) == 7
+        assert working_memory() == 1000  # released on leaving
+        with pytest.raises(RuntimeError), holding(900):
+            raise RuntimeError
+        assert working_memory() == 1000

@@ -12,6 +12,7 @@ from ..curvature.kfac import KroneckerFactors
 from ..curvature.layer_gradients import gradient_captures, gradient_products, rotated_forms
 from ..curvature.operator import Curvature
 from ..model.removal import single_rows, stacked_rows
+from ..utils.memory import holding
 from .base import DirectSolver, SolveInfo, measured_rows, register_solver
 
 __all__ = ["KroneckerSolver", "KFACSolver"]
@@ -111,11 +112,13 @@ class KroneckerSolver(DirectSolver):
         start_time = time.perf_counter()
         vectors = [torch.empty((k, layer.d_out, layer.n_cols), dtype=c.model.dtype,
                                device=f.theta.device) for layer in f.layers]
-        solved = f.solve_layers(B, c.model.dtype) if B is not None else \
-            f.solve_rows(X, T, c.model.dtype, c.batch_size)
-        for start, stop, parts in solved:  # never all in float64
-            for V, part in zip(vectors, parts):
-                V[start:stop] = part
+        held = sum(V.numel() * V.element_size() for V in vectors)
+        with holding(held):  # the solutions count against working_memory_bytes
+            solved = f.solve_layers(B, c.model.dtype) if B is not None else \
+                f.solve_rows(X, T, c.model.dtype, c.batch_size)
+            for start, stop, parts in solved:  # never all in float64
+                for V, part in zip(vectors, parts):
+                    V[start:stop] = part
         if B is None and self.checks_residual and k:
             B = self._gradients(X[measured_rows(k)], T[measured_rows(k)])
             residual, n_measured = self.measured_residual(B)
@@ -128,8 +131,9 @@ class KroneckerSolver(DirectSolver):
             if not removals:
                 return torch.zeros((0, k), dtype=torch.float64, device=f.theta.device)
             rows_X, rows_T, owner = stacked_rows(removals, f.theta)
-            P = gradient_products(c.model, f.theta, f.layers, rows_X, rows_T, vectors,
-                                  c.batch_size)
+            with holding(held):
+                P = gradient_products(c.model, f.theta, f.layers, rows_X, rows_T, vectors,
+                                      c.batch_size)
             if single_rows(removals):
                 return P
             return P.new_zeros((len(removals), P.shape[1])).index_add_(0, owner, P)

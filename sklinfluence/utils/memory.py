@@ -15,13 +15,16 @@ fit fails with that message instead of an allocator error minutes later.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 
 from .._config import get_config
 from ..exceptions import NotEnoughMemoryError
 
 __all__ = ["available_bytes", "memory_limit", "dense_bytes",
-           "dense_fits_memory", "check_dense", "format_bytes", "working_memory", "chunk_rows"]
+           "dense_fits_memory", "check_dense", "format_bytes", "working_memory", "chunk_rows", "holding"]
 
 
 def available_bytes() -> int | None:
@@ -52,10 +55,26 @@ def memory_limit() -> int | None:
     return None if available is None else available // 2
 
 
+_HELD: contextvars.ContextVar[int] = contextvars.ContextVar("sklinfluence_held", default=0)
+
+
 def working_memory() -> int:
     """The bytes a streamed computation may hold at once: ``working_memory_bytes``
-    of :func:`sklinfluence.set_config`, read now."""
-    return int(get_config()["working_memory_bytes"])
+    of :func:`sklinfluence.set_config`, read now, less what the enclosing
+    :func:`holding` blocks hold (a quarter of the setting at least)."""
+    setting = int(get_config()["working_memory_bytes"])
+    return max(setting - _HELD.get(), setting // 4)
+
+
+@contextlib.contextmanager
+def holding(n_bytes: int) -> Iterator[None]:
+    """Within the block, ``n_bytes`` held by the caller (e.g. the solutions a
+    stream of products is taken with) count against :func:`working_memory`."""
+    token = _HELD.set(_HELD.get() + max(int(n_bytes), 0))
+    try:
+        yield
+    finally:
+        _HELD.reset(token)
 
 
 def chunk_rows(bytes_per_row: float, n_rows: int | None = None) -> int:
