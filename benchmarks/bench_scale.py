@@ -57,6 +57,11 @@ Tasks (``--tasks``; ``--quick`` shrinks every ``N`` for a smoke run):
   predictions included where present), and its actual fit and matrix times.
   If it finishes and ``cnn20k`` ran, also the Pearson of both EK-FACs against
   its matrix (an exact solver to its ``tol``).
+- ``auto1200``: the same on the ``cnn1200`` net (float64, 1,200 rows), where
+  ``auto`` runs an exact option (the kernel form): its predicted seconds
+  against the actual fit + matrix seconds (the prediction is for one solve
+  of ``min(N, 512)`` right-hand sides, the matrix solves for 100), and, if
+  ``cnn1200`` ran, the Pearson of its matrix with that task's.
 
 The matrix and the self-influence of each method run in two separate
 processes (each fits its own factors: the fit is reported from the first), so
@@ -136,6 +141,8 @@ TASKS = {
               "jobs": ("matrix", "self")},
     "auto": {"arch": "digits_cnn", "dtype": "float32", "n_train": (20_000, 2_000),
              "epochs": (4, 2), "runs": [("ours", "auto")], "jobs": ("matrix",)},
+    "auto1200": {"arch": "digits_cnn", "dtype": "float64", "n_train": (1200, 300),
+                 "epochs": (20, 5), "runs": [("ours", "auto")], "jobs": ("matrix",)},
 }
 #: Parameter counts of the architectures (checked when a net is built).
 N_PARAMS = {"linear": 11, "digits_cnn": 71_754, "wide_cnn": 372_234, "mlp1m": 1_126_410}
@@ -599,6 +606,18 @@ def print_agreement(name: str, cfg: dict, runs: dict, report: dict, earlier: dic
             for key, value in (record or {}).get("predictions", {}).items():
                 print(f"  diagnostics_[{key!r}] = {value}")
             report["agreement"]["solver_policy"] = policy
+            chosen = record.get("solver") if record else None
+            predicted = ((policy or {}).get("influence", {}).get("predicted", {})
+                         .get(chosen, {}).get("seconds"))
+            matrix = _phase(runs[run], "matrix")[0]
+            if predicted is not None and matrix is not None:
+                actual = record["seconds"] + matrix["seconds"]
+                print(f"auto's {chosen}: predicted {predicted:.1f} s, actual fit + matrix "
+                      f"{actual:.1f} s (actual / predicted {actual / predicted:.2f})")
+                report["agreement"]["auto_predicted_seconds"] = predicted
+                report["agreement"]["auto_actual_seconds"] = actual
+            elif chosen is not None:
+                print(f"auto chose {chosen}, an approximation: no prediction of its own")
             exact = _result(runs, run, "matrix")
             for other, (task, matrix) in earlier.items() if exact is not None else ():
                 r = pearson(matrix, exact)

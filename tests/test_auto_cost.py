@@ -45,11 +45,15 @@ def fixed_rates(monkeypatch):
     monkeypatch.setattr(cost, "lanczos_extremes", lambda curvature, steps=8: (0.0, TOP))
 
 
-def _expected(P, N, tol=1e-10):
+def _expected(P, N, tol=1e-10, hidden=6):
     """The closed forms of the module notes, at the fixed rates (K = 1, k = N ≤ 512)."""
     k = n = N
     exact = 0.5 * n * PRODUCT + (1.25 * n * P ** 2 + P ** 3 / 3 + 2 * k * P ** 2) / RATE
-    kernel = 0.5 * n * PRODUCT + (n ** 2 * P + n ** 3 / 3 + 4 * k * n * P + 2 * k * n ** 2) / RATE
+    # both Linear layers factor (4 → hidden → 1: d_out, n_cols with the bias): nothing
+    factored = [(hidden, 5), (1, hidden + 1)]  # materialised
+    gram = sum(n ** 2 * d_out + N ** 2 * n_cols for d_out, n_cols in factored)
+    solves = 4 * k * N * sum(d_out * n_cols for d_out, n_cols in factored)
+    kernel = 0.5 * n * PRODUCT + (gram + n ** 3 / 3 + solves + 2 * k * n ** 2) / RATE
     kappa = TOP / (DECAY + DAMPING)
     iterations = min(0.5 * math.sqrt(kappa) * math.log(2 / tol), P)
     cg = iterations * (N * k * PRODUCT + 8 * k * k * P / RATE)
@@ -146,7 +150,7 @@ def test_above_exact_max_params_the_cheapest_is_taken(fixed_rates, monkeypatch):
     the dense solve again where ``EXACT_MAX_PARAMS`` covers the net."""
     model = _model(hidden=20)
     P, N = model.n_params, 10
-    want = _expected(P, N)
+    want = _expected(P, N, hidden=20)
     assert want["kernel"] < want["exact"]
     assert plan_solvers(model, _inputs(N), damping=DAMPING).influence.solver == "exact"
     monkeypatch.setattr(policy, "EXACT_MAX_PARAMS", P - 1)

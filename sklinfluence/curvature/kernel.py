@@ -84,7 +84,7 @@ from .kernel_rows import (RHS_CHUNK, KernelProducts, Remainder, _Factored, _kept
 from .layers import KroneckerLayer
 
 __all__ = ["GaussNewtonKernel", "kernel_bytes", "kernel_applies", "kernel_verdict",
-           "KERNEL_MAX_REFINEMENTS"]
+           "kernel_widths", "KERNEL_MAX_REFINEMENTS"]
 
 #: Kernel rows accumulated per block (a ``BLOCK_ROWS × n`` work buffer).
 BLOCK_ROWS = 1024
@@ -155,6 +155,17 @@ def _materialised_bound(layers: list[KroneckerLayer], remainder: Remainder | Non
     ones (whose rows may be kept as outer-product factors), and the remainder."""
     return sum(layer.d_out * layer.n_cols for layer in layers if not layer.factorable) + (
         0 if remainder is None else remainder.n_cols)
+
+
+def kernel_widths(model: FunctionalModel) -> tuple[int, list[tuple[int, int]]]:
+    """What the kernel form's products run over, per kernel row: the parameters
+    of materialised rows (:func:`_materialised_bound`) and the ``(d_out,
+    n_cols)`` of each layer whose rows may be kept as outer-product factors
+    (a factored layer's kernel block costs ``n²·d_out + N²·n_cols``, not
+    ``n²·d_out·n_cols``). What the cost model of ``solver="auto"`` counts."""
+    layers, remainder = kernel_blocks(model)
+    return (_materialised_bound(layers, remainder),
+            [(layer.d_out, layer.n_cols) for layer in layers if layer.factorable])
 
 
 def _needs(n: int, layers: list, remainder: Remainder | None) -> str:
