@@ -119,11 +119,10 @@ class KroneckerSolver(DirectSolver):
             for start, stop, parts in solved:  # never all in float64
                 for V, part in zip(vectors, parts):
                     V[start:stop] = part
-        if B is None and self.checks_residual and k:
-            B = self._gradients(X[measured_rows(k)], T[measured_rows(k)])
-            residual, n_measured = self.measured_residual(B)
-        else:
-            residual, n_measured = self.measured_residual(B) if B is not None else (None, 0)
+        if B is None and self.checks_residual and k:  # the measured rows' gradients only
+            rows = measured_rows(k)
+            B = self._gradients(X[rows], T[rows])
+        residual, n_measured = (None, 0) if B is None else self.measured_residual(B)
         self.last_solve = SolveInfo(k, 0, residual, None, time.perf_counter() - start_time,
                                     True, n_measured)
 
