@@ -85,8 +85,9 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
         ``n_removals``, ``converged`` (all of them), ``methods`` (removals per
         method), ``max_relative_grad_norm`` (largest final over initial
         gradient norm), ``not_converged`` (one entry per removal that did not
-        converge, in order: its ``removal`` in words, ``method`` and
-        ``relative_grad_norm``), ``n_diverged`` (removals whose solves
+        converge, in order: its ``removal`` in words, ``method``,
+        ``relative_grad_norm`` and ``failure``, what went wrong in words where
+        a check caught it, else ``""``), ``n_diverged`` (removals whose solves
         diverged), ``max_objective_decrease`` and ``max_relative_step``
         (of the L-BFGS continuations, ``None`` without one),
         ``seconds_per_removal`` and ``solver_policy``: the solver of each role
@@ -199,7 +200,9 @@ class PBRFEstimator(RungViewMixin, BaseResponseEstimator):
                 "max_relative_grad_norm": float(np.max(relative)),
                 "not_converged": [{"removal": describe_removal(removals[j]),
                                    "method": str(info["method"][j]),
-                                   "relative_grad_norm": float(relative[j])}
+                                   "relative_grad_norm": float(relative[j]),
+                                   "failure": str(info["failure"][j]) if "failure" in info
+                                   else ""}
                                   for j in np.flatnonzero(~info["converged"].astype(bool))],
                 "n_diverged": int(np.sum(info["method"] == "diverged")),
                 "max_objective_decrease": largest("objective_decrease"),

@@ -193,6 +193,8 @@ def test_diverged_twice_is_flagged_and_named(monkeypatch):
     assert d["n_diverged"] == 2 and d["methods"]["diverged"] == 2 and not d["converged"]
     assert [e["removal"] for e in d["not_converged"]] == ["training row 2", "training row 5"]
     assert all(e["method"] == "diverged" for e in d["not_converged"])
+    assert all("the gradient norm grew (forced)" in e["failure"] for e in d["not_converged"])
+    assert "The first: " in message and "the gradient norm grew (forced)" in message
 
 
 def test_a_diverged_one_at_a_time_solve_is_flagged_at_theta_s(monkeypatch):

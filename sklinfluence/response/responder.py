@@ -220,4 +220,6 @@ def _diverged_warning(r: Rung, ctx: ResponseContext, diverged: list, n: int) -> 
             "responses are the best points reached that had not diverged (relative gradient "
             "norms as given), not minimisers. The objective is unbounded below far from θˢ "
             "where a removed row's loss can grow without end, and no minimiser was found "
-            f"near θˢ at damping={ctx.damping:g}: a larger damping keeps the solves there.")
+            f"near θˢ at damping={ctx.damping:g}: a larger damping keeps the solves there."
+            + (f" The first: {diverged[0][1]['failure']}." if diverged[0][1].get("failure")
+               else ""))

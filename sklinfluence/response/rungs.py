@@ -312,11 +312,13 @@ class Minimize(Rung):
 
 def _solve_info(result: MinimizeResult) -> dict:
     """What a PBRF solve reports per removal (``responder_.last_info``): gradient norms,
-    iterations, whether it converged, how it ended and, for the L-BFGS continuation on
+    iterations, whether it converged, how it ended, what went wrong in words
+    (``failure``: ``""`` for a sound end) and, for the L-BFGS continuation on
     kinks, the objective's relative decrease and the relative step over its last
     iterations (``nan`` otherwise)."""
     return {"grad_norm": result.grad_norm, "initial_grad_norm": result.initial_grad_norm,
             "n_iter": result.n_iter, "converged": result.converged, "method": result.method,
+            "failure": result.failure or "",
             "objective_decrease": (float("nan") if result.objective_decrease is None
                                    else result.objective_decrease),
             "relative_step": (float("nan") if result.relative_step is None
