@@ -11,6 +11,7 @@ methods to network targets — looking them up among the training rows when no
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -288,8 +289,9 @@ class BaseResponseEstimator(BaseEstimator):
         return validate_data(self, X, dtype=np.float64, reset=False,
                              allow_nd=len(self.input_shape_) > 1)
 
-    def _removals(self, X: Any, y: Any, groups: Any = None) -> tuple[list[Removal], Any]:
-        """The removals the rows of ``X`` describe: one per row, or one per group label.
+    def _removals(self, X: Any, y: Any, groups: Any = None) -> tuple[Sequence[Removal], Any]:
+        """The removals the rows of ``X`` describe: one per row (a
+        :class:`~sklinfluence.model.removal.RowRemovals`), or one per group label.
 
         Returns the removals and the sorted group labels (``None`` without
         ``groups``).
