@@ -138,14 +138,6 @@ def test_streamed_products_with_queries_are_the_solvers_own(fitted, grouped):
                     atol=RTOL * float(reference.abs().max()))
 
 
-def test_the_queries_gradients_from_captures_are_autograds(fitted):
-    est, X, y = fitted
-    Xq, Tq = est.X_train_[:7], est.T_train_[:7]
-    B = est.model_.per_sample_grads(est.model_.params, Xq, Tq)
-    assert_allclose(est.solver_._gradients(Xq, Tq).numpy(), B.numpy(), rtol=RTOL,
-                    atol=RTOL * float(B.abs().max()))
-
-
 def test_the_estimator_takes_the_fast_tier_and_matches_its_dense_checks(fitted):
     """Through the public methods: self-influence equals the diagonal of the
     influence matrix of the training rows with themselves."""
@@ -208,11 +200,15 @@ def test_the_residual_is_measured_once_per_call_and_not_above_the_row_limit(monk
     assert len(calls) == 1
     assert est.diagnostics_["n_measured"] == solver_base.RESIDUAL_CHECKS
     assert 0 < est.diagnostics_["max_relative_residual"] < np.inf
+    est.loss_change(X, y, X[:3], y[:3])  # the queries solved from captures: measured too
+    assert len(calls) == 2 and est.diagnostics_["n_measured"] == 3
+    assert 0 < est.diagnostics_["max_relative_residual"] < np.inf
+    calls.clear()
     monkeypatch.setattr(solver_base, "RESIDUAL_CHECK_MAX_WORK",
                         len(X) * est.model_.n_params - 1)
     est.score_samples(X[:5], y[:5])
     est.loss_change(X, y, X[:3], y[:3])
-    assert len(calls) == 1
+    assert len(calls) == 0
     assert est.diagnostics_["max_relative_residual"] is None
     assert est.diagnostics_["n_measured"] == 0
 

@@ -177,8 +177,7 @@ class KroneckerFactors:
         Rows at a time within a quarter of ``working_memory_bytes`` (the caller
         holds ``B`` and the solutions besides): a layer's rotation holds a few
         ``(rows, d_out, n_cols)`` temporaries in float64."""
-        widest = max(layer.d_out * layer.n_cols for layer in self.layers)
-        step = chunk_rows(4 * 8 * (B.shape[1] + 4 * widest), B.shape[0])
+        step = chunk_rows(4 * 8 * (B.shape[1] + 4 * self._widest), B.shape[0])
         for start in range(0, B.shape[0], step):
             part = B[start:start + step].to(torch.float64)
             parts = [self._solved(block, basis, block.rotate(basis, block.to_matrices(part)),
@@ -193,15 +192,19 @@ class KroneckerFactors:
         form, :meth:`~.layers.KroneckerLayer.rotated_gradients`) — no flat
         gradient of a row is ever formed. Chunks of rows within
         ``working_memory_bytes`` (``batch_size``: rows per pass)."""
-        widest = max(layer.d_out * layer.n_cols for layer in self.layers)
         start = 0
         for captures in gradient_captures(self.model, self.theta, self.layers, X, T,
-                                          batch_size, row_bytes=4 * 8 * widest):
+                                          batch_size, row_bytes=4 * 8 * self._widest):
             parts = [self._solved(block, basis, block.rotated_gradients(basis, cap), dtype)
                      for block, basis, cap in zip(self.layers, self.bases, captures)]
             stop = start + parts[0].shape[0]
             yield start, stop, parts
             start = stop
+
+    @property
+    def _widest(self) -> int:
+        """Numbers of the largest layer block (a few float64 copies a row while solving)."""
+        return max(layer.d_out * layer.n_cols for layer in self.layers)
 
     def _solved(self, block: KroneckerLayer, basis: Eigenbasis, rotated: Tensor,
                 dtype: torch.dtype) -> Tensor:

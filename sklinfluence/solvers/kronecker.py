@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..curvature.kfac import KroneckerFactors
-from ..curvature.layer_gradients import gradient_captures, gradient_products, rotated_forms
+from ..curvature.layer_gradients import gradient_products, rotated_forms
 from ..curvature.operator import Curvature
 from ..model.removal import single_rows, stacked_rows
 from ..utils.memory import holding
@@ -52,20 +52,6 @@ class KroneckerSolver(DirectSolver):
                                         theta=curvature.theta, batch_size=curvature.batch_size)
         self.info = {"solver": self.name, "approximate": True, "n_params": curvature.n_params,
                      "memory_bytes": self.factors.memory_bytes, **self.factors.info}
-
-    def _gradients(self, X: Tensor, T: Tensor) -> Tensor:
-        """The loss gradients of the rows ``(X, T)`` from their captures, ``(n, P)``
-        float64 (a few rows: the residual check of :meth:`query_products`)."""
-        f = self.factors
-        G = torch.zeros((X.shape[0], self.curvature.n_params), dtype=torch.float64,
-                        device=f.theta.device)
-        start = 0
-        for captures in gradient_captures(self.curvature.model, f.theta, f.layers, X, T):
-            for layer, cap in zip(f.layers, captures):
-                D = layer.sample_gradients(cap)[:, 0]
-                layer.put(G[start:start + D.shape[0]], D.to(torch.float64))
-            start += D.shape[0]
-        return G
 
     @staticmethod
     def name_for(corrected: bool) -> str:
@@ -121,7 +107,7 @@ class KroneckerSolver(DirectSolver):
                     V[start:stop] = part
         if B is None and self.checks_residual and k:  # the measured rows' gradients only
             rows = measured_rows(k)
-            B = self._gradients(X[rows], T[rows])
+            B = c.model.per_sample_grads(f.theta, X[rows], T[rows])
         residual, n_measured = (None, 0) if B is None else self.measured_residual(B)
         self.last_solve = SolveInfo(k, 0, residual, None, time.perf_counter() - start_time,
                                     True, n_measured)
